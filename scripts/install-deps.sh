@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what Loden's demo and tests need on a fresh Debian 12 / Ubuntu machine (as root):
+# Debian packages (only the missing ones, never recommends), then a venv with the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(etcd-server etcd-client iproute2 iptables nftables iputils-ping iperf3 tcpdump
+  conntrack containernetworking-plugins wireguard-tools wireguard-go docker.io busybox-static
+  openssl ethtool util-linux procps python3-venv make)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.loden-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if ! .venv/bin/pip install -q -e '.[dev]' >.venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2
+    echo "install-deps: pip install failed (log above)" >&2
+    exit 1
+  fi
+  touch "$stamp"
+fi

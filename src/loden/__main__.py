@@ -1,0 +1,3 @@
+from loden.cli import main
+
+raise SystemExit(main())

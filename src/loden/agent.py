@@ -1,0 +1,141 @@
+"""The agent's composition root: wire the seams, then run the loops in one TaskGroup.
+
+Phases: (1) setup in sequence: store, config, interface, backend, lease, data plane,
+rules, subnet.env, READY; (2) run: lease keeper, peer watch, periodic reconcile, rules
+resync, store probe, config-change check, as named tasks of one TaskGroup; (3) stop:
+cancellation (SIGTERM) unwinds everything; :class:`LeaseRevoked` escapes as exit 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from loden import sdnotify
+from loden.agent_loops import AgentLoops
+from loden.backend import create_backend
+from loden.backend.base import BackendContext, Network
+from loden.errors import ConfigNotFound, NetworkConfigError, StoreUnavailable, SubnetsExhausted
+from loden.files import atomic_write, read_previous_subnets
+from loden.health import HealthServer, HealthState, Metrics
+from loden.kernel.interfaces import select_external_interface
+from loden.lease_watch import LeaseWatcher
+from loden.model.config import NetworkConfig
+from loden.model.lease import Lease, LeaseAttrs
+from loden.model.subnet_env import PreviousSubnets, SubnetEnv
+from loden.settings import AgentSettings
+from loden.subnet import open_subnet_manager
+from loden.subnet.manager import EtcdSubnetManager
+from loden.traffic import open_traffic_manager
+from loden.traffic.base import Networks
+
+log = logging.getLogger(__name__)
+
+
+async def wait_for_config(manager: EtcdSubnetManager, health: HealthState) -> NetworkConfig:
+    """Poll the network config every second until it exists and validates."""
+    attempts = 0
+    while True:
+        try:
+            config = await manager.get_network_config()
+            health.store_last_ok = health.clock()
+            return config
+        except (ConfigNotFound, NetworkConfigError, StoreUnavailable) as exc:
+            if isinstance(exc, ConfigNotFound | NetworkConfigError):
+                health.store_last_ok = health.clock()
+            if attempts % 10 == 0:
+                log.warning("couldn't fetch network config: %s (retrying every second; "
+                            "subnet.env is not written until this is fixed)", exc)
+            attempts += 1
+        await asyncio.sleep(1.0)
+
+
+async def acquire(manager: EtcdSubnetManager, attrs: LeaseAttrs,
+                  previous: PreviousSubnets) -> Lease:
+    """Acquire a lease; exhaustion and store outages are retried with bounded backoff."""
+    delay = 1.0
+    while True:
+        try:
+            return await manager.acquire_lease(attrs, previous)
+        except (SubnetsExhausted, StoreUnavailable) as exc:
+            log.error("failed to acquire lease: %s; retrying in %.0fs", exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 60.0)
+
+
+def subnet_env_for(config: NetworkConfig, lease: Lease, network: Network,
+                   ip_masq: bool) -> SubnetEnv:
+    return SubnetEnv(
+        network=config.network if config.enable_ipv4 else None,
+        subnet=lease.subnet if config.enable_ipv4 else None,
+        ipv6_network=config.ipv6_network if config.enable_ipv6 else None,
+        ipv6_subnet=lease.ipv6_subnet if config.enable_ipv6 else None,
+        mtu=network.mtu, ipmasq=ip_masq)
+
+
+def networks_of(config: NetworkConfig, lease: Lease | None,
+                previous: PreviousSubnets | None = None) -> Networks:
+    if previous is not None:
+        return Networks(previous.network, previous.subnet, previous.ipv6_network,
+                        previous.ipv6_subnet)
+    assert lease is not None
+    return Networks(config.network if config.enable_ipv4 else None,
+                    lease.subnet if config.enable_ipv4 else None,
+                    config.ipv6_network if config.enable_ipv6 else None,
+                    lease.ipv6_subnet if config.enable_ipv6 else None)
+
+
+async def run(settings: AgentSettings) -> int:
+    """Run the agent until cancelled; returns the process exit status."""
+    metrics = Metrics()
+    health = HealthState()
+    server: asyncio.Server | None = None
+    if settings.healthz_port:
+        server = await HealthServer(health, metrics).serve(settings.healthz_ip,
+                                                           settings.healthz_port)
+    manager = await open_subnet_manager(settings, health=health)
+    network: Network | None = None
+    try:
+        config = await wait_for_config(manager, health)
+        log.info("network config: Network=%s SubnetLen=%d backend=%s (%s API)",
+                 config.network, config.subnet_len, config.backend_type, manager.store.api)
+        ext, reason = select_external_interface(
+            settings.iface, ipv4=config.enable_ipv4, ipv6=config.enable_ipv6)
+        log.info("using interface %s", reason)
+        state_dir = Path(settings.state_dir)
+        backend = create_backend(config.backend_type, BackendContext(
+            config=config, ext=ext, state_dir=state_dir))
+        attrs = await backend.lease_attrs()
+        previous = read_previous_subnets(settings.subnet_file)
+        lease = await acquire(manager, attrs, previous)
+        network = await backend.activate(lease)
+        traffic = open_traffic_manager(nftables=config.enable_nftables)
+        await traffic.cleanup_other_mode()
+        current = networks_of(config, lease)
+        old = networks_of(config, None, previous)
+        random_fully = not settings.rules.fully_random_disable
+        if settings.rules.ip_masq:
+            await traffic.ensure_masq_rules(current, old, random_fully=random_fully)
+        if settings.rules.forward_rules:
+            await traffic.ensure_forward_rules(current)
+        env = subnet_env_for(config, lease, network, settings.rules.ip_masq)
+        atomic_write(settings.subnet_file, env.render())
+        health.ready = True
+        metrics.ready.set(1)
+        log.info("wrote %s (subnet %s, MTU %d); flanneld is ready", settings.subnet_file,
+                 lease.key, network.mtu)
+        sdnotify.notify("READY=1")
+        loops = AgentLoops(settings=settings, manager=manager, network=network,
+                           traffic=traffic, watcher=LeaseWatcher(lease, config.network),
+                           lease=lease, config=config, health=health, metrics=metrics,
+                           networks=current, started=time.monotonic())
+        return await loops.run()
+    finally:
+        sdnotify.notify("STOPPING=1")
+        if network is not None:
+            await network.aclose()
+        await manager.aclose()
+        if server is not None:
+            server.close()

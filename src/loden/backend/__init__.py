@@ -1,0 +1,50 @@
+"""Backend registry: ``Backend.Type`` name -> implementation, imported lazily.
+
+Nothing registers itself by import side effect (anyio style): the table below is the
+one place that lists the backends, so a vxlan node never imports the udp data path.
+Each module exposes ``create(ctx: BackendContext) -> Backend``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import cast
+
+from loden.backend.base import Backend, BackendContext
+from loden.errors import UnknownBackend
+
+_REGISTRY: dict[str, str] = {
+    "alloc": "loden.backend.alloc",
+    "host-gw": "loden.backend.hostgw",
+    "vxlan": "loden.backend.vxlan",
+    "udp": "loden.backend.udp",
+    "wireguard": "loden.backend.wireguard",
+}
+
+#: Types flannel knows that cannot run here or are not implemented (with the reason).
+UNSUPPORTED: dict[str, str] = {
+    "ipip": "this kernel has no ipip module; use vxlan or host-gw",
+    "ipsec": "ipsec needs strongSwan and kernel ESP, which Loden does not support",
+    "extension": "the extension backend is not implemented by Loden",
+    "tencent-vpc": "the tencent-vpc backend is not implemented by Loden",
+}
+
+
+def known_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_backend(name: str, ctx: BackendContext) -> Backend:
+    """Build the backend registered as ``name`` (lower-cased, like flannel).
+
+    :raises UnknownBackend: no such backend; the message lists the known ones.
+    """
+    key = name.lower()
+    if key not in _REGISTRY:
+        if key in UNSUPPORTED:
+            raise UnknownBackend(f"{key} ({UNSUPPORTED[key]})", known_backends())
+        raise UnknownBackend(name, known_backends())
+    module = importlib.import_module(_REGISTRY[key])
+    factory = cast(Callable[[BackendContext], Backend], module.create)
+    return factory(ctx)

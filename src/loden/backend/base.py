@@ -1,0 +1,106 @@
+"""The backend seam: how a data plane plugs into the agent.
+
+A backend is built for one network config and one external interface. The agent
+drives it in two steps, because some backends must create kernel state *before*
+the lease exists (vxlan publishes its device MAC, wireguard its public key):
+
+1. :meth:`Backend.lease_attrs` prepares what the lease must carry and returns the
+   attrs to publish;
+2. :meth:`Backend.activate` turns the acquired lease into a running
+   :class:`Network` (addresses, routes to the own subnet, devices up).
+
+A :class:`Network` is a level-triggered reconciler: :meth:`Network.reconcile` gets the
+*complete* desired peer set, diffs it against the kernel and repairs the difference,
+removing only state Loden owns. :meth:`Network.apply` is the fast path for a batch of
+events and must leave the kernel in the same state that ``reconcile`` would. Both are
+idempotent. The agent owns the timing (event batches, periodic resync): nothing here
+starts a task that outlives a call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Protocol
+
+from loden.model.config import NetworkConfig
+from loden.model.lease import Lease, LeaseAttrs, LeaseEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalInterface:
+    """The interface peers reach this node on, and the addresses to advertise."""
+
+    name: str
+    index: int
+    mtu: int
+    #: An address configured on the interface (what udp binds, ipip uses as local).
+    iface_addr: IPv4Address | None
+    #: The public IP advertised in the lease (``--public-ip`` or ``iface_addr``).
+    ext_addr: IPv4Address | None
+    iface_v6_addr: IPv6Address | None = None
+    ext_v6_addr: IPv6Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendContext:
+    """Everything a backend may use; built by the agent."""
+
+    config: NetworkConfig
+    ext: ExternalInterface
+    #: Directory for state that must survive restarts (e.g. the VTEP MAC); created 0700.
+    state_dir: Path
+    #: Options that are the agent's, not the config's (e.g. wireguard key file).
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """What one reconcile pass changed; logged and exported as metrics."""
+
+    added: int = 0
+    removed: int = 0
+    errors: tuple[str, ...] = ()
+
+    def __add__(self, other: ReconcileReport) -> ReconcileReport:
+        return ReconcileReport(self.added + other.added, self.removed + other.removed,
+                               self.errors + other.errors)
+
+
+class Network(Protocol):
+    """A running data plane for one lease."""
+
+    @property
+    def lease(self) -> Lease: ...
+
+    @property
+    def mtu(self) -> int:
+        """The MTU pods must use (written to subnet.env as FLANNEL_MTU)."""
+        ...
+
+    async def apply(self, events: Sequence[LeaseEvent]) -> ReconcileReport:
+        """Apply added/removed peer leases (fast path; idempotent)."""
+        ...
+
+    async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
+        """Make the kernel match exactly these peers (keyed by ``Lease.key``)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop: release fds/processes. Kernel state stays unless the backend's contract
+        says otherwise (wireguard deletes its device, udp's TUN disappears)."""
+        ...
+
+
+class Backend(Protocol):
+    """A data-plane type, registered by name in :mod:`loden.backend`."""
+
+    async def lease_attrs(self) -> LeaseAttrs:
+        """Prepare whatever the lease must carry and return the attrs to publish."""
+        ...
+
+    async def activate(self, lease: Lease) -> Network:
+        """Configure the data plane for the acquired ``lease``."""
+        ...

@@ -1,0 +1,181 @@
+"""Command-line entry points: ``loden <command>`` and the drop-in ``flanneld``.
+
+This is the only module that reads ``argv`` and the environment and configures
+logging. Exit codes of the agent (also shown by ``flanneld --help``):
+
+  0  stopped by SIGTERM/SIGINT (leases, routes and rules stay, as with flannel)
+  1  startup failed (store unreachable with bad TLS/auth, bad interface, unknown
+     backend, data-plane setup error); the log line says what to fix
+  2  bad command line or FLANNELD_* value
+  3  our lease was taken by another node while we ran; restart to get a new one
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from loden import __version__
+from loden.errors import LodenError, UsageError
+from loden.flags import HelpRequested
+from loden.settings import AgentSettings, agent_flagset
+
+log = logging.getLogger("loden")
+
+EXIT_CODES_HELP = """
+Exit status: 0 stopped by a signal; 1 startup failed (see the log line);
+2 bad flag or FLANNELD_* value; 3 our lease was taken by another node.
+"""
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = (f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} "
+                f"{record.name}: {record.getMessage()}")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": record.created, "level": record.levelname.lower(),
+                           "logger": record.name, "msg": record.getMessage()})
+
+
+def setup_logging(verbosity: int = 0, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+    for noisy in ("httpx", "httpcore", "pyroute2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _usage_error(prog: str, message: str) -> int:
+    sys.stderr.write(f"{prog}: {message}\n")
+    sys.stderr.write(agent_flagset(prog).usage())
+    sys.stderr.write(EXIT_CODES_HELP)
+    return 2
+
+
+def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
+    flagset = agent_flagset(prog)
+    if any(a in ("-version", "--version", "-version=true", "--version=true") for a in argv):
+        sys.stderr.write(f"v{__version__}\n")
+        return 0
+    try:
+        parsed = flagset.parse(argv, os.environ)
+        if parsed.positional:
+            raise UsageError(f"unexpected argument {parsed.positional[0]!r}")
+        settings = AgentSettings.from_flags(parsed)
+    except HelpRequested as help_:
+        sys.stderr.write(help_.usage + EXIT_CODES_HELP)
+        return 0
+    except UsageError as exc:
+        return _usage_error(prog, str(exc))
+    setup_logging(settings.verbosity, settings.log_format)
+    log.info("loden %s starting as %s: etcd %s (api %s), subnet file %s", __version__, prog,
+             ",".join(settings.etcd.endpoints), settings.etcd.api, settings.subnet_file)
+    return asyncio.run(_run_agent(settings))
+
+
+async def _run_agent(settings: AgentSettings) -> int:
+    from loden import agent
+
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    stopping = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal stopping
+        stopping = True
+        log.info("received %s; shutting down (lease, routes and rules are kept)",
+                 signal.Signals(signum).name)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)  # a second signal kills us the default way
+        main_task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await agent.run(settings)
+    except asyncio.CancelledError:
+        if stopping:
+            log.info("exiting cleanly")
+            return 0
+        raise
+    except LodenError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def flanneld_main() -> int:
+    return agent_main(sys.argv[1:], prog=os.path.basename(sys.argv[0]) or "flanneld")
+
+
+COMMANDS = """usage: loden <command> [args]
+
+commands:
+  agent [flanneld flags]   run the node agent (same as `flanneld`)
+  config get|set|validate  read, write or check the network config in etcd
+  leases [--json]          list subnet leases in etcd
+  mk-docker-opts [opts]    turn subnet.env into Docker options (mk-docker-opts.sh)
+  cni                      the flannel CNI meta-plugin (also installed as `flannel`)
+  systemd render [opts]    render the seed's flanneld/docker unit and env files
+  lab up|check|status|exec|down   a multi-node lab cluster on this machine
+  demo                     bring up a 3-node lab, check it, show how to explore
+  version                  print the version
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(COMMANDS)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "agent":
+        return agent_main(rest, prog="loden agent")
+    if command == "version":
+        sys.stdout.write(f"loden v{__version__}\n")
+        return 0
+    if command == "mk-docker-opts":
+        from loden.tools import mk_docker_opts
+
+        return mk_docker_opts.main(rest)
+    if command == "cni":
+        from loden.cni import plugin
+
+        return plugin.main()
+    if command == "systemd":
+        from loden.tools import systemd
+
+        return systemd.main(rest)
+    if command in ("config", "leases"):
+        from loden.tools import operator
+
+        setup_logging(0)
+        return operator.main(args)
+    if command in ("lab", "demo"):
+        from loden.lab import cli as lab_cli
+
+        setup_logging(0)
+        return lab_cli.main(args)
+    sys.stderr.write(f"loden: unknown command {command!r}\n{COMMANDS}")
+    return 2
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Atomic file writes and reading back what an earlier run wrote.
+
+subnet.env is read by Docker, systemd and the CNI plugin at moments Loden does not
+control, so it must never be seen half-written (user pain point 1): write a temp file
+in the same directory, fsync, fix the mode regardless of umask, rename over the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from loden.errors import ConfigError
+from loden.model.subnet_env import PreviousSubnets, read_previous
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, dir_mode: int = 0o755) -> None:
+    """Replace ``path`` with ``data`` atomically, with exactly ``mode``.
+
+    :raises ConfigError: the directory cannot be created or written (names the path).
+    """
+    try:
+        _make_dirs(path.parent, dir_mode)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; check that its "
+                          "directory exists and is writable") from exc
+
+
+def _make_dirs(directory: Path, mode: int) -> None:
+    """mkdir -p where every directory *we* create gets exactly ``mode`` (umask aside)."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        os.chmod(path, mode)
+
+
+def read_previous_subnets(path: Path) -> PreviousSubnets:
+    """What the subnet file says we had before; empty when missing or unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return PreviousSubnets()
+    except OSError as exc:
+        log.warning("cannot read previous subnet file %s (%s); allocating afresh", path, exc)
+        return PreviousSubnets()
+    return read_previous(text)

@@ -1,0 +1,95 @@
+"""LeaseWatcher: turn store snapshots and events into the peer set and its changes.
+
+Pure and synchronous (flannel's ``pkg/lease``). It keeps the set of known remote
+leases, keyed by subnet key, and filters out our own. Unlike flannel (spec §11 item
+22), a malformed item never empties the peer set: the store layer drops it with a
+warning and everything else stays. Leases outside the configured Network are
+refused here, with one warning per key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Network
+
+from loden.model.lease import EventKind, Lease, LeaseEvent
+
+log = logging.getLogger(__name__)
+
+
+class LeaseWatcher:
+    def __init__(self, own: Lease, network: IPv4Network | None) -> None:
+        self._own_key = own.key
+        self._own_subnet = own.subnet
+        self._network = network
+        self._peers: dict[str, Lease] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def peers(self) -> Mapping[str, Lease]:
+        return self._peers
+
+    def set_own(self, own: Lease) -> None:
+        self._own_key = own.key
+        self._own_subnet = own.subnet
+        self._peers.pop(own.key, None)
+
+    def _acceptable(self, lease: Lease) -> bool:
+        if lease.key == self._own_key or lease.subnet == self._own_subnet:
+            return False
+        if self._network is not None and not lease.subnet.subnet_of(self._network):
+            self._warn_once(lease.key, "lease %s is outside Network %s: ignored (remove it with "
+                            "`loden leases --delete %s` if stale)", lease.key, self._network,
+                            lease.key)
+            return False
+        return True
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key in self._warned:
+            return
+        if len(self._warned) > 10000:  # bounded: a hostile store cannot grow it forever
+            self._warned.clear()
+        self._warned.add(key)
+        log.warning(msg, *args)
+
+    def reset(self, snapshot: Iterable[Lease]) -> list[LeaseEvent]:
+        """Replace the peer set with ``snapshot``; return the differences as events."""
+        fresh = {lease.key: lease for lease in snapshot if self._acceptable(lease)}
+        events = [LeaseEvent(EventKind.REMOVED, old) for key, old in self._peers.items()
+                  if key not in fresh]
+        events += [LeaseEvent(EventKind.ADDED, lease) for key, lease in fresh.items()
+                   if self._peers.get(key) != lease]
+        self._peers = fresh
+        self._check_duplicate_ips()
+        return events
+
+    def update(self, events: Iterable[LeaseEvent]) -> list[LeaseEvent]:
+        """Apply store events; return those that change the peer set."""
+        out: list[LeaseEvent] = []
+        for event in events:
+            lease = event.lease
+            if event.kind is EventKind.ADDED:
+                if not self._acceptable(lease):
+                    continue
+                if self._peers.get(lease.key) == lease:
+                    continue  # a renewal: nothing changed for the data plane
+                self._peers[lease.key] = lease
+                out.append(event)
+            else:
+                known = self._peers.pop(lease.key, None)
+                if known is not None:
+                    out.append(LeaseEvent(EventKind.REMOVED, known))
+        if any(e.kind is EventKind.ADDED for e in out):
+            self._check_duplicate_ips()
+        return out
+
+    def _check_duplicate_ips(self) -> None:
+        by_ip: dict[str, list[str]] = {}
+        for key, lease in self._peers.items():
+            by_ip.setdefault(str(lease.attrs.public_ip), []).append(key)
+        for ip, keys in by_ip.items():
+            if len(keys) > 1 and ip != "0.0.0.0":
+                self._warn_once("dup:" + ",".join(sorted(keys)),
+                                "leases %s all claim public IP %s: only one node can own it; "
+                                "delete the stale ones", ", ".join(sorted(keys)), ip)

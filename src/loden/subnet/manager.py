@@ -1,0 +1,330 @@
+"""The etcd subnet manager: config, lease acquisition, renewal and peer watching.
+
+Policy lives in :mod:`loden.subnet.allocator`, storage behind
+:class:`loden.subnet.store.LeaseStore` (etcd v3, v2 or memory). What this module adds
+over flannel:
+
+* every claim is a compare-and-swap; a lost race retries with a fresh candidate
+  (flannel v3's loser exited, spec §11 item 2);
+* a reservation (key without TTL) stays a reservation when its node claims it
+  (flannel v3 silently turned it into a 24 h lease, spec §11 item 3);
+* our own lease vanishing is repaired by re-creating the same key if it is still
+  free; only if another node took it do we give up (:class:`LeaseRevoked`);
+* a malformed key or value is skipped with one warning, never drops other peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import TypeVar
+
+from loden.errors import (
+    ConfigNotFound,
+    LeaseConflict,
+    LeaseRevoked,
+    ParseError,
+    StoreError,
+    StoreUnavailable,
+    WatchCompacted,
+)
+from loden.model.config import NetworkConfig
+from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
+from loden.model.net import parse_subnet_key
+from loden.model.subnet_env import PreviousSubnets
+from loden.subnet import allocator
+from loden.subnet.store import LeaseStore, StoredKV, StoreEvent, StoreEventKind, WatchBatch
+
+log = logging.getLogger(__name__)
+
+MAX_CLAIM_ATTEMPTS = 20
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class WatchResult:
+    """Either a full snapshot (after start or a relist) or incremental events."""
+
+    snapshot: tuple[Lease, ...] | None = None
+    events: tuple[LeaseEvent, ...] = ()
+
+
+@dataclass(slots=True)
+class StoreHealth:
+    """When the store last answered; read by /healthz and the metrics."""
+
+    last_ok: float = 0.0
+    last_error: str = ""
+    watch_restarts: int = 0
+    clock: Callable[[], float] = field(default=time.monotonic)
+
+    def ok(self) -> None:
+        self.last_ok = self.clock()
+        self.last_error = ""
+
+    def failed(self, exc: BaseException) -> None:
+        self.last_error = str(exc)
+
+
+def lease_from_kv(kv: StoredKV | StoreEvent, *, now: float | None = None) -> Lease:
+    """Parse a stored key/value into a Lease.
+
+    :raises ParseError: the key or value does not parse.
+    """
+    subnet, ipv6_subnet = parse_subnet_key(kv.name)
+    attrs = LeaseAttrs.parse(kv.value, key=kv.name)
+    now = time.time() if now is None else now
+    return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs,
+                 expiration=None if kv.ttl is None else now + kv.ttl,
+                 reserved=kv.ttl is None, store_ref=kv.ref)
+
+
+class EtcdSubnetManager:
+    """Subnet manager over a :class:`LeaseStore` (both etcd APIs share it)."""
+
+    def __init__(self, store: LeaseStore, *, ttl: int = 86400, renew_margin: float = 3600,
+                 rng: random.Random | None = None, relist_seconds: float = 300.0) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.renew_margin = renew_margin
+        self.rng = rng or random.Random()
+        self.relist_seconds = relist_seconds
+        self.health = StoreHealth()
+        self.claim_conflicts = 0
+        self._warned: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return f"etcd-{self.store.api}"
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    # -- config ---------------------------------------------------------------------------
+
+    async def get_network_config(self) -> NetworkConfig:
+        """Read and validate ``<prefix>/config``.
+
+        :raises ConfigNotFound: the key is absent.
+        :raises NetworkConfigError: it does not parse or validate.
+        :raises StoreUnavailable: etcd did not answer.
+        """
+        raw = await self._call(self.store.get_config())
+        if raw is None:
+            raise ConfigNotFound(
+                f"network config not found in etcd ({self.store.api} API) at the config key; "
+                "create it, e.g. `loden config set '{\"Network\": \"10.244.0.0/16\", "
+                "\"Backend\": {\"Type\": \"vxlan\"}}'`")
+        return NetworkConfig.parse(raw)
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def _parse_listing(self, kvs: tuple[StoredKV, ...]) -> list[Lease]:
+        now = time.time()
+        leases: list[Lease] = []
+        for kv in kvs:
+            try:
+                leases.append(lease_from_kv(kv, now=now))
+            except ParseError as exc:
+                self._warn_once(kv.name, "skipping %s: %s", kv.name, exc)
+        return leases
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            if len(self._warned) > 10000:
+                self._warned.clear()
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    async def list_leases(self, *, with_ttl: bool = False) -> list[Lease]:
+        listing = await self._call(self.store.list(with_ttl=with_ttl))
+        return self._parse_listing(listing.kvs)
+
+    def _value(self, attrs: LeaseAttrs) -> bytes:
+        return attrs.to_json(legacy=self.store.legacy_values).encode()
+
+    async def acquire_lease(self, attrs: LeaseAttrs, previous: PreviousSubnets) -> Lease:
+        """Claim a subnet for ``attrs`` (compare-and-swap, retried on lost races).
+
+        :raises SubnetsExhausted: nothing free. :raises StoreUnavailable: etcd down.
+        """
+        lost: set[IPv4Network] = set()
+        for attempt in range(1, MAX_CLAIM_ATTEMPTS + 1):
+            config = await self.get_network_config()
+            listing = await self._call(self.store.list())
+            leases = self._parse_listing(listing.kvs)
+            plan = allocator.plan(config, leases, attrs, previous, rng=self.rng,
+                                  exclude=frozenset(lost))
+            for dup in plan.duplicates_of_ours:
+                log.warning("lease %s also claims our public IP %s; keeping %s. Delete the "
+                            "stale lease if that node is gone", dup.key, attrs.public_ip,
+                            plan.choice.lease.key if isinstance(plan.choice, allocator.Reuse)
+                            else "a new one")
+            for stale in plan.stale_own:
+                log.info("deleting our old lease %s: it does not fit the network config",
+                         stale.key)
+                await self._call(self.store.delete(stale.key))
+            try:
+                if isinstance(plan.choice, allocator.Reuse):
+                    old = plan.choice.lease
+                    current = await self._call(self.store.get(old.key))
+                    if current is None:
+                        raise LeaseConflict(f"{old.key} vanished")
+                    ttl = None if old.reserved else self.ttl
+                    kv = await self._call(self.store.update(
+                        old.key, self._value(attrs), ttl, expect_value=current.value))
+                    lease = Lease(old.subnet, attrs, old.ipv6_subnet,
+                                  expiration=None if ttl is None else time.time() + ttl,
+                                  reserved=ttl is None, store_ref=kv.ref)
+                    log.info("found lease %s for current IP %s, reusing%s", old.key,
+                             attrs.public_ip, " (a reservation)" if old.reserved else "")
+                    return lease
+                choice = plan.choice
+                lease = Lease(choice.subnet, attrs, choice.ipv6_subnet)
+                kv = await self._call(self.store.create(lease.key, self._value(attrs),
+                                                        self.ttl))
+                log.info("allocated lease %s to current node %s (%s)", lease.key,
+                         attrs.public_ip, choice.reason)
+                return Lease(lease.subnet, attrs, lease.ipv6_subnet,
+                             expiration=time.time() + self.ttl, store_ref=kv.ref)
+            except LeaseConflict as exc:
+                self.claim_conflicts += 1
+                if isinstance(plan.choice, allocator.Fresh):
+                    lost.add(plan.choice.subnet)
+                log.info("lost the race for a subnet (%s); retrying with another candidate "
+                         "(attempt %d)", exc, attempt)
+                await asyncio.sleep(self.rng.uniform(0.0, 0.05 * attempt))
+        raise StoreError(f"could not claim a subnet after {MAX_CLAIM_ATTEMPTS} lost races; "
+                         "is something rewriting <prefix>/subnets?")
+
+    async def renew_lease(self, lease: Lease) -> Lease:
+        """Extend our lease (a fresh TTL); re-create it if it vanished and is still free.
+
+        :raises LeaseRevoked: another node now holds our subnet.
+        """
+        value = self._value(lease.attrs)
+        current = await self._call(self.store.get(lease.key))
+        ttl = None if lease.reserved else self.ttl
+        if current is None:
+            try:
+                kv = await self._call(self.store.create(lease.key, value, ttl))
+            except LeaseConflict:
+                current = await self._call(self.store.get(lease.key))
+                if current is None:
+                    raise LeaseRevoked(f"our lease {lease.key} keeps vanishing") from None
+            else:
+                log.warning("our lease %s had vanished from etcd; re-created it", lease.key)
+                return _with_expiry(lease, ttl, kv.ref)
+        try:
+            attrs = LeaseAttrs.parse(current.value, key=lease.key)
+        except ParseError:
+            attrs = None
+        if attrs is None or attrs.public_ip != lease.attrs.public_ip:
+            raise LeaseRevoked(
+                f"our subnet {lease.key} is now held by "
+                f"{attrs.public_ip if attrs else 'a malformed lease'}; restart to get a new one")
+        kv = await self._call(self.store.update(lease.key, value, ttl,
+                                                expect_value=current.value))
+        return _with_expiry(lease, ttl, kv.ref)
+
+    def renew_delay(self, lease: Lease) -> float:
+        """Seconds until the next renewal: ``margin`` before expiry, never below a third
+        of the TTL (so short test TTLs renew a few times per period, not in a loop)."""
+        if lease.reserved:
+            return max(self.ttl - self.renew_margin, self.ttl / 3)
+        remaining = lease.ttl_remaining() or float(self.ttl)
+        return max(remaining - self.renew_margin, self.ttl / 3, 0.5)
+
+    # -- watching -------------------------------------------------------------------------
+
+    def _to_events(self, batch: tuple[StoreEvent, ...]) -> list[LeaseEvent]:
+        events: list[LeaseEvent] = []
+        for item in batch:
+            try:
+                if item.kind is StoreEventKind.PUT:
+                    events.append(LeaseEvent(EventKind.ADDED, lease_from_kv(item)))
+                else:
+                    subnet, v6 = parse_subnet_key(item.name)
+                    events.append(LeaseEvent(EventKind.REMOVED, Lease(
+                        subnet, LeaseAttrs(public_ip=_ZERO), v6)))
+            except ParseError as exc:
+                self._warn_once(f"{item.name}:{item.value!r}", "skipping event for %s: %s",
+                                item.name, exc)
+        return events
+
+    async def watch_leases(self) -> AsyncIterator[WatchResult]:
+        """Snapshot first, then events; relists after compaction and periodically."""
+        backoff = 0.1
+        snapshot_needed = True
+        cursor = 0
+        while True:
+            try:
+                if snapshot_needed:
+                    listing = await self._call(self.store.list())
+                    cursor = listing.cursor
+                    snapshot_needed = False
+                    yield WatchResult(snapshot=tuple(self._parse_listing(listing.kvs)))
+                async for batch in self._watch_until_relist(cursor):
+                    backoff = 0.1
+                    cursor = batch.cursor
+                    events = self._to_events(batch.events)
+                    if events:
+                        yield WatchResult(events=tuple(events))
+                snapshot_needed = True  # level-triggered safety net against missed events
+            except WatchCompacted as exc:
+                log.info("watch fell behind compaction (%s): relisting", exc)
+                self.health.watch_restarts += 1
+                snapshot_needed = True
+            except StoreUnavailable as exc:
+                self.health.failed(exc)
+                self.health.watch_restarts += 1
+                log.warning("lease watch interrupted: %s; resuming in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _watch_until_relist(self, cursor: int) -> AsyncIterator[WatchBatch]:
+        """Store watch batches until ``relist_seconds`` pass.
+
+        The deadline wraps each wait for the next batch only, never the consumer's work
+        between batches (a timeout around a ``yield`` would cancel the consumer).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.relist_seconds
+        stream = aiter(self.store.watch(cursor))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        batch = await anext(stream)
+                except (TimeoutError, StopAsyncIteration):
+                    return
+                self.health.ok()
+                yield batch
+        finally:
+            closer = getattr(stream, "aclose", None)
+            if closer is not None:
+                await closer()
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """Await a store call, recording store health for /healthz."""
+        try:
+            result = await awaitable
+        except StoreUnavailable as exc:
+            self.health.failed(exc)
+            raise
+        self.health.ok()
+        return result
+
+
+def _with_expiry(lease: Lease, ttl: int | None, ref: int) -> Lease:
+    return Lease(lease.subnet, lease.attrs, lease.ipv6_subnet,
+                 expiration=None if ttl is None else time.time() + ttl,
+                 reserved=ttl is None, store_ref=ref)
+
+
+_ZERO = IPv4Address("0.0.0.0")

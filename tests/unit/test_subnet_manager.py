@@ -1,0 +1,133 @@
+"""Subnet manager policy on the in-memory store (the same cases run on real etcd in
+tests/integration/test_subnet_etcd.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from loden.errors import LeaseRevoked, SubnetsExhausted
+from loden.model.lease import EventKind, LeaseAttrs
+from loden.model.subnet_env import PreviousSubnets
+from loden.subnet.manager import EtcdSubnetManager
+from loden.subnet.memory import MemoryStore
+
+CONFIG = b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}'
+
+
+def attrs(n: int) -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(f"192.168.1.{n}"), "host-gw")
+
+
+async def manager(store: MemoryStore, seed: int = 1, ttl: int = 86400) -> EtcdSubnetManager:
+    return EtcdSubnetManager(store, ttl=ttl, renew_margin=3600, rng=random.Random(seed))
+
+
+async def test_acquire_reuse_and_previous() -> None:
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    m = await manager(store)
+    first = await m.acquire_lease(attrs(1), PreviousSubnets())
+    assert first.subnet.subnet_of(IPv4Network("10.5.0.0/16")) and first.subnet.prefixlen == 24
+    assert first.subnet != IPv4Network("10.5.0.0/24")  # SubnetMin skips the first subnet
+    again = await m.acquire_lease(attrs(1), PreviousSubnets())
+    assert again.subnet == first.subnet
+    prev = PreviousSubnets(subnet=IPv4Network("10.5.77.0/24"))
+    other = await m.acquire_lease(attrs(2), prev)
+    assert other.subnet == IPv4Network("10.5.77.0/24")
+    # A third node with the same previous subnet must NOT get it (pain point 3).
+    third = await m.acquire_lease(attrs(3), prev)
+    assert third.subnet != IPv4Network("10.5.77.0/24")
+    assert len({first.subnet, other.subnet, third.subnet}) == 3
+
+
+async def test_config_change_moves_to_the_new_range() -> None:
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    m = await manager(store)
+    old = await m.acquire_lease(attrs(1), PreviousSubnets())
+    await store.put_config(b'{"Network": "10.5.0.0/16", "SubnetLen": 26}')
+    new = await m.acquire_lease(attrs(1), PreviousSubnets(subnet=old.subnet))
+    assert new.subnet.prefixlen == 26
+    names = [kv.name for kv in (await store.list()).kvs]
+    assert names == [new.key]
+
+
+async def test_many_agents_at_once_get_distinct_subnets() -> None:
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    managers = [await manager(store, seed=0) for _ in range(32)]  # same seed: max collisions
+    leases = await asyncio.gather(*(m.acquire_lease(attrs(i), PreviousSubnets())
+                                    for i, m in enumerate(managers)))
+    assert len({lease.subnet for lease in leases}) == 32
+
+
+async def test_exhaustion_names_the_limits() -> None:
+    store = MemoryStore()
+    await store.put_config(b'{"Network": "10.5.0.0/22"}')  # SubnetLen 24: 3 usable subnets
+    m = await manager(store)
+    for i in range(3):
+        await m.acquire_lease(attrs(i), PreviousSubnets())
+    with pytest.raises(SubnetsExhausted, match="all 3 /24 subnets of Network 10.5.0.0/22"):
+        await m.acquire_lease(attrs(9), PreviousSubnets())
+
+
+async def test_reservation_is_honoured_and_stays_a_reservation() -> None:
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    await store.create("10.5.1.0-24", attrs(7).to_json().encode(), None)
+    m = await manager(store)
+    for i in range(20):
+        assert (await m.acquire_lease(attrs(i + 20), PreviousSubnets(
+            subnet=IPv4Network("10.5.1.0/24")))).subnet != IPv4Network("10.5.1.0/24")
+    owner = await m.acquire_lease(attrs(7), PreviousSubnets())
+    assert owner.subnet == IPv4Network("10.5.1.0/24") and owner.reserved
+    kv = await store.get("10.5.1.0-24")
+    assert kv is not None and kv.ttl is None
+
+
+async def test_renewal_and_vanished_lease_is_recreated() -> None:
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    m = await manager(store)
+    lease = await m.acquire_lease(attrs(1), PreviousSubnets())
+    renewed = await m.renew_lease(lease)
+    assert renewed.subnet == lease.subnet
+    await store.delete(lease.key)
+    back = await m.renew_lease(renewed)
+    assert back.subnet == lease.subnet and await store.get(lease.key) is not None
+    # Taken by someone else: revoked.
+    await store.delete(lease.key)
+    await store.create(lease.key, attrs(2).to_json().encode(), 100)
+    with pytest.raises(LeaseRevoked, match="192.168.1.2"):
+        await m.renew_lease(back)
+
+
+async def test_watch_skips_garbage_and_keeps_peers() -> None:
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    m = await manager(store)
+    a = await m.acquire_lease(attrs(1), PreviousSubnets())
+    stream = m.watch_leases()
+    first = await anext(stream)
+    assert first.snapshot is not None and [x.key for x in first.snapshot] == [a.key]
+    await store.create("garbage-key", b"{}", 100)
+    await store.create("10.5.200.0-24", b"not json", 100)
+    b = await (await manager(store, 2)).acquire_lease(attrs(2), PreviousSubnets())
+    result = await asyncio.wait_for(anext(stream), 5)
+    assert [(e.kind, e.lease.key) for e in result.events] == [(EventKind.ADDED, b.key)]
+    await store.delete(b.key)
+    result = await asyncio.wait_for(anext(stream), 5)
+    assert [(e.kind, e.lease.key) for e in result.events] == [(EventKind.REMOVED, b.key)]
+    # Events happen while the stream is down, then history is compacted away: the
+    # resumed watch cannot replay them, so the manager relists.
+    await store.create("10.5.201.0-24", attrs(5).to_json().encode(), 100)
+    store.compact()
+    store.break_watches()
+    result = await asyncio.wait_for(anext(stream), 5)
+    assert result.snapshot is not None  # compaction -> relist
+    assert {x.key for x in result.snapshot} == {a.key, "10.5.201.0-24"}
+    await stream.aclose()
