@@ -28,7 +28,7 @@ from loden.model.subnet_env import PreviousSubnets, SubnetEnv
 from loden.settings import AgentSettings
 from loden.subnet import open_subnet_manager
 from loden.subnet.manager import EtcdSubnetManager
-from loden.traffic import open_traffic_manager
+from loden.traffic import ManagedTraffic, check_br_netfilter, open_traffic_manager
 from loden.traffic.base import Networks
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ async def run(settings: AgentSettings) -> int:
                                                            settings.healthz_port)
     manager = await open_subnet_manager(settings, health=health)
     network: Network | None = None
+    traffic: ManagedTraffic | None = None
     try:
         config = await wait_for_config(manager, health)
         log.info("network config: Network=%s SubnetLen=%d backend=%s (%s API)",
@@ -111,6 +112,8 @@ async def run(settings: AgentSettings) -> int:
         previous = read_previous_subnets(settings.subnet_file)
         lease = await acquire(manager, attrs, previous)
         network = await backend.activate(lease)
+        if not config.enable_nftables:
+            check_br_netfilter(ipv6=config.enable_ipv6)
         traffic = open_traffic_manager(nftables=config.enable_nftables)
         await traffic.cleanup_other_mode()
         current = networks_of(config, lease)
@@ -134,6 +137,8 @@ async def run(settings: AgentSettings) -> int:
         return await loops.run()
     finally:
         sdnotify.notify("STOPPING=1")
+        if traffic is not None and settings.rules.cleanup_on_exit:
+            await asyncio.shield(traffic.remove_all())
         if network is not None:
             await network.aclose()
         await manager.aclose()

@@ -57,6 +57,7 @@ class AgentLoops:
 
     async def run(self) -> int:
         self._publish_lease()
+        revoked: LeaseRevoked | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._lease_loop(), name="lease")
@@ -66,9 +67,12 @@ class AgentLoops:
                 group.create_task(self._probe_loop(), name="probe")
                 group.create_task(self._config_loop(), name="config")
         except* LeaseRevoked as group_error:
+            first = group_error.exceptions[0]
+            assert isinstance(first, LeaseRevoked)
+            revoked = first
+        if revoked is not None:
             log.error("%s; shutting down (exit %d). The subnet may now belong to another "
-                      "node: restart the agent to get a new one", group_error.exceptions[0],
-                      EXIT_LEASE_REVOKED)
+                      "node: restart the agent to get a new one", revoked, EXIT_LEASE_REVOKED)
             return EXIT_LEASE_REVOKED
         return 0
 

@@ -23,12 +23,11 @@ from prometheus_client import ProcessCollector
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
 class Metrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    """The agent's Prometheus metrics, in their own registry (no global state)."""
 
-    def __post_init__(self) -> None:
-        r = self.registry
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
         ProcessCollector(registry=r)
         self.peers = Gauge("loden_peers", "Remote leases programmed in the data plane",
                            registry=r)

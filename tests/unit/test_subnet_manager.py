@@ -130,4 +130,4 @@ async def test_watch_skips_garbage_and_keeps_peers() -> None:
     result = await asyncio.wait_for(anext(stream), 5)
     assert result.snapshot is not None  # compaction -> relist
     assert {x.key for x in result.snapshot} == {a.key, "10.5.201.0-24"}
-    await stream.aclose()
+    await stream.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,5 @@
+"""Shared pytest wiring: fixture modules live in tests/fixtures/."""
+
+from __future__ import annotations
+
+pytest_plugins: list[str] = ["tests.fixtures.topology"]
