@@ -65,8 +65,9 @@ class ReconcileReport:
     errors: tuple[str, ...] = ()
 
     def __add__(self, other: ReconcileReport) -> ReconcileReport:
-        return ReconcileReport(self.added + other.added, self.removed + other.removed,
-                               self.errors + other.errors)
+        return ReconcileReport(
+            self.added + other.added, self.removed + other.removed, self.errors + other.errors
+        )
 
 
 class Network(Protocol):

@@ -1,0 +1,403 @@
+"""A small rtnetlink codec and batching socket for the hot paths (routes, neighbours, FDB).
+
+Why not pyroute2 here: measured in one namespace on the 2-core test machine, pyroute2
+0.9.7 spends 70-120 µs *encoding* one neighbour or route message (500 µs through
+``IPBatch``/``IPRoute.neigh``) and parses a 5,000-route dump in ~0.4 s. A vxlan node
+with 5,000 peers needs 15,000 entries, so pyroute2 alone cannot meet "cold start
+≤ 3 s, no-change resync ≤ 0.5 s". These three message types are simple fixed headers
+plus a handful of attributes, so packing them with :mod:`struct` costs ~2 µs each,
+and the kernel becomes the limit: 15,000 replace requests sent 512 per ``send()`` on
+one socket, acks collected after each chunk, take ~0.5 s (the same as ``ip -batch``);
+dumping and decoding 5,000 routes + 5,000 neighbours + 5,000 FDB entries ~0.1 s.
+
+Everything else (links with their nested vxlan attributes, addresses) stays on
+pyroute2 in :mod:`loden.kernel.netlink`, which is the only public entry point; this
+module is an implementation detail of it and raises plain :class:`OSError`.
+
+The socket turns on ``NETLINK_CAP_ACK`` (acks do not echo the request),
+``NETLINK_EXT_ACK`` (errors carry the kernel's message) and ``NETLINK_GET_STRICT_CHK``
+(dumps are filtered in the kernel: by table for routes, by device for neighbours/FDB).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Final
+
+from loden.kernel.types import (
+    Entry,
+    FdbEntry,
+    IPAddress,
+    IPNetwork,
+    Neighbour,
+    Route,
+    RouteLookup,
+)
+
+NLMSG_ERROR: Final = 2
+NLMSG_DONE: Final = 3
+RTM_NEWROUTE: Final = 24
+RTM_DELROUTE: Final = 25
+RTM_GETROUTE: Final = 26
+RTM_NEWNEIGH: Final = 28
+RTM_DELNEIGH: Final = 29
+RTM_GETNEIGH: Final = 30
+
+NLM_F_REQUEST: Final = 0x1
+NLM_F_ACK: Final = 0x4
+NLM_F_DUMP_INTR: Final = 0x10
+NLM_F_CAPPED: Final = 0x100
+NLM_F_ACK_TLVS: Final = 0x200
+NLM_F_DUMP: Final = 0x300
+NLM_F_REPLACE: Final = 0x100
+NLM_F_CREATE: Final = 0x400
+
+AF_BRIDGE: Final = 7
+RTNH_F_ONLINK: Final = 0x4
+RT_SCOPE_NOWHERE: Final = 255
+
+NDA_DST: Final = 1
+NDA_LLADDR: Final = 2
+NDA_IFINDEX: Final = 8
+RTA_DST: Final = 1
+RTA_OIF: Final = 4
+RTA_GATEWAY: Final = 5
+RTA_PRIORITY: Final = 6
+RTA_PREFSRC: Final = 7
+RTA_TABLE: Final = 15
+
+_SOL_NETLINK: Final = 270
+_NETLINK_CAP_ACK: Final = 10
+_NETLINK_EXT_ACK: Final = 11
+_NETLINK_GET_STRICT_CHK: Final = 12
+_SO_SNDBUFFORCE: Final = 32
+_SO_RCVBUFFORCE: Final = 33
+_NLMSGERR_ATTR_MSG: Final = 1
+
+_HDR = struct.Struct("=IHHII")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_NDMSG = struct.Struct("=BxxxiHBB")
+_ATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_I32 = struct.Struct("=i")
+
+#: Requests per ``send()``. Each ack costs ~1 KiB of receive buffer (skb truesize), so
+#: 512 stay far below the 8 MiB buffer even when every request fails with a long message.
+CHUNK: Final = 512
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def mac_text(raw: bytes) -> str:
+    return raw.hex(":")
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return _ATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _family(addr: IPAddress | IPNetwork) -> int:
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+def encode(entry: Entry, *, delete: bool) -> tuple[int, int, bytes]:
+    """(message type, flags, body) for replacing or deleting ``entry``."""
+    if isinstance(entry, Route):
+        return _encode_route(entry, delete)
+    if isinstance(entry, Neighbour):
+        body = _NDMSG.pack(_family(entry.dst), entry.ifindex, 0 if delete else entry.state, 0, 0)
+        body += _attr(NDA_DST, entry.dst.packed)
+        if not delete and entry.lladdr is not None:
+            body += _attr(NDA_LLADDR, mac_bytes(entry.lladdr))
+        return _neigh_op(body, delete)
+    body = _NDMSG.pack(AF_BRIDGE, entry.ifindex, entry.state, entry.flags, 0)
+    body += _attr(NDA_LLADDR, mac_bytes(entry.lladdr))
+    if entry.dst is not None:
+        body += _attr(NDA_DST, entry.dst.packed)
+    return _neigh_op(body, delete)
+
+
+def _neigh_op(body: bytes, delete: bool) -> tuple[int, int, bytes]:
+    if delete:
+        return RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, body
+    return RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body
+
+
+def _encode_route(route: Route, delete: bool) -> tuple[int, int, bytes]:
+    table = route.table if route.table < 256 else 252  # RT_TABLE_COMPAT; RTA_TABLE is exact
+    if delete:
+        # Scope NOWHERE and type 0 match any; protocol/gateway/oif narrow the match so
+        # a route that is not ours at the same destination is never deleted by mistake.
+        head = _RTMSG.pack(
+            _family(route.dst),
+            route.dst.prefixlen,
+            0,
+            0,
+            table,
+            route.protocol,
+            RT_SCOPE_NOWHERE,
+            0,
+            0,
+        )
+    else:
+        head = _RTMSG.pack(
+            _family(route.dst),
+            route.dst.prefixlen,
+            0,
+            0,
+            table,
+            route.protocol,
+            route.scope,
+            route.type,
+            RTNH_F_ONLINK if route.onlink else 0,
+        )
+    body = head + _attr(RTA_TABLE, _U32.pack(route.table))
+    if route.dst.prefixlen:
+        body += _attr(RTA_DST, route.dst.network_address.packed)
+    if route.gateway is not None:
+        body += _attr(RTA_GATEWAY, route.gateway.packed)
+    if route.oif is not None:
+        body += _attr(RTA_OIF, _U32.pack(route.oif))
+    if route.priority:
+        body += _attr(RTA_PRIORITY, _U32.pack(route.priority))
+    if delete:
+        return RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, body
+    return RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body
+
+
+def attrs(msg: bytes, offset: int) -> dict[int, bytes]:
+    """Top-level attributes of a message body starting at ``offset`` (type -> payload)."""
+    out: dict[int, bytes] = {}
+    end = len(msg)
+    while offset + 4 <= end:
+        length, kind = _ATTR.unpack_from(msg, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = msg[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def _addr(raw: bytes | None) -> IPAddress | None:
+    if raw is None:
+        return None
+    return IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw)
+
+
+def decode_route(msg: bytes) -> Route | None:
+    """A RTM_NEWROUTE message (header included) as a :class:`Route`; None if not one."""
+    family, dst_len, _src, _tos, table, proto, scope, kind, flags = _RTMSG.unpack_from(msg, 16)
+    a = attrs(msg, 16 + _RTMSG.size)
+    if RTA_TABLE in a:
+        table = _U32.unpack(a[RTA_TABLE])[0]
+    raw_dst = a.get(RTA_DST)
+    dst: IPNetwork
+    if family == socket.AF_INET:
+        dst = IPv4Network((raw_dst or b"\0" * 4, dst_len))
+    elif family == socket.AF_INET6:
+        dst = IPv6Network((raw_dst or b"\0" * 16, dst_len))
+    else:
+        return None
+    oif = a.get(RTA_OIF)
+    prio = a.get(RTA_PRIORITY)
+    return Route(
+        dst=dst,
+        gateway=_addr(a.get(RTA_GATEWAY)),
+        oif=_U32.unpack(oif)[0] if oif is not None else None,
+        onlink=bool(flags & RTNH_F_ONLINK),
+        protocol=proto,
+        table=table,
+        priority=_U32.unpack(prio)[0] if prio is not None else 0,
+        scope=scope,
+        type=kind,
+    )
+
+
+def decode_neigh(msg: bytes) -> Neighbour | FdbEntry | None:
+    """A RTM_NEWNEIGH message: an FDB entry (AF_BRIDGE) or a neighbour."""
+    family, ifindex, state, flags, _type = _NDMSG.unpack_from(msg, 16)
+    a = attrs(msg, 16 + _NDMSG.size)
+    raw_ll = a.get(NDA_LLADDR)
+    if family == AF_BRIDGE:
+        if raw_ll is None:
+            return None
+        return FdbEntry(ifindex, mac_text(raw_ll), _addr(a.get(NDA_DST)), state, flags)
+    dst = _addr(a.get(NDA_DST))
+    if dst is None:
+        return None
+    return Neighbour(ifindex, dst, mac_text(raw_ll) if raw_ll else None, state)
+
+
+def decode_lookup(msg: bytes) -> RouteLookup:
+    a = attrs(msg, 16 + _RTMSG.size)
+    oif = a.get(RTA_OIF)
+    dst = _addr(a.get(RTA_DST))
+    return RouteLookup(
+        dst=dst if dst is not None else IPv4Address(0),
+        oif=_U32.unpack(oif)[0] if oif is not None else None,
+        gateway=_addr(a.get(RTA_GATEWAY)),
+        prefsrc=_addr(a.get(RTA_PREFSRC)),
+    )
+
+
+def route_dump_request(family: int, table: int) -> tuple[int, bytes]:
+    body = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, 0, 0, 0, 0)
+    if table >= 256:
+        body += _attr(RTA_TABLE, _U32.pack(table))
+    return RTM_GETROUTE, body
+
+
+def neigh_dump_request(family: int, ifindex: int) -> tuple[int, bytes]:
+    if family == AF_BRIDGE:
+        # FDB dumps take the port filter in the header (rtnl_fdb_dump strict mode).
+        return RTM_GETNEIGH, _NDMSG.pack(AF_BRIDGE, ifindex, 0, 0, 0)
+    body = _NDMSG.pack(family, 0, 0, 0, 0)
+    if ifindex:
+        body += _attr(NDA_IFINDEX, _U32.pack(ifindex))
+    return RTM_GETNEIGH, body
+
+
+def lookup_request(dst: IPAddress) -> tuple[int, int, bytes]:
+    body = _RTMSG.pack(_family(dst), dst.max_prefixlen, 0, 0, 0, 0, 0, 0, 0)
+    return RTM_GETROUTE, NLM_F_REQUEST, body + _attr(RTA_DST, dst.packed)
+
+
+class NetlinkFailure(OSError):
+    """One request failed: errno plus the kernel's extended-ack text, if any."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        text = errno.errorcode.get(code, str(code))
+        detail = f"{message} " if message else ""
+        super().__init__(code, f"{detail}({text}: {os.strerror(code)})")
+        self.kernel_message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Result of one request in a batch: error (None if ok) and any reply messages."""
+
+    error: NetlinkFailure | None
+    replies: tuple[bytes, ...] = ()
+
+
+class RtnlSocket:
+    """A blocking NETLINK_ROUTE socket; use it from one thread only."""
+
+    def __init__(self) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        try:
+            for opt, value in ((_SO_RCVBUFFORCE, 8 << 20), (_SO_SNDBUFFORCE, 4 << 20)):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, value)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, opt - 25, value)  # SO_{SND,RCV}BUF
+            for opt in (_NETLINK_CAP_ACK, _NETLINK_EXT_ACK, _NETLINK_GET_STRICT_CHK):
+                sock.setsockopt(_SOL_NETLINK, opt, 1)
+            sock.bind((0, 0))
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _header(self, kind: int, flags: int, body: bytes) -> bytes:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        return _HDR.pack(16 + len(body), kind, flags, self._seq, 0) + body
+
+    def transact(self, requests: Sequence[tuple[int, int, bytes]]) -> list[Outcome]:
+        """Send ``requests`` (type, flags, body) in chunks; one outcome each.
+
+        A request with ``NLM_F_ACK`` is complete at its ack (or error); one without it
+        (a ``get``) at its first reply or error. Every datagram costs a ``recv()``
+        (~20 µs), so gets skip the ack.
+
+        :raises OSError: the socket failed (e.g. ENOBUFS: acks were lost).
+        """
+        outcomes: list[Outcome] = []
+        for start in range(0, len(requests), CHUNK):
+            chunk = requests[start : start + CHUNK]
+            first = (self._seq + 1) & 0xFFFFFFFF or 1
+            self._sock.send(b"".join(self._header(k, f, b) for k, f, b in chunk))
+            acked = [bool(f & NLM_F_ACK) for _, f, _ in chunk]
+            outcomes.extend(self._collect(first, acked))
+        return outcomes
+
+    def _collect(self, first: int, acked: list[bool]) -> list[Outcome]:
+        count = len(acked)
+        done: dict[int, NetlinkFailure | None] = {}
+        replies: dict[int, list[bytes]] = {}
+        while len(done) < count:
+            data = self._sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, flags, seq, _pid = _HDR.unpack_from(data, offset)
+                if length < 16:
+                    break
+                index = (seq - first) & 0xFFFFFFFF
+                if index < count:
+                    msg = data[offset : offset + length]
+                    if kind == NLMSG_ERROR:
+                        done[index] = _error(msg, flags)
+                    else:
+                        replies.setdefault(index, []).append(msg)
+                        if not acked[index]:
+                            done[index] = None
+                offset += (length + 3) & ~3
+        return [Outcome(done[i], tuple(replies.get(i, ()))) for i in range(count)]
+
+    def dump(self, kind: int, body: bytes) -> list[bytes]:
+        """Run one dump request; retried (up to 5 times) if the kernel flags it interrupted."""
+        for _ in range(5):
+            messages, interrupted = self._dump_once(kind, body)
+            if not interrupted:
+                return messages
+        raise NetlinkFailure(errno.EINTR, "dump kept being interrupted by concurrent changes")
+
+    def _dump_once(self, kind: int, body: bytes) -> tuple[list[bytes], bool]:
+        seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        self._sock.send(self._header(kind, NLM_F_REQUEST | NLM_F_DUMP, body))
+        out: list[bytes] = []
+        interrupted = False
+        while True:
+            data = self._sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, mtype, flags, mseq, _pid = _HDR.unpack_from(data, offset)
+                if length < 16:
+                    break
+                if mseq == seq:
+                    interrupted |= bool(flags & NLM_F_DUMP_INTR)
+                    if mtype == NLMSG_DONE:
+                        return out, interrupted
+                    if mtype == NLMSG_ERROR:
+                        err = _error(data[offset : offset + length], flags)
+                        if err is not None:
+                            raise err
+                    else:
+                        out.append(data[offset : offset + length])
+                offset += (length + 3) & ~3
+
+
+def _error(msg: bytes, flags: int) -> NetlinkFailure | None:
+    code = -_I32.unpack_from(msg, 16)[0]
+    if code == 0:
+        return None
+    text = ""
+    if flags & NLM_F_ACK_TLVS:
+        inner = 16 if flags & NLM_F_CAPPED else _U32.unpack_from(msg, 20)[0]
+        raw = attrs(msg, 20 + ((inner + 3) & ~3)).get(_NLMSGERR_ATTR_MSG)
+        if raw:
+            text = raw.rstrip(b"\0").decode("utf-8", "replace")
+    return NetlinkFailure(code, text)
