@@ -20,7 +20,9 @@ from loden.backend.base import BackendContext, Network
 from loden.errors import ConfigNotFound, NetworkConfigError, StoreUnavailable, SubnetsExhausted
 from loden.files import atomic_write, read_previous_subnets
 from loden.health import HealthServer, HealthState, Metrics
-from loden.kernel.interfaces import select_external_interface
+from loden.backend.base import ExternalInterface
+from loden.kernel.interfaces import InterfaceOptions, select
+from loden.kernel.netlink import Netlink
 from loden.lease_watch import LeaseWatcher
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
@@ -50,6 +52,22 @@ async def wait_for_config(manager: EtcdSubnetManager, health: HealthState) -> Ne
                             "subnet.env is not written until this is fixed)", exc)
             attempts += 1
         await asyncio.sleep(1.0)
+
+
+async def pick_interface(settings: AgentSettings, config: NetworkConfig) -> ExternalInterface:
+    """Choose the external interface per ``--iface*``/``--public-ip*`` (spec §8.4)."""
+    opts = InterfaceOptions(
+        ifaces=settings.iface.ifaces, regexes=settings.iface.iface_regexes,
+        can_reach=settings.iface.can_reach, public_ip=settings.iface.public_ip,
+        public_ipv6=settings.iface.public_ipv6, ipv4=config.enable_ipv4,
+        ipv6=config.enable_ipv6)
+    nl = await Netlink.open()
+    try:
+        selection = await select(nl, opts)
+    finally:
+        await nl.aclose()
+    log.info("using interface: %s", selection.reason)
+    return selection.ext
 
 
 async def acquire(manager: EtcdSubnetManager, attrs: LeaseAttrs,
@@ -102,9 +120,7 @@ async def run(settings: AgentSettings) -> int:
         config = await wait_for_config(manager, health)
         log.info("network config: Network=%s SubnetLen=%d backend=%s (%s API)",
                  config.network, config.subnet_len, config.backend_type, manager.store.api)
-        ext, reason = select_external_interface(
-            settings.iface, ipv4=config.enable_ipv4, ipv6=config.enable_ipv6)
-        log.info("using interface %s", reason)
+        ext = await pick_interface(settings, config)
         state_dir = Path(settings.state_dir)
         backend = create_backend(config.backend_type, BackendContext(
             config=config, ext=ext, state_dir=state_dir))

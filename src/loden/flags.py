@@ -101,6 +101,7 @@ class FlagSet:
         env: Mapping[str, str] | None = None,
         *,
         env_skip: Callable[[str], bool] = lambda name: False,
+        interspersed: bool = False,
     ) -> ParsedFlags:
         """Parse ``argv`` (without the program name), then apply ``env``.
 
@@ -119,6 +120,10 @@ class FlagSet:
                 result.positional.extend(args[i + 1 :])
                 break
             if not arg.startswith("-") or arg == "-":
+                if interspersed:  # operator commands: `config set JSON -etcd-...`
+                    result.positional.append(arg)
+                    i += 1
+                    continue
                 result.positional.extend(args[i:])
                 break
             body = arg[2:] if arg.startswith("--") else arg[1:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import TypeVar
 
@@ -119,7 +119,7 @@ class KubeSettings:
 class IfaceSettings:
     ifaces: tuple[str, ...]
     iface_regexes: tuple[str, ...]
-    can_reach: str
+    can_reach: IPv4Address | IPv6Address | None
     public_ip: IPv4Address | None
     public_ipv6: IPv6Address | None
 
@@ -192,7 +192,7 @@ class AgentSettings:
                 set_node_network_unavailable=v["set-node-network-unavailable"]),
             iface=IfaceSettings(
                 ifaces=tuple(v["iface"]), iface_regexes=tuple(v["iface-regex"]),
-                can_reach=v["iface-can-reach"],
+                can_reach=_can_reach(v["iface-can-reach"]),
                 public_ip=_ip(v["public-ip"], "-public-ip", IPv4Address),
                 public_ipv6=_ip(v["public-ipv6"], "-public-ipv6", IPv6Address)),
             rules=RulesSettings(
@@ -223,6 +223,15 @@ def _ip(text: str, flag: str, kind: type[_IP]) -> _IP | None:
     except ValueError:
         family = "IPv4" if kind is IPv4Address else "IPv6"
         raise UsageError(f"invalid {flag} {text!r}: not an {family} address") from None
+
+
+def _can_reach(text: str) -> IPv4Address | IPv6Address | None:
+    if not text:
+        return None
+    try:
+        return ip_address(text)
+    except ValueError:
+        raise UsageError(f"invalid -iface-can-reach {text!r}: not an IP address") from None
 
 
 def parse_agent_args(argv: Sequence[str], env: Mapping[str, str],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,8 +80,9 @@ def lease_from_kv(kv: StoredKV | StoreEvent, *, now: float | None = None) -> Lea
     subnet, ipv6_subnet = parse_subnet_key(kv.name)
     attrs = LeaseAttrs.parse(kv.value, key=kv.name)
     now = time.time() if now is None else now
+    known_ttl = kv.ttl is not None and not math.isnan(kv.ttl)
     return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs,
-                 expiration=None if kv.ttl is None else now + kv.ttl,
+                 expiration=now + kv.ttl if known_ttl and kv.ttl is not None else None,
                  reserved=kv.ttl is None, store_ref=kv.ref)
 
 

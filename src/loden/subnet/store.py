@@ -25,7 +25,8 @@ class StoredKV:
 
     name: str
     value: bytes
-    #: Seconds to live when known; ``None`` means no TTL (a reservation).
+    #: Seconds to live; ``None`` means no TTL (a reservation); NaN: has a TTL whose
+    #: length was not looked up (a v3 lookup costs one request per key).
     ttl: float | None
     #: Adapter handle: etcd v3 lease id or v2 modifiedIndex.
     ref: int = 0

@@ -1,0 +1,102 @@
+"""Where leases live: open the right store for the settings.
+
+``-etcd-api auto`` (the default) looks for ``<prefix>/config`` through the v3 API
+first, then the v2 API, and keeps waiting on both (saying so) until one has it. Users
+of the seed document's ``ETCDCTL_API=2 etcdctl set`` flow therefore need no new flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from loden.errors import StoreError
+from loden.health import HealthState
+from loden.settings import AgentSettings, EtcdSettings
+from loden.subnet.etcd_http import EtcdHTTP, tls_context
+from loden.subnet.etcd_v2 import EtcdV2Store
+from loden.subnet.etcd_v3 import EtcdV3Store
+from loden.subnet.manager import EtcdSubnetManager
+from loden.subnet.store import LeaseStore
+
+log = logging.getLogger(__name__)
+
+
+def _http(settings: EtcdSettings, *, basic_auth: bool = False) -> EtcdHTTP:
+    tls = any(e.startswith("https://") for e in settings.endpoints)
+    context = None
+    if tls or settings.tls_client:
+        # flannel: client certificates only with both cert and key (compat item 5).
+        context = tls_context(settings.cafile,
+                              settings.certfile if settings.tls_client else "",
+                              settings.keyfile if settings.tls_client else "")
+    if not tls and settings.tls_client:
+        log.warning("client certificates are configured but the etcd endpoints are "
+                    "http://: they are not used; switch the endpoints to https://")
+    if tls and not settings.tls_client:
+        log.warning("no client certificate provided: connecting to etcd without client "
+                    "authentication (set -etcd-certfile and -etcd-keyfile)")
+    # v3 authenticates with a token (EtcdV3Store); v2 with HTTP basic auth.
+    auth = (settings.username, settings.password) if basic_auth and settings.username else None
+    return EtcdHTTP(settings.endpoints, context=context, auth=auth)
+
+
+def _v3(settings: EtcdSettings) -> EtcdV3Store:
+    return EtcdV3Store(_http(settings), settings.prefix, username=settings.username,
+                       password=settings.password)
+
+
+def _v2(settings: EtcdSettings) -> EtcdV2Store:
+    return EtcdV2Store(_http(settings, basic_auth=True), settings.prefix)
+
+
+async def _has_config(store: LeaseStore) -> bool:
+    try:
+        return await store.get_config() is not None
+    except StoreError:
+        return False
+
+
+async def open_store(settings: EtcdSettings, *, for_write: bool = False,
+                     wait: bool = False) -> LeaseStore:
+    """The store for ``settings.api``; with ``auto``, the API that has the config.
+
+    ``wait``: keep polling until one API has the config (the agent); otherwise fall
+    back to v3 when neither has it (operator commands: ``config set`` writes v3).
+    """
+    if settings.api == "v3":
+        return _v3(settings)
+    if settings.api == "v2":
+        return _v2(settings)
+    v3, v2 = _v3(settings), _v2(settings)
+    attempts = 0
+    while True:
+        if await _has_config(v3):
+            await v2.aclose()
+            return v3
+        if await _has_config(v2):
+            await v3.aclose()
+            log.info("using the etcd v2 API: %s/config exists there", settings.prefix)
+            return v2
+        if not wait:
+            await v2.aclose()
+            return v3
+        if attempts % 10 == 0:
+            log.warning("waiting for the network config at %s/config in etcd (looked with "
+                        "the v3 API and the v2 API); create it with `loden config set` or "
+                        "`etcdctl put`", settings.prefix)
+        attempts += 1
+        await asyncio.sleep(1.0)
+
+
+async def open_subnet_manager(settings: AgentSettings, *,
+                              health: HealthState | None = None) -> EtcdSubnetManager:
+    """Open the agent's subnet manager (waits for the config when ``-etcd-api=auto``)."""
+    if settings.kube.enabled:
+        raise StoreError("the Kubernetes subnet manager (--kube-subnet-mgr) is not "
+                         "implemented in this Loden version; use etcd")
+    store = await open_store(settings.etcd, wait=True)
+    if health is not None:
+        health.store_last_ok = health.clock()
+    return EtcdSubnetManager(store, ttl=settings.lease_ttl_seconds,
+                             renew_margin=settings.renew_margin_minutes * 60)

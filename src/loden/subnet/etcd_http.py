@@ -1,0 +1,190 @@
+"""HTTP transport to an etcd cluster: endpoint failover, TLS, error mapping.
+
+Both store adapters (v3 JSON gateway, v2 keys API) speak HTTP through this one
+class, so failover and TLS behave identically for both. Design points:
+
+* Endpoints are tried in order starting from the last one that worked; a connection
+  error, timeout or 5xx moves on to the next, within one bounded per-call deadline.
+* TLS uses an explicit :class:`ssl.SSLContext` built from the configured files and
+  ``trust_env=False``: these machines export ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``,
+  which would otherwise replace the CA. A TLS failure is never retried in plaintext.
+* httpx exceptions are mapped to :mod:`loden.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from loden.errors import ConfigError, StoreAuthError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def tls_context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
+    """A client context from explicit files (never from environment variables).
+
+    :raises ConfigError: a file is missing or not PEM of the right kind.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if cafile:
+            context.load_verify_locations(cafile=cafile)
+        if certfile and keyfile:
+            context.load_cert_chain(certfile=certfile, keyfile=keyfile)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"etcd TLS file not found: {exc.filename}; check -etcd-cafile, "
+                          "-etcd-certfile and -etcd-keyfile") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot load etcd TLS files (ca {cafile or '-'}, cert "
+                          f"{certfile or '-'}, key {keyfile or '-'}): {exc}") from exc
+    return context
+
+
+class EtcdHTTP:
+    """A failover HTTP client over a list of etcd endpoints."""
+
+    def __init__(self, endpoints: Sequence[str], *, context: ssl.SSLContext | None = None,
+                 timeout: float = 5.0, auth: tuple[str, str] | None = None) -> None:
+        if not endpoints:
+            raise ConfigError("no etcd endpoints given: set -etcd-endpoints")
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self.timeout = timeout
+        self._preferred = 0
+        self._client = httpx.AsyncClient(
+            verify=context if context is not None else True, trust_env=False,
+            timeout=httpx.Timeout(timeout), auth=auth,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+        self.headers: dict[str, str] = {}
+
+    def _order(self) -> list[int]:
+        n = len(self.endpoints)
+        return [(self._preferred + i) % n for i in range(n)]
+
+    @property
+    def current(self) -> str:
+        return self.endpoints[self._preferred]
+
+    async def request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, str] | None = None, data: dict[str, str] | None = None,
+                      timeout: float | None = None,
+                      ok_statuses: tuple[int, ...] = ()) -> httpx.Response:
+        """Send to the first endpoint that answers; 4xx answers are returned as they are.
+
+        :raises StoreUnavailable: no endpoint answered (lists endpoints and last error).
+        :raises StoreAuthError: TLS handshake or certificate verification failed.
+        """
+        errors: list[str] = []
+        for index in self._order():
+            url = self.endpoints[index] + path
+            try:
+                response = await self._client.request(
+                    method, url, json=json, params=params, data=data, headers=self.headers,
+                    timeout=timeout if timeout is not None else self.timeout)
+            except httpx.ConnectError as exc:
+                self._raise_if_tls(exc, url)
+                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                continue
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                continue
+            if response.status_code >= 500 and response.status_code not in ok_statuses:
+                errors.append(f"{self.endpoints[index]}: HTTP {response.status_code} "
+                              f"{response.text[:120].strip()}")
+                continue
+            if index != self._preferred:
+                log.info("etcd: now using endpoint %s", self.endpoints[index])
+                self._preferred = index
+            return response
+        raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
+
+    async def long_poll(self, path: str, *, params: dict[str, str],
+                        poll_seconds: float) -> httpx.Response | None:
+        """GET that may legitimately stay silent: None when ``poll_seconds`` pass idle.
+
+        Connection failures still fail over like :meth:`request`; only a read timeout
+        on an established request means "nothing happened".
+        """
+        errors: list[str] = []
+        timeout = httpx.Timeout(self.timeout, read=poll_seconds)
+        for index in self._order():
+            url = self.endpoints[index] + path
+            try:
+                response = await self._client.get(url, params=params, headers=self.headers,
+                                                  timeout=timeout)
+            except httpx.ReadTimeout:
+                self._preferred = index
+                return None
+            except httpx.ConnectError as exc:
+                self._raise_if_tls(exc, url)
+                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                continue
+            except (httpx.TimeoutException, httpx.NetworkError,
+                    httpx.RemoteProtocolError) as exc:
+                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                continue
+            if response.status_code >= 500:
+                errors.append(f"{self.endpoints[index]}: HTTP {response.status_code}")
+                continue
+            self._preferred = index
+            return response
+        raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
+
+    @asynccontextmanager
+    async def stream(self, method: str, path: str, *, json: Any = None,
+                     params: dict[str, str] | None = None,
+                     read_timeout: float | None = None) -> AsyncIterator[httpx.Response]:
+        """A streaming request to the first endpoint that accepts it."""
+        errors: list[str] = []
+        timeout = httpx.Timeout(self.timeout, read=read_timeout)
+        for index in self._order():
+            url = self.endpoints[index] + path
+            try:
+                request = self._client.build_request(method, url, json=json, params=params,
+                                                     headers=self.headers, timeout=timeout)
+                response = await self._client.send(request, stream=True)
+            except httpx.ConnectError as exc:
+                self._raise_if_tls(exc, url)
+                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                continue
+            except (httpx.TimeoutException, httpx.NetworkError) as exc:
+                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                continue
+            if response.status_code >= 500:
+                await response.aclose()
+                errors.append(f"{self.endpoints[index]}: HTTP {response.status_code}")
+                continue
+            self._preferred = index
+            try:
+                yield response
+            finally:
+                await response.aclose()
+            return
+        raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
+
+    @staticmethod
+    def _raise_if_tls(exc: httpx.ConnectError, url: str) -> None:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, ssl.SSLError):
+                raise StoreAuthError(
+                    f"TLS with etcd at {url} failed: {cause.reason or cause}; check "
+                    "-etcd-cafile (does it sign the server certificate?) and the client "
+                    "certificate/key (-etcd-certfile/-etcd-keyfile)") from exc
+            cause = cause.__cause__ or cause.__context__
+        if "SSL" in str(exc) or "certificate" in str(exc).lower():
+            raise StoreAuthError(f"TLS with etcd at {url} failed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:160]

@@ -1,0 +1,244 @@
+"""The etcd v3 :class:`~loden.subnet.store.LeaseStore`, over the v3 JSON gateway.
+
+Why the gateway and not gRPC: it is part of every etcd ≥ 3.3 server, needs no
+generated code, and httpx gives us TLS, pooling and streaming. Keys and values travel
+base64-encoded; 64-bit integers come back as JSON strings.
+
+Semantics follow flannel (spec §3): each create/update grants a *new* etcd lease of
+the lease TTL and attaches the key to it (the old etcd lease is left to expire,
+compat item 4). A key with no etcd lease is a reservation. Creation is a transaction
+on ``version == 0``; updates compare the value we read, so an operator's or another
+node's write in between is never overwritten.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from loden.errors import (
+    LeaseConflict,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailable,
+    WatchCompacted,
+)
+from loden.subnet.etcd_http import EtcdHTTP
+from loden.subnet.store import Listing, StoredKV, StoreEvent, StoreEventKind, WatchBatch
+
+log = logging.getLogger(__name__)
+
+
+def _b64(data: bytes | str) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text or "")
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The ``range_end`` that selects every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+class EtcdV3Store:
+    api = "v3"
+    legacy_values = False
+
+    def __init__(self, http: EtcdHTTP, prefix: str, *, username: str = "",
+                 password: str = "") -> None:
+        self.http = http
+        self.prefix = prefix.rstrip("/")
+        self.subnets = f"{self.prefix}/subnets/"
+        self._username = username
+        self._password = password
+        self._ttl_cache: dict[int, float] = {}
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _post(self, path: str, body: dict[str, Any], *, retry_auth: bool = True) -> Any:
+        if self._username and "Authorization" not in self.http.headers:
+            await self._authenticate()
+        response = await self.http.request("POST", f"/v3/{path}", json=body)
+        if response.status_code == 200:
+            return response.json()
+        text = response.text
+        if retry_auth and self._username and ("token" in text or response.status_code == 401):
+            self.http.headers.pop("Authorization", None)
+            return await self._post(path, body, retry_auth=False)
+        if response.status_code in (401, 403) or "permission denied" in text:
+            raise StoreAuthError(f"etcd refused {path}: {text.strip()[:200]}; check "
+                                 "-etcd-username/-etcd-password and the user's role")
+        raise StoreError(f"etcd {path} failed: HTTP {response.status_code} {text.strip()[:200]}")
+
+    async def _authenticate(self) -> None:
+        response = await self.http.request("POST", "/v3/auth/authenticate",
+                                           json={"name": self._username,
+                                                 "password": self._password})
+        if response.status_code != 200:
+            raise StoreAuthError(f"etcd authentication as {self._username!r} failed: "
+                                 f"{response.text.strip()[:200]}")
+        self.http.headers["Authorization"] = response.json()["token"]
+
+    def _key(self, name: str) -> str:
+        return self.subnets + name
+
+    def _name(self, key: bytes) -> str:
+        text = key.decode("utf-8", "replace")
+        return text[len(self.subnets):] if text.startswith(self.subnets) else text
+
+    async def _grant(self, ttl: int) -> int:
+        reply = await self._post("lease/grant", {"TTL": ttl})
+        return int(reply["ID"])
+
+    async def _revoke(self, lease_id: int) -> None:
+        try:
+            await self._post("lease/revoke", {"ID": lease_id})
+        except StoreError as exc:
+            log.debug("revoking unused etcd lease %x failed: %s", lease_id, exc)
+
+    async def _ttl(self, lease_id: int) -> float | None:
+        if lease_id == 0:
+            return None
+        reply = await self._post("lease/timetolive", {"ID": lease_id})
+        ttl = int(reply.get("TTL", -1))
+        return float(ttl) if ttl >= 0 else 0.0
+
+    def _kv(self, raw: dict[str, Any], ttl: float | None) -> StoredKV:
+        return StoredKV(self._name(_unb64(raw.get("key"))), _unb64(raw.get("value")), ttl,
+                        int(raw.get("lease", 0)))
+
+    # -- LeaseStore ---------------------------------------------------------------------------
+
+    async def get_config(self) -> bytes | None:
+        reply = await self._post("kv/range", {"key": _b64(f"{self.prefix}/config")})
+        kvs = reply.get("kvs") or []
+        return _unb64(kvs[0].get("value")) if kvs else None
+
+    async def put_config(self, value: bytes) -> None:
+        await self._post("kv/put", {"key": _b64(f"{self.prefix}/config"), "value": _b64(value)})
+
+    async def list(self, *, with_ttl: bool = False) -> Listing:
+        start = self.subnets.encode()
+        reply = await self._post("kv/range", {"key": _b64(start),
+                                              "range_end": _b64(prefix_end(start))})
+        kvs = []
+        for raw in reply.get("kvs") or []:
+            lease_id = int(raw.get("lease", 0))
+            if lease_id == 0:
+                ttl: float | None = None
+            elif with_ttl:
+                ttl = await self._ttl(lease_id)
+            else:
+                ttl = float("nan")  # has a TTL; its length was not looked up
+            kvs.append(self._kv(raw, ttl))
+        return Listing(tuple(kvs), int(reply["header"]["revision"]))
+
+    async def get(self, name: str) -> StoredKV | None:
+        reply = await self._post("kv/range", {"key": _b64(self._key(name))})
+        kvs = reply.get("kvs") or []
+        if not kvs:
+            return None
+        lease_id = int(kvs[0].get("lease", 0))
+        return self._kv(kvs[0], None if lease_id == 0 else float("nan"))
+
+    async def _put_if(self, name: str, value: bytes, ttl: int | None,
+                      compare: dict[str, Any]) -> StoredKV:
+        lease_id = await self._grant(ttl) if ttl is not None else 0
+        put: dict[str, Any] = {"key": _b64(self._key(name)), "value": _b64(value)}
+        if lease_id:
+            put["lease"] = lease_id
+        try:
+            reply = await self._post("kv/txn", {"compare": [compare],
+                                                "success": [{"request_put": put}]})
+        except StoreUnavailable:
+            raise
+        if not reply.get("succeeded"):
+            if lease_id:
+                await self._revoke(lease_id)
+            raise LeaseConflict(f"{name}: compare-and-swap lost (key exists or changed)")
+        return StoredKV(name, value, None if ttl is None else float(ttl), lease_id)
+
+    async def create(self, name: str, value: bytes, ttl: int | None) -> StoredKV:
+        return await self._put_if(name, value, ttl, {
+            "key": _b64(self._key(name)), "target": "VERSION", "result": "EQUAL",
+            "version": 0})
+
+    async def update(self, name: str, value: bytes, ttl: int | None, *,
+                     expect_value: bytes) -> StoredKV:
+        return await self._put_if(name, value, ttl, {
+            "key": _b64(self._key(name)), "target": "VALUE", "result": "EQUAL",
+            "value": _b64(expect_value)})
+
+    async def delete(self, name: str, *, expect_value: bytes | None = None) -> bool:
+        key = _b64(self._key(name))
+        if expect_value is None:
+            reply = await self._post("kv/deleterange", {"key": key})
+            return int(reply.get("deleted", 0)) > 0
+        reply = await self._post("kv/txn", {
+            "compare": [{"key": key, "target": "VALUE", "result": "EQUAL",
+                         "value": _b64(expect_value)}],
+            "success": [{"request_delete_range": {"key": key}}]})
+        return bool(reply.get("succeeded"))
+
+    async def watch(self, cursor: int) -> AsyncIterator[WatchBatch]:
+        start = self.subnets.encode()
+        body = {"create_request": {"key": _b64(start), "range_end": _b64(prefix_end(start)),
+                                   "start_revision": cursor + 1}}
+        if self._username and "Authorization" not in self.http.headers:
+            await self._authenticate()
+        try:
+            async with self.http.stream("POST", "/v3/watch", json=body) as response:
+                if response.status_code != 200:
+                    raise StoreUnavailable(f"watch refused: HTTP {response.status_code}")
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    batch = self._batch(json.loads(line), cursor)
+                    if batch is not None:
+                        cursor = batch.cursor
+                        yield batch
+        except (httpx.TransportError, json.JSONDecodeError) as exc:
+            raise StoreUnavailable(f"etcd watch stream broke: {exc or type(exc).__name__}"
+                                   ) from exc
+        raise StoreUnavailable("etcd closed the watch stream")
+
+    def _batch(self, message: dict[str, Any], cursor: int) -> WatchBatch | None:
+        if "error" in message:
+            raise StoreUnavailable(f"etcd watch error: {message['error']}")
+        result = message.get("result") or {}
+        compact = int(result.get("compact_revision", 0))
+        if compact:
+            raise WatchCompacted(f"revision {cursor + 1} is compacted (etcd keeps history "
+                                 f"from {compact})")
+        if result.get("canceled"):
+            raise StoreUnavailable(f"etcd canceled the watch: {result.get('cancel_reason')}")
+        events = []
+        for raw in result.get("events") or []:
+            kv = raw.get("kv") or {}
+            name = self._name(_unb64(kv.get("key")))
+            cursor = max(cursor, int(kv.get("mod_revision", cursor)))
+            if raw.get("type") == "DELETE":
+                events.append(StoreEvent(StoreEventKind.DELETE, name, b""))
+            else:
+                lease_id = int(kv.get("lease", 0))
+                events.append(StoreEvent(StoreEventKind.PUT, name, _unb64(kv.get("value")),
+                                         None if lease_id == 0 else float("nan"), lease_id))
+        if not events:
+            return None
+        return WatchBatch(tuple(events), cursor)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
