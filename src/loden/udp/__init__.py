@@ -1,0 +1,31 @@
+"""The udp backend's data path: flannel's wire format, moved by Python worker processes.
+
+What the wire must look like (spec §6.3, byte-compatible with flannel's C proxy and
+Go flanneld): UDP from ``IfaceAddr:8285`` to ``PeerPublicIP:8285``, every datagram
+carrying exactly one raw inner IPv4 packet (no framing), at most MTU + 28 bytes on the
+wire, TTL decremented once by the sender and once by the receiver, valid IP and TCP/UDP
+checksums. Datagrams shorter than 20 bytes and packets whose TTL would reach 0 are
+dropped; a destination in the Network with no lease gets an ICMP Net Unreachable.
+
+Where the speed comes from: a Python proxy pays per system call, not per byte, so the
+design batches system calls without changing a byte on the wire:
+
+* sender (:mod:`.worker`, :mod:`.gso`): runs of equal-size datagrams to one peer leave
+  in one ``sendmsg`` with a ``UDP_SEGMENT`` cmsg (the kernel cuts them back into
+  separate datagrams). The TUN gives one segment per read with checksums done by the
+  kernel; with the ``tso`` option it gives 64 KB TCP super-packets instead
+  (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``) that are segmented and checksummed in Python,
+  which measured slower here because a Python checksum costs more than a read;
+* receiver (:mod:`.gro`): ``UDP_GRO`` returns many datagrams per ``recvmsg``; in-order
+  segments of one TCP flow are glued into one super-packet written with one ``writev``
+  and a virtio-net header (``GSO_TCPV4`` + ``NEEDS_CSUM``), so the kernel's stack runs
+  once per 64 KB instead of once per segment;
+* :mod:`.engine`: one worker process per core (processes, not threads: the GIL),
+  each with its own multi-queue TUN fd and ``SO_REUSEPORT`` socket, a cBPF program
+  spreading inner flows over the sockets (:mod:`.sockets`); peer-table updates reach
+  the workers over a control socket without pausing them (:mod:`.peers`).
+
+Modules: :mod:`.csum` (ones'-complement sums), :mod:`.packet` (IPv4 rules, TTL, ICMP),
+:mod:`.tun`, :mod:`.sockets`, :mod:`.peers`, :mod:`.gso`, :mod:`.gro`, :mod:`.worker`,
+:mod:`.engine`, and :mod:`.frames` (packet builders for tests and benchmarks).
+"""

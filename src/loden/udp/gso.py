@@ -1,0 +1,214 @@
+"""Sender side: turn what the TUN gives us into flannel wire datagrams.
+
+The wire carries exactly one inner IPv4 packet per UDP datagram, so a TCP super-packet
+read from the TUN (virtio ``GSO_TCPV4``, up to 64 KB) is cut here into MSS-sized TCP
+segments, the way the kernel's ``tcp_gso_segment`` would: IP ID + i, sequence number +
+offset, CWR only on the first segment, FIN and PSH only on the last, and complete IP
+and TCP checksums (the TCP one is the dominant CPU cost of the whole sender). The TTL is
+decremented once here, as flannel does before sending.
+
+The segments are not copied: each becomes a freshly packed header plus a memoryview
+of the payload, and :class:`DatagramBatch` hands runs of equal-size datagrams for one
+peer to a single ``sendmsg`` with a ``UDP_SEGMENT`` control message. The kernel
+splits that back into one datagram per segment (the last may be shorter), so the wire
+is unchanged while the system calls drop from ~45 to 1 per 64 KB.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import TypeAlias
+
+from loden.udp.csum import BytesLike, checksum, fold_chain, residue
+from loden.udp.packet import dec_ttl, finish_partial_checksum
+
+#: One peer address as ``sendmsg`` wants it.
+Addr: TypeAlias = tuple[str, int]
+#: ``send(iov, segment_size, addr)``: one ``sendmsg``; ``segment_size`` 0 = no UDP_SEGMENT.
+SendFn: TypeAlias = Callable[[list[BytesLike], int, Addr], None]
+
+_IP_TCP = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")
+_IP = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIHHHH")
+
+TCP_FIN = 0x01
+TCP_PSH = 0x08
+TCP_CWR = 0x80
+
+#: Largest UDP payload one ``sendmsg`` may carry (65535 - 20 - 8) and the most
+#: segments one UDP_SEGMENT send may hold.
+MAX_SEND_BYTES = 65507
+MAX_SEGMENTS = 64
+
+
+def segment_tcp4(pkt: memoryview, mss: int) -> tuple[list[BytesLike], int, int] | None:
+    """Cut a TCP/IPv4 super-packet into wire-ready segments of ``mss`` payload bytes.
+
+    ``pkt`` starts at the IP header; its TTL must be > 1 (the caller checks). Returns
+    ``(iov, segment_length, count)``: ``iov`` alternates header bytes and payload views,
+    every segment is ``segment_length`` bytes long except possibly the last (shorter).
+    Returns None if ``pkt`` is not a well-formed TCP/IPv4 packet with payload.
+    """
+    n = len(pkt)
+    if n < 40 or mss <= 0:
+        return None
+    ihl = (pkt[0] & 0x0F) << 2
+    if ihl < 20 or n < ihl + 20 or pkt[9] != 6:
+        return None
+    thl = (pkt[ihl + 12] >> 4) << 2
+    hl = ihl + thl
+    if thl < 20 or n <= hl:
+        return None
+    vhl, tos, _tot, ident, frag, ttl, proto, _c, src, dst = _IP.unpack_from(pkt)
+    sport, dport, seq, ack, off_flags, win, _c2, urg = _TCP.unpack_from(pkt, ihl)
+    ttl -= 1
+    ipopts = bytes(pkt[20:ihl])
+    topts = bytes(pkt[ihl + 20 : hl])
+    flags = off_flags & 0x01FF
+    doff = off_flags & 0xF000
+    first_word = doff | (flags & ~(TCP_FIN | TCP_PSH))
+    mid_word = doff | (flags & ~(TCP_FIN | TCP_PSH | TCP_CWR))
+    last_word = doff | (flags & ~TCP_CWR)
+    # Residues of everything that does not change from one segment to the next.
+    ip_base = residue(_IP.pack(vhl, tos, 0, 0, frag, ttl, proto, 0, src, dst) + ipopts)
+    tcp_base = (
+        int.from_bytes(src, "big")
+        + int.from_bytes(dst, "big")
+        + 6
+        + residue(_TCP.pack(sport, dport, 0, ack, 0, win, 0, urg) + topts)
+    )
+    payload = pkt[hl:]
+    plen = n - hl
+    chain = fold_chain(mss)
+    iov: list[BytesLike] = []
+    off = 0
+    i = 0
+    while off < plen:
+        end = off + mss
+        seg = payload[off:end]
+        if end >= plen:
+            end = plen
+            word = last_word if i else doff | flags
+            psum = residue(seg)
+        else:
+            word = mid_word if i else first_word
+            x = int.from_bytes(seg, "big")
+            for width, mask in chain:
+                x = (x >> width) + (x & mask)
+            psum = x
+        size = end - off
+        tot = hl + size
+        idn = (ident + i) & 0xFFFF
+        sq = (seq + off) & 0xFFFFFFFF
+        ipc = checksum(ip_base + tot + idn)
+        tc = checksum(tcp_base + thl + size + (sq >> 16) + (sq & 0xFFFF) + word + psum)
+        if ipopts:
+            hdr = (
+                _IP.pack(vhl, tos, tot, idn, frag, ttl, proto, ipc, src, dst)
+                + ipopts
+                + _TCP.pack(sport, dport, sq, ack, word, win, tc, urg)
+            )
+        else:
+            hdr = _IP_TCP.pack(
+                vhl,
+                tos,
+                tot,
+                idn,
+                frag,
+                ttl,
+                proto,
+                ipc,
+                src,
+                dst,
+                sport,
+                dport,
+                sq,
+                ack,
+                word,
+                win,
+                tc,
+                urg,
+            )
+        iov.append(hdr + topts if topts else hdr)
+        iov.append(seg)
+        off = end
+        i += 1
+    return iov, hl + min(mss, plen), i
+
+
+def prepare_single(pkt: memoryview, flags: int, csum_start: int, csum_offset: int) -> bytearray:
+    """A copy of one packet ready for the wire: partial checksum finished, TTL - 1.
+
+    The caller has checked that the TTL is > 1.
+    """
+    buf = bytearray(pkt)
+    if flags & 1:
+        finish_partial_checksum(buf, csum_start, csum_offset)
+    dec_ttl(buf)
+    return buf
+
+
+class DatagramBatch:
+    """Collects outgoing datagrams and sends runs of them with ``UDP_SEGMENT``.
+
+    A run is consecutive datagrams to one peer, all of one size except a shorter last
+    one, at most :data:`MAX_SEGMENTS` and :data:`MAX_SEND_BYTES`: exactly what one
+    ``sendmsg`` with a ``UDP_SEGMENT`` cmsg turns back into separate datagrams.
+    ``send`` is the worker's ``sendmsg`` wrapper: ``send(iov, segment_size, addr)``
+    with ``segment_size == 0`` for a lone datagram.
+    """
+
+    __slots__ = ("_addr", "_count", "_iov", "_send", "_size", "_total", "_closed")
+
+    def __init__(self, send: SendFn) -> None:
+        self._send = send
+        self._addr: Addr | None = None
+        self._iov: list[BytesLike] = []
+        self._size = 0
+        self._count = 0
+        self._total = 0
+        self._closed = False
+
+    def add(self, addr: Addr, iov: list[BytesLike], size: int, count: int, last: int) -> None:
+        """Queue ``count`` datagrams for ``addr`` (``iov`` as from :func:`segment_tcp4`).
+
+        All are ``size`` bytes except the last, which is ``last`` bytes.
+        """
+        if (
+            addr == self._addr
+            and not self._closed
+            and size == self._size
+            and self._count + count <= MAX_SEGMENTS
+            and self._total + size * (count - 1) + last <= MAX_SEND_BYTES
+        ):
+            self._iov += iov
+            self._count += count
+            self._total += size * (count - 1) + last
+            self._closed = last != size
+            return
+        if self._count:
+            self.flush()
+        if count == 1 or (size * (count - 1) + last <= MAX_SEND_BYTES and count <= MAX_SEGMENTS):
+            self._addr = addr
+            self._iov = iov
+            self._size = size
+            self._count = count
+            self._total = size * (count - 1) + last
+            self._closed = last != size
+            return
+        # Too big for one send: split at segment boundaries (two iov entries each).
+        per = min(MAX_SEGMENTS, MAX_SEND_BYTES // size)
+        for start in range(0, count, per):
+            part = iov[2 * start : 2 * (start + per)]
+            nseg = len(part) // 2
+            self._send(part, size if nseg > 1 else 0, addr)
+
+    def flush(self) -> None:
+        if self._count and self._addr is not None:
+            self._send(self._iov, self._size if self._count > 1 else 0, self._addr)
+        self._addr = None
+        self._iov = []
+        self._count = 0
+        self._total = 0
+        self._closed = False

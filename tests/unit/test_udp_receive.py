@@ -1,0 +1,255 @@
+"""udp data path, receive side (wire -> TUN) and a worker driven in-process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loden.udp.csum import BytesLike, residue
+from loden.udp.frames import TCP_ACK, TCP_PSH, check_packet, tcp_packet, udp_packet
+from loden.udp.gro import Decapsulator, decapsulate
+from loden.udp.packet import header_length
+from loden.udp.peers import PeerTable
+from loden.udp.tun import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_HDR, VNET_PLAIN
+from loden.udp.worker import Worker
+
+SRC = bytes([10, 9, 1, 2])
+DST = bytes([10, 9, 2, 2])
+MSS = 1420
+
+
+def flow(n: int, *, start: int = 5000, size: int = MSS) -> list[bytes]:
+    return [
+        tcp_packet(SRC, DST, os.urandom(size), seq=start + i * size, ident=i, ttl=62)
+        for i in range(n)
+    ]
+
+
+def join(iov: list[BytesLike]) -> bytes:
+    return b"".join(bytes(b) for b in iov)
+
+
+def test_segments_of_one_flow_become_one_super_packet() -> None:
+    pkts = flow(10) + [
+        tcp_packet(
+            SRC, DST, b"tail", seq=5000 + 10 * MSS, ttl=62, flags=TCP_ACK | TCP_PSH, ident=10
+        )
+    ]
+    writes = decapsulate(b"".join(pkts[:10]), len(pkts[0]))
+    writes += decapsulate(pkts[10])
+    assert len(writes) == 2
+    vnet = VNET_HDR.unpack(bytes(writes[0][0]))
+    assert vnet == (VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52, MSS, 20, 16)
+    sup = join(writes[0][1:])
+    assert header_length(sup) == 20 and len(sup) == 52 + 10 * MSS
+    assert sup[8] == 61  # TTL decremented once
+    # The TCP checksum field holds the pseudo-header sum the kernel completes.
+    pseudo = (residue(SRC) + residue(DST) + 6 + len(sup) - 20) % 0xFFFF
+    assert int.from_bytes(sup[36:38], "big") % 0xFFFF == pseudo
+    assert sup[52:] == b"".join(p[52:] for p in pkts[:10])
+    # The lone PSH segment after the batch is a plain write.
+    assert writes[1][0] == VNET_PLAIN and check_packet(join(writes[1][1:])).ttl == 61
+
+
+def test_run_breaks_on_gap_flow_change_and_short_segment() -> None:
+    a = flow(3)
+    gap = flow(2, start=5000 + 4 * MSS)
+    other = [tcp_packet(SRC, DST, os.urandom(MSS), sport=1, seq=9, ttl=62)]
+    short = flow(1, start=5000 + 6 * MSS, size=100)
+    after = flow(1, start=5000 + 6 * MSS + 100)
+    dec = Decapsulator(vnet=True)
+    for p in a + gap + other + short + after:
+        dec.feed(memoryview(p), 0)
+    writes = dec.flush()
+    kinds = [VNET_HDR.unpack(bytes(w[0]))[1] for w in writes]
+    sizes = [len(join(w[1:])) for w in writes]
+    # The other flow ends the second run; a short segment cannot start a run that
+    # full-size segments then join (gso_size is the first segment's size).
+    assert kinds == [1, 1, 0, 0, 0]
+    assert sizes == [52 + 3 * MSS, 52 + 2 * MSS, 52 + MSS, 52 + 100, 52 + MSS]
+
+
+def test_psh_closes_run_and_is_kept() -> None:
+    pkts = flow(3)
+    last = bytearray(pkts[2])
+    pkts[2] = tcp_packet(
+        SRC, DST, bytes(last[52:]), seq=5000 + 2 * MSS, ident=2, ttl=62, flags=TCP_ACK | TCP_PSH
+    )
+    writes = decapsulate(b"".join(pkts), len(pkts[0]))
+    assert len(writes) == 1
+    assert join(writes[0][1:])[33] == TCP_ACK | TCP_PSH
+
+
+def test_non_tcp_and_ttl() -> None:
+    u = udp_packet(SRC, DST, b"x" * 64, ttl=2)
+    dying = udp_packet(SRC, DST, b"x" * 64, ttl=1)
+    dead = udp_packet(SRC, DST, b"x" * 64, ttl=0)
+    dec = Decapsulator(vnet=True)
+    for p in (u, dying, dead, b"\x45\x00\x00", b""):
+        dec.feed(memoryview(p), 0)
+    writes = dec.flush()
+    assert len(writes) == 1 and check_packet(join(writes[0][1:])).ttl == 1
+    assert dec.dropped == 4
+    plain = decapsulate(b"".join(flow(3)), 52 + MSS, vnet=False)
+    assert len(plain) == 3 and all(check_packet(join(w)).ttl == 61 for w in plain)
+
+
+def assert_writes_valid(writes: list[list[BytesLike]]) -> None:
+    """Every write is a virtio header plus one well-formed IPv4 packet with TTL >= 1."""
+    for iov in writes:
+        hdr = VNET_HDR.unpack(bytes(iov[0]))
+        pkt = join(iov[1:])
+        assert header_length(pkt) >= 20, pkt[:20].hex()
+        assert pkt[8] >= 1
+        assert (pkt[2] << 8 | pkt[3]) == len(pkt)
+        if hdr[1] == VNET_GSO_TCPV4:
+            assert pkt[9] == 6 and hdr[2] == 20 + (pkt[32] >> 4) * 4 and hdr[3] > 0
+        else:
+            assert hdr == (0, 0, 0, 0, 0, 0)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=3000), st.integers(0, 1600))
+def test_arbitrary_bytes_never_raise_or_leak(data: bytes, seg: int) -> None:
+    dec = Decapsulator(vnet=True)
+    dec.feed(memoryview(data), seg)
+    writes = dec.flush()
+    assert_writes_valid(writes)
+
+
+@st.composite
+def mixed_batches(draw: st.DrawFn) -> tuple[bytes, int]:
+    """Valid segments of a flow, some corrupted, cut at a fixed datagram size."""
+    n = draw(st.integers(1, 12))
+    size = draw(st.sampled_from([8, 100, 500]))
+    pkts = [bytearray(p) for p in flow(n, size=size)]
+    for p in pkts:
+        action = draw(st.integers(0, 9))
+        if action == 0:
+            p[draw(st.integers(0, len(p) - 1))] ^= 1 << draw(st.integers(0, 7))
+        elif action == 1:
+            p[8] = draw(st.integers(0, 2))
+    return b"".join(bytes(p) for p in pkts), 52 + size
+
+
+@settings(max_examples=200)
+@given(mixed_batches())
+def test_corrupted_segments_never_produce_invalid_writes(batch: tuple[bytes, int]) -> None:
+    data, seg = batch
+    writes = decapsulate(data, seg)
+    assert_writes_valid(writes)
+    for iov in writes:
+        pkt = join(iov[1:])
+        if VNET_HDR.unpack(bytes(iov[0]))[1] == 0:
+            assert pkt[8] >= 1
+
+
+# -- a worker in-process: a SOCK_SEQPACKET pair stands in for the TUN ------------------
+
+
+@pytest.fixture
+def rig() -> Iterator[tuple[Worker, socket.socket, socket.socket]]:
+    tun_kernel, tun_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    wsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wsock.bind(("127.0.0.1", 0))
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(2)
+    tun_kernel.settimeout(2)
+    worker = Worker(
+        tun=os.dup(tun_worker.fileno()),
+        sock=wsock,
+        vnet=True,
+        tun_addr=IPv4Address("10.9.1.0"),
+        port=peer.getsockname()[1],
+    )
+    os.set_blocking(worker.tun or 0, False)
+    worker.set_table(
+        PeerTable.build(
+            [(IPv4Network("10.9.2.0/24"), IPv4Address("127.0.0.1"))], peer.getsockname()[1]
+        )
+    )
+    try:
+        yield worker, tun_kernel, peer
+    finally:
+        for s in (tun_kernel, tun_worker, wsock, peer):
+            s.close()
+        if worker.tun is not None:
+            os.close(worker.tun)
+
+
+def test_worker_tun_to_wire_batches_equal_sizes(
+    rig: tuple[Worker, socket.socket, socket.socket],
+) -> None:
+    worker, tun, peer = rig
+    pkts = [udp_packet(SRC, DST, os.urandom(64), ident=i) for i in range(5)]
+    for p in pkts:
+        tun.send(VNET_PLAIN + p)
+    worker.from_tun()
+    got = [peer.recv(2000) for _ in pkts]
+    assert [check_packet(g).ttl for g in got] == [63] * 5
+    assert [g[20:] for g in got] == [p[20:] for p in pkts]
+    assert worker.stats["tx_sends"] == 1 and worker.stats["tx_datagrams"] == 5
+
+
+def test_worker_no_route_answers_icmp(rig: tuple[Worker, socket.socket, socket.socket]) -> None:
+    worker, tun, _ = rig
+    tun.send(VNET_PLAIN + udp_packet(SRC, bytes([10, 9, 7, 7]), b"x"))
+    worker.from_tun()
+    reply = tun.recv(2000)
+    icmp = check_packet(reply[10:])
+    assert icmp.proto == 1 and icmp.dst == SRC and icmp.src == bytes([10, 9, 1, 0])
+
+
+def test_worker_wire_to_tun(rig: tuple[Worker, socket.socket, socket.socket]) -> None:
+    worker, tun, peer = rig
+    pkts = flow(4)
+    for p in pkts:
+        peer.sendto(p, worker.sock.getsockname())
+    peer.sendto(b"\x00" * 10, worker.sock.getsockname())
+    worker.from_wire()
+    frame = tun.recv(70000)
+    hdr = VNET_HDR.unpack(frame[:10])
+    assert hdr[1] == VNET_GSO_TCPV4 and len(frame) == 10 + 52 + 4 * MSS
+    assert worker.stats["rx_dropped"] == 1 and worker.stats["tun_writes"] == 1
+
+
+def test_worker_control_swaps_table_and_reports() -> None:
+    ctl_agent, ctl_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    worker = Worker(
+        tun=None, sock=sock, vnet=True, tun_addr=IPv4Address("10.9.1.0"), port=8285, ctl=ctl_worker
+    )
+    try:
+        from loden.udp import peers as codec
+
+        table = PeerTable.build([(IPv4Network("10.9.3.0/24"), IPv4Address("192.0.2.3"))], 8285)
+        for msg in codec.encode(table):
+            ctl_agent.send(msg)
+        assert worker.control()
+        assert worker.table.lookup(int(IPv4Address("10.9.3.9"))) == ("192.0.2.3", 8285)
+        ctl_agent.send(b"S")
+        assert worker.control()
+        assert ctl_agent.recv(65536).startswith(b"S{")
+        r, w = os.pipe()
+        socket.send_fds(ctl_agent, [b"T"], [r])
+        assert worker.control() and worker.tun is not None
+        os.close(w)
+        ctl_agent.close()
+        assert not worker.control()
+    finally:
+        for s in (ctl_agent, ctl_worker, sock):
+            s.close()
+        if worker.tun is not None:
+            os.close(worker.tun)
+
+
+def test_struct_sizes() -> None:
+    assert struct.calcsize("<BBHHHH") == len(VNET_PLAIN) == 10
