@@ -27,23 +27,30 @@ def _http(settings: EtcdSettings, *, basic_auth: bool = False) -> EtcdHTTP:
     context = None
     if tls or settings.tls_client:
         # flannel: client certificates only with both cert and key (compat item 5).
-        context = tls_context(settings.cafile,
-                              settings.certfile if settings.tls_client else "",
-                              settings.keyfile if settings.tls_client else "")
+        context = tls_context(
+            settings.cafile,
+            settings.certfile if settings.tls_client else "",
+            settings.keyfile if settings.tls_client else "",
+        )
     if not tls and settings.tls_client:
-        log.warning("client certificates are configured but the etcd endpoints are "
-                    "http://: they are not used; switch the endpoints to https://")
+        log.warning(
+            "client certificates are configured but the etcd endpoints are "
+            "http://: they are not used; switch the endpoints to https://"
+        )
     if tls and not settings.tls_client:
-        log.warning("no client certificate provided: connecting to etcd without client "
-                    "authentication (set -etcd-certfile and -etcd-keyfile)")
+        log.warning(
+            "no client certificate provided: connecting to etcd without client "
+            "authentication (set -etcd-certfile and -etcd-keyfile)"
+        )
     # v3 authenticates with a token (EtcdV3Store); v2 with HTTP basic auth.
     auth = (settings.username, settings.password) if basic_auth and settings.username else None
     return EtcdHTTP(settings.endpoints, context=context, auth=auth)
 
 
 def _v3(settings: EtcdSettings) -> EtcdV3Store:
-    return EtcdV3Store(_http(settings), settings.prefix, username=settings.username,
-                       password=settings.password)
+    return EtcdV3Store(
+        _http(settings), settings.prefix, username=settings.username, password=settings.password
+    )
 
 
 def _v2(settings: EtcdSettings) -> EtcdV2Store:
@@ -57,8 +64,9 @@ async def _has_config(store: LeaseStore) -> bool:
         return False
 
 
-async def open_store(settings: EtcdSettings, *, for_write: bool = False,
-                     wait: bool = False) -> LeaseStore:
+async def open_store(
+    settings: EtcdSettings, *, for_write: bool = False, wait: bool = False
+) -> LeaseStore:
     """The store for ``settings.api``; with ``auto``, the API that has the config.
 
     ``wait``: keep polling until one API has the config (the agent); otherwise fall
@@ -82,21 +90,28 @@ async def open_store(settings: EtcdSettings, *, for_write: bool = False,
             await v2.aclose()
             return v3
         if attempts % 10 == 0:
-            log.warning("waiting for the network config at %s/config in etcd (looked with "
-                        "the v3 API and the v2 API); create it with `loden config set` or "
-                        "`etcdctl put`", settings.prefix)
+            log.warning(
+                "waiting for the network config at %s/config in etcd (looked with "
+                "the v3 API and the v2 API); create it with `loden config set` or "
+                "`etcdctl put`",
+                settings.prefix,
+            )
         attempts += 1
         await asyncio.sleep(1.0)
 
 
-async def open_subnet_manager(settings: AgentSettings, *,
-                              health: HealthState | None = None) -> EtcdSubnetManager:
+async def open_subnet_manager(
+    settings: AgentSettings, *, health: HealthState | None = None
+) -> EtcdSubnetManager:
     """Open the agent's subnet manager (waits for the config when ``-etcd-api=auto``)."""
     if settings.kube.enabled:
-        raise StoreError("the Kubernetes subnet manager (--kube-subnet-mgr) is not "
-                         "implemented in this Loden version; use etcd")
+        raise StoreError(
+            "the Kubernetes subnet manager (--kube-subnet-mgr) is not "
+            "implemented in this Loden version; use etcd"
+        )
     store = await open_store(settings.etcd, wait=True)
     if health is not None:
         health.store_last_ok = health.clock()
-    return EtcdSubnetManager(store, ttl=settings.lease_ttl_seconds,
-                             renew_margin=settings.renew_margin_minutes * 60)
+    return EtcdSubnetManager(
+        store, ttl=settings.lease_ttl_seconds, renew_margin=settings.renew_margin_minutes * 60
+    )

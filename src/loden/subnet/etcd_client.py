@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
@@ -140,10 +141,14 @@ class EndpointPool:
     """Endpoints, one ``httpx.AsyncClient`` and the failover loop for one logical call.
 
     A call tries the endpoint that worked last, then the others in order, in rounds with
-    a short back-off, until ``call_timeout`` has passed. Writes that are not idempotent
-    (``idempotent=False``) are only re-sent when the failure proves the request was not
-    applied (connection refused, "no leader"); otherwise :class:`StoreUnavailable` says
-    the outcome is unknown so the caller re-reads instead of, e.g., losing its own create.
+    a short back-off, until ``call_timeout`` has passed. One attempt is bounded by
+    ``request_timeout``: when a leader dies, etcd 3.4 holds a proposal on a follower for
+    ~7 s before answering "request timed out"; giving up earlier lets reads and
+    idempotent writes move to a member that already has the new leader. Writes that are
+    not idempotent (``idempotent=False``) are only re-sent when the failure proves the
+    request was not applied (connection refused, "no leader"); otherwise
+    :class:`StoreUnavailable` says the outcome is unknown so the caller re-reads instead
+    of, e.g., losing its own create to its own retry.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class EndpointPool:
         key_file: str | None = None,
         call_timeout: float = 10.0,
         connect_timeout: float = 3.0,
+        request_timeout: float = 3.0,
         auth: httpx.Auth | None = None,
     ) -> None:
         urls = [e.strip().rstrip("/") for e in endpoints if e.strip()]
@@ -173,10 +179,12 @@ class EndpointPool:
                 log.warning("etcd TLS files given but all endpoints are http://: plaintext")
         self.call_timeout = call_timeout
         self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
         transport = httpx.AsyncHTTPTransport(
             verify=ctx, trust_env=False, retries=0, socket_options=_SOCKET_OPTIONS
         )
         self.client = httpx.AsyncClient(transport=transport, trust_env=False, auth=auth)
+        self._ssl = ctx
         self._current = 0
 
     @property
@@ -218,16 +226,16 @@ class EndpointPool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                bound = attempt_timeout if attempt_timeout is not None else remaining
+                bound = attempt_timeout or min(self.request_timeout, remaining)
                 try:
                     async with asyncio.timeout(bound):
-                        result = await attempt(url, remaining)
+                        result = await attempt(url, bound)
                 except AttemptFailed as exc:
                     failure = exc
                 except TimeoutError:
                     failure = AttemptFailed(f"timed out after {bound:.1f}s", maybe_applied=True)
-                except httpx.RequestError as exc:
-                    failure = self._classify(exc)
+                except (httpx.RequestError, OSError) as exc:  # anyio leaks raw ssl.SSLError
+                    failure = await self._classify(url, exc)
                 else:
                     if idx != self._current:
                         log.info("etcd: now using endpoint %s", url)
@@ -244,6 +252,8 @@ class EndpointPool:
                         "it may have been applied: re-read before retrying"
                     )
             tried = "; ".join(f"{u}: {r}" for u, r in errors.items())
+            if "disconnected without sending" in tried:
+                tried += " (a TLS-only etcd drops plaintext requests: use https:// endpoints)"
             if round_auth == n:
                 raise StoreAuthError(f"etcd {what} rejected by every endpoint ({tried})")
             remaining = deadline - time.monotonic()
@@ -255,13 +265,47 @@ class EndpointPool:
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
 
-    def _classify(self, exc: httpx.RequestError) -> AttemptFailed:
+    async def _classify(self, url: str, exc: Exception) -> AttemptFailed:
         sslerr = _ssl_cause(exc)
+        broken = isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError)
+        if sslerr is None and broken and url.startswith("https://"):
+            sslerr = await self._tls_probe(url)
         if sslerr is not None:
-            detail = getattr(sslerr, "verify_message", None) or sslerr.reason or str(sslerr)
+            reason, verify = sslerr.reason or "", getattr(sslerr, "verify_message", None)
+            if verify:
+                detail = f"server certificate not trusted: {verify}"
+            elif "ALERT" in reason and "CERTIFICATE" in reason:
+                detail = f"the server rejected our client certificate ({reason})"
+            else:
+                detail = reason or str(sslerr)
             return AttemptFailed(f"TLS failure: {detail} (check {self.tls_files})", auth=True)
         not_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
         return AttemptFailed(f"{type(exc).__name__}: {exc}", maybe_applied=not not_sent)
+
+    async def _tls_probe(self, url: str) -> ssl.SSLError | None:
+        """Why did an https connection break? With TLS 1.3 the server checks our client
+        certificate *after* our side of the handshake is done, so httpx only sees a closed
+        connection (``ReadError('')``). A bare TLS connection that waits briefly for the
+        server's alert recovers the reason (``SSLV3_ALERT_BAD_CERTIFICATE``)."""
+        parsed = httpx.URL(url)
+        host = parsed.host
+        try:
+            async with asyncio.timeout(self.connect_timeout + 0.5):
+                reader, writer = await asyncio.open_connection(
+                    host, parsed.port or 443, ssl=self._ssl, server_hostname=host
+                )
+                try:
+                    async with asyncio.timeout(0.5):  # an alert comes within one round trip
+                        await reader.read(1)
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        except ssl.SSLError as exc:
+            return exc
+        except (OSError, TimeoutError):
+            return None
+        return None
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -561,8 +605,9 @@ class _Stream:
 class EtcdClient:
     """etcd v3 client: KV, txn, leases, watch; failover, TLS and token auth.
 
-    ``call_timeout`` bounds each call including failover; the caller decides whether to
-    retry a :class:`StoreUnavailable`. Use ``async with EtcdClient(...) as c`` or
+    ``call_timeout`` bounds each call including failover, ``request_timeout`` one attempt
+    on one member (see :class:`EndpointPool`); the caller decides whether to retry a
+    :class:`StoreUnavailable`. Use ``async with EtcdClient(...) as c`` or
     :meth:`aclose`.
     """
 
@@ -577,6 +622,7 @@ class EtcdClient:
         password: str | None = None,
         call_timeout: float = 10.0,
         connect_timeout: float = 3.0,
+        request_timeout: float = 3.0,
     ) -> None:
         self._pool = EndpointPool(
             endpoints,
@@ -585,6 +631,7 @@ class EtcdClient:
             key_file=key_file,
             call_timeout=call_timeout,
             connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
         )
         self._creds = (username, password or "") if username else None
         self._token: str | None = None
@@ -748,7 +795,7 @@ class EtcdClient:
         prev_kv: bool = False,
         progress_notify: bool = True,
         idle_timeout: float | None = 60.0,
-    ) -> AsyncIterator[WatchBatch]:
+    ) -> AsyncGenerator[WatchBatch, None]:
         """Stream watch batches for ``key`` (or the prefix) from ``start_revision``.
 
         Resume after an error from the last batch's :attr:`WatchBatch.next_revision`.
@@ -859,7 +906,7 @@ class EtcdClient:
                 await self._probe(stream.url, min(5.0, idle_timeout or 5.0))
             try:
                 line = task.result()
-            except httpx.RequestError as exc:
+            except (httpx.RequestError, OSError) as exc:
                 raise StoreUnavailable(f"etcd watch stream from {stream.url} broke: {exc}") from exc
             if line is None:
                 raise StoreUnavailable(f"etcd watch stream from {stream.url} ended; watch again")

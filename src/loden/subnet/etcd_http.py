@@ -38,29 +38,44 @@ def tls_context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
             context.load_verify_locations(cafile=cafile)
         if certfile and keyfile:
             context.load_cert_chain(certfile=certfile, keyfile=keyfile)
+            context._loden_client_cert = True  # type: ignore[attr-defined]
     except FileNotFoundError as exc:
-        raise ConfigError(f"etcd TLS file not found: {exc.filename}; check -etcd-cafile, "
-                          "-etcd-certfile and -etcd-keyfile") from exc
+        raise ConfigError(
+            f"etcd TLS file not found: {exc.filename}; check -etcd-cafile, "
+            "-etcd-certfile and -etcd-keyfile"
+        ) from exc
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"cannot load etcd TLS files (ca {cafile or '-'}, cert "
-                          f"{certfile or '-'}, key {keyfile or '-'}): {exc}") from exc
+        raise ConfigError(
+            f"cannot load etcd TLS files (ca {cafile or '-'}, cert "
+            f"{certfile or '-'}, key {keyfile or '-'}): {exc}"
+        ) from exc
     return context
 
 
 class EtcdHTTP:
     """A failover HTTP client over a list of etcd endpoints."""
 
-    def __init__(self, endpoints: Sequence[str], *, context: ssl.SSLContext | None = None,
-                 timeout: float = 5.0, auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        context: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         if not endpoints:
             raise ConfigError("no etcd endpoints given: set -etcd-endpoints")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
         self._preferred = 0
+        self._client_cert = bool(context is not None and context_has_cert(context))
         self._client = httpx.AsyncClient(
-            verify=context if context is not None else True, trust_env=False,
-            timeout=httpx.Timeout(timeout), auth=auth,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+            verify=context if context is not None else True,
+            trust_env=False,
+            timeout=httpx.Timeout(timeout),
+            auth=auth,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
         self.headers: dict[str, str] = {}
 
     def _order(self) -> list[int]:
@@ -71,10 +86,17 @@ class EtcdHTTP:
     def current(self) -> str:
         return self.endpoints[self._preferred]
 
-    async def request(self, method: str, path: str, *, json: Any = None,
-                      params: dict[str, str] | None = None, data: dict[str, str] | None = None,
-                      timeout: float | None = None,
-                      ok_statuses: tuple[int, ...] = ()) -> httpx.Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        data: dict[str, str] | None = None,
+        timeout: float | None = None,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> httpx.Response:
         """Send to the first endpoint that answers; 4xx answers are returned as they are.
 
         :raises StoreUnavailable: no endpoint answered (lists endpoints and last error).
@@ -85,18 +107,29 @@ class EtcdHTTP:
             url = self.endpoints[index] + path
             try:
                 response = await self._client.request(
-                    method, url, json=json, params=params, data=data, headers=self.headers,
-                    timeout=timeout if timeout is not None else self.timeout)
+                    method,
+                    url,
+                    json=json,
+                    params=params,
+                    data=data,
+                    headers=self.headers,
+                    timeout=timeout if timeout is not None else self.timeout,
+                )
+            except ssl.SSLError as exc:  # httpx lets some alerts through unwrapped
+                raise _tls_error(url, exc) from exc
             except httpx.ConnectError as exc:
                 self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
                 continue
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                self._raise_if_tls(exc, url)
+                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
                 continue
             if response.status_code >= 500 and response.status_code not in ok_statuses:
-                errors.append(f"{self.endpoints[index]}: HTTP {response.status_code} "
-                              f"{response.text[:120].strip()}")
+                errors.append(
+                    f"{self.endpoints[index]}: HTTP {response.status_code} "
+                    f"{response.text[:120].strip()}"
+                )
                 continue
             if index != self._preferred:
                 log.info("etcd: now using endpoint %s", self.endpoints[index])
@@ -104,8 +137,9 @@ class EtcdHTTP:
             return response
         raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
 
-    async def long_poll(self, path: str, *, params: dict[str, str],
-                        poll_seconds: float) -> httpx.Response | None:
+    async def long_poll(
+        self, path: str, *, params: dict[str, str], poll_seconds: float
+    ) -> httpx.Response | None:
         """GET that may legitimately stay silent: None when ``poll_seconds`` pass idle.
 
         Connection failures still fail over like :meth:`request`; only a read timeout
@@ -116,18 +150,21 @@ class EtcdHTTP:
         for index in self._order():
             url = self.endpoints[index] + path
             try:
-                response = await self._client.get(url, params=params, headers=self.headers,
-                                                  timeout=timeout)
+                response = await self._client.get(
+                    url, params=params, headers=self.headers, timeout=timeout
+                )
             except httpx.ReadTimeout:
                 self._preferred = index
                 return None
+            except ssl.SSLError as exc:  # httpx lets some alerts through unwrapped
+                raise _tls_error(url, exc) from exc
             except httpx.ConnectError as exc:
                 self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
                 continue
-            except (httpx.TimeoutException, httpx.NetworkError,
-                    httpx.RemoteProtocolError) as exc:
-                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                self._raise_if_tls(exc, url)
+                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
                 continue
             if response.status_code >= 500:
                 errors.append(f"{self.endpoints[index]}: HTTP {response.status_code}")
@@ -137,24 +174,34 @@ class EtcdHTTP:
         raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
 
     @asynccontextmanager
-    async def stream(self, method: str, path: str, *, json: Any = None,
-                     params: dict[str, str] | None = None,
-                     read_timeout: float | None = None) -> AsyncIterator[httpx.Response]:
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        read_timeout: float | None = None,
+    ) -> AsyncIterator[httpx.Response]:
         """A streaming request to the first endpoint that accepts it."""
         errors: list[str] = []
         timeout = httpx.Timeout(self.timeout, read=read_timeout)
         for index in self._order():
             url = self.endpoints[index] + path
             try:
-                request = self._client.build_request(method, url, json=json, params=params,
-                                                     headers=self.headers, timeout=timeout)
+                request = self._client.build_request(
+                    method, url, json=json, params=params, headers=self.headers, timeout=timeout
+                )
                 response = await self._client.send(request, stream=True)
+            except ssl.SSLError as exc:  # httpx lets some alerts through unwrapped
+                raise _tls_error(url, exc) from exc
             except httpx.ConnectError as exc:
                 self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
                 continue
             except (httpx.TimeoutException, httpx.NetworkError) as exc:
-                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                self._raise_if_tls(exc, url)
+                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
                 continue
             if response.status_code >= 500:
                 await response.aclose()
@@ -168,21 +215,45 @@ class EtcdHTTP:
             return
         raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
 
+    def _describe(self, exc: httpx.HTTPError, url: str) -> str:
+        text = _short(exc)
+        if (
+            isinstance(exc, httpx.ReadError)
+            and url.startswith("https://")
+            and not self._client_cert
+        ):
+            # TLS 1.3: a server that requires client certificates drops the connection
+            # after the handshake, which surfaces only as a broken pipe.
+            text += (
+                " (the server closed the TLS connection: it probably requires a client "
+                "certificate; set -etcd-certfile and -etcd-keyfile)"
+            )
+        return text
+
     @staticmethod
-    def _raise_if_tls(exc: httpx.ConnectError, url: str) -> None:
+    def _raise_if_tls(exc: httpx.HTTPError, url: str) -> None:
         cause: BaseException | None = exc
         while cause is not None:
             if isinstance(cause, ssl.SSLError):
-                raise StoreAuthError(
-                    f"TLS with etcd at {url} failed: {cause.reason or cause}; check "
-                    "-etcd-cafile (does it sign the server certificate?) and the client "
-                    "certificate/key (-etcd-certfile/-etcd-keyfile)") from exc
+                raise _tls_error(url, cause) from exc
             cause = cause.__cause__ or cause.__context__
         if "SSL" in str(exc) or "certificate" in str(exc).lower():
             raise StoreAuthError(f"TLS with etcd at {url} failed: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _tls_error(url: str, exc: ssl.SSLError) -> StoreAuthError:
+    return StoreAuthError(
+        f"TLS with etcd at {url} failed: {exc.reason or exc}; check -etcd-cafile (does it "
+        "sign the server certificate?) and the client certificate/key "
+        "(-etcd-certfile/-etcd-keyfile)"
+    )
+
+
+def context_has_cert(context: ssl.SSLContext) -> bool:
+    return bool(getattr(context, "_loden_client_cert", False))
 
 
 def _short(exc: BaseException) -> str:

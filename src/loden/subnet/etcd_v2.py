@@ -44,7 +44,7 @@ class EtcdV2Store:
         return "/v2/keys" + key
 
     def _name(self, key: str) -> str:
-        return key[len(self.subnets) + 1:] if key.startswith(self.subnets + "/") else key
+        return key[len(self.subnets) + 1 :] if key.startswith(self.subnets + "/") else key
 
     @staticmethod
     def _error(response: httpx.Response) -> tuple[int, str]:
@@ -57,25 +57,33 @@ class EtcdV2Store:
     def _raise(self, what: str, response: httpx.Response) -> None:
         code, message = self._error(response)
         if response.status_code in (401, 403) and code != EVENT_INDEX_CLEARED:
-            raise StoreAuthError(f"etcd v2 refused {what}: {message}; check "
-                                 "-etcd-username/-etcd-password")
+            raise StoreAuthError(
+                f"etcd v2 refused {what}: {message}; check -etcd-username/-etcd-password"
+            )
         if code in (NODE_EXISTS, COMPARE_FAILED, KEY_NOT_FOUND):
             raise LeaseConflict(f"{what}: {message}")
         if response.status_code == 404:
-            raise StoreError(f"etcd v2 API not available for {what} (HTTP 404): start etcd "
-                             "with --enable-v2=true or use -etcd-api=v3")
+            raise StoreError(
+                f"etcd v2 API not available for {what} (HTTP 404): start etcd "
+                "with --enable-v2=true or use -etcd-api=v3"
+            )
         raise StoreError(f"etcd v2 {what} failed: HTTP {response.status_code} {message}")
 
     def _kv(self, node: dict[str, Any]) -> StoredKV:
         ttl = node.get("ttl")
-        return StoredKV(self._name(node["key"]), str(node.get("value", "")).encode(),
-                        None if ttl is None else float(ttl), int(node.get("modifiedIndex", 0)))
+        return StoredKV(
+            self._name(node["key"]),
+            str(node.get("value", "")).encode(),
+            None if ttl is None else float(ttl),
+            int(node.get("modifiedIndex", 0)),
+        )
 
     # -- LeaseStore ---------------------------------------------------------------------------
 
     async def get_config(self) -> bytes | None:
-        response = await self.http.request("GET", self._path(f"{self.prefix}/config"),
-                                           params={"quorum": "true"})
+        response = await self.http.request(
+            "GET", self._path(f"{self.prefix}/config"), params={"quorum": "true"}
+        )
         if response.status_code == 200:
             return str(response.json()["node"].get("value", "")).encode()
         code, _ = self._error(response)
@@ -85,14 +93,16 @@ class EtcdV2Store:
         return None
 
     async def put_config(self, value: bytes) -> None:
-        response = await self.http.request("PUT", self._path(f"{self.prefix}/config"),
-                                           data={"value": value.decode()})
+        response = await self.http.request(
+            "PUT", self._path(f"{self.prefix}/config"), data={"value": value.decode()}
+        )
         if response.status_code not in (200, 201):
             self._raise("put config", response)
 
     async def list(self, *, with_ttl: bool = False) -> Listing:
-        response = await self.http.request("GET", self._path(self.subnets),
-                                           params={"recursive": "true", "quorum": "true"})
+        response = await self.http.request(
+            "GET", self._path(self.subnets), params={"recursive": "true", "quorum": "true"}
+        )
         index = int(response.headers.get("X-Etcd-Index", "0"))
         if response.status_code == 200:
             nodes = response.json()["node"].get("nodes") or []
@@ -105,8 +115,9 @@ class EtcdV2Store:
         return Listing((), index)
 
     async def get(self, name: str) -> StoredKV | None:
-        response = await self.http.request("GET", self._path(f"{self.subnets}/{name}"),
-                                           params={"quorum": "true"})
+        response = await self.http.request(
+            "GET", self._path(f"{self.subnets}/{name}"), params={"quorum": "true"}
+        )
         if response.status_code == 200:
             return self._kv(response.json()["node"])
         code, _ = self._error(response)
@@ -115,13 +126,15 @@ class EtcdV2Store:
         self._raise(f"get {name}", response)
         return None
 
-    async def _set(self, name: str, value: bytes, ttl: int | None,
-                   params: dict[str, str]) -> StoredKV:
+    async def _set(
+        self, name: str, value: bytes, ttl: int | None, params: dict[str, str]
+    ) -> StoredKV:
         form = {"value": value.decode()}
         if ttl is not None:
             form["ttl"] = str(ttl)
-        response = await self.http.request("PUT", self._path(f"{self.subnets}/{name}"),
-                                           params=params, data=form)
+        response = await self.http.request(
+            "PUT", self._path(f"{self.subnets}/{name}"), params=params, data=form
+        )
         if response.status_code not in (200, 201):
             self._raise(f"write {name}", response)
         return self._kv(response.json()["node"])
@@ -129,14 +142,16 @@ class EtcdV2Store:
     async def create(self, name: str, value: bytes, ttl: int | None) -> StoredKV:
         return await self._set(name, value, ttl, {"prevExist": "false"})
 
-    async def update(self, name: str, value: bytes, ttl: int | None, *,
-                     expect_value: bytes) -> StoredKV:
+    async def update(
+        self, name: str, value: bytes, ttl: int | None, *, expect_value: bytes
+    ) -> StoredKV:
         return await self._set(name, value, ttl, {"prevValue": expect_value.decode()})
 
     async def delete(self, name: str, *, expect_value: bytes | None = None) -> bool:
         params = {} if expect_value is None else {"prevValue": expect_value.decode()}
-        response = await self.http.request("DELETE", self._path(f"{self.subnets}/{name}"),
-                                           params=params)
+        response = await self.http.request(
+            "DELETE", self._path(f"{self.subnets}/{name}"), params=params
+        )
         if response.status_code == 200:
             return True
         code, _ = self._error(response)
@@ -150,7 +165,8 @@ class EtcdV2Store:
             response = await self.http.long_poll(
                 self._path(self.subnets),
                 params={"wait": "true", "recursive": "true", "waitIndex": str(cursor + 1)},
-                poll_seconds=POLL_SECONDS)
+                poll_seconds=POLL_SECONDS,
+            )
             if response is None:
                 continue
             if response.status_code != 200:
@@ -173,9 +189,13 @@ class EtcdV2Store:
                 event = StoreEvent(StoreEventKind.DELETE, name, b"")
             else:
                 ttl = node.get("ttl")
-                event = StoreEvent(StoreEventKind.PUT, name,
-                                   str(node.get("value", "")).encode(),
-                                   None if ttl is None else float(ttl), cursor)
+                event = StoreEvent(
+                    StoreEventKind.PUT,
+                    name,
+                    str(node.get("value", "")).encode(),
+                    None if ttl is None else float(ttl),
+                    cursor,
+                )
             yield WatchBatch((event,), cursor)
 
     async def aclose(self) -> None:

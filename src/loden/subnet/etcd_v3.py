@@ -57,8 +57,9 @@ class EtcdV3Store:
     api = "v3"
     legacy_values = False
 
-    def __init__(self, http: EtcdHTTP, prefix: str, *, username: str = "",
-                 password: str = "") -> None:
+    def __init__(
+        self, http: EtcdHTTP, prefix: str, *, username: str = "", password: str = ""
+    ) -> None:
         self.http = http
         self.prefix = prefix.rstrip("/")
         self.subnets = f"{self.prefix}/subnets/"
@@ -79,17 +80,22 @@ class EtcdV3Store:
             self.http.headers.pop("Authorization", None)
             return await self._post(path, body, retry_auth=False)
         if response.status_code in (401, 403) or "permission denied" in text:
-            raise StoreAuthError(f"etcd refused {path}: {text.strip()[:200]}; check "
-                                 "-etcd-username/-etcd-password and the user's role")
+            raise StoreAuthError(
+                f"etcd refused {path}: {text.strip()[:200]}; check "
+                "-etcd-username/-etcd-password and the user's role"
+            )
         raise StoreError(f"etcd {path} failed: HTTP {response.status_code} {text.strip()[:200]}")
 
     async def _authenticate(self) -> None:
-        response = await self.http.request("POST", "/v3/auth/authenticate",
-                                           json={"name": self._username,
-                                                 "password": self._password})
+        response = await self.http.request(
+            "POST",
+            "/v3/auth/authenticate",
+            json={"name": self._username, "password": self._password},
+        )
         if response.status_code != 200:
-            raise StoreAuthError(f"etcd authentication as {self._username!r} failed: "
-                                 f"{response.text.strip()[:200]}")
+            raise StoreAuthError(
+                f"etcd authentication as {self._username!r} failed: {response.text.strip()[:200]}"
+            )
         self.http.headers["Authorization"] = response.json()["token"]
 
     def _key(self, name: str) -> str:
@@ -97,7 +103,7 @@ class EtcdV3Store:
 
     def _name(self, key: bytes) -> str:
         text = key.decode("utf-8", "replace")
-        return text[len(self.subnets):] if text.startswith(self.subnets) else text
+        return text[len(self.subnets) :] if text.startswith(self.subnets) else text
 
     async def _grant(self, ttl: int) -> int:
         reply = await self._post("lease/grant", {"TTL": ttl})
@@ -117,8 +123,12 @@ class EtcdV3Store:
         return float(ttl) if ttl >= 0 else 0.0
 
     def _kv(self, raw: dict[str, Any], ttl: float | None) -> StoredKV:
-        return StoredKV(self._name(_unb64(raw.get("key"))), _unb64(raw.get("value")), ttl,
-                        int(raw.get("lease", 0)))
+        return StoredKV(
+            self._name(_unb64(raw.get("key"))),
+            _unb64(raw.get("value")),
+            ttl,
+            int(raw.get("lease", 0)),
+        )
 
     # -- LeaseStore ---------------------------------------------------------------------------
 
@@ -132,8 +142,9 @@ class EtcdV3Store:
 
     async def list(self, *, with_ttl: bool = False) -> Listing:
         start = self.subnets.encode()
-        reply = await self._post("kv/range", {"key": _b64(start),
-                                              "range_end": _b64(prefix_end(start))})
+        reply = await self._post(
+            "kv/range", {"key": _b64(start), "range_end": _b64(prefix_end(start))}
+        )
         kvs = []
         for raw in reply.get("kvs") or []:
             lease_id = int(raw.get("lease", 0))
@@ -154,15 +165,17 @@ class EtcdV3Store:
         lease_id = int(kvs[0].get("lease", 0))
         return self._kv(kvs[0], None if lease_id == 0 else float("nan"))
 
-    async def _put_if(self, name: str, value: bytes, ttl: int | None,
-                      compare: dict[str, Any]) -> StoredKV:
+    async def _put_if(
+        self, name: str, value: bytes, ttl: int | None, compare: dict[str, Any]
+    ) -> StoredKV:
         lease_id = await self._grant(ttl) if ttl is not None else 0
         put: dict[str, Any] = {"key": _b64(self._key(name)), "value": _b64(value)}
         if lease_id:
             put["lease"] = lease_id
         try:
-            reply = await self._post("kv/txn", {"compare": [compare],
-                                                "success": [{"request_put": put}]})
+            reply = await self._post(
+                "kv/txn", {"compare": [compare], "success": [{"request_put": put}]}
+            )
         except StoreUnavailable:
             raise
         if not reply.get("succeeded"):
@@ -172,31 +185,53 @@ class EtcdV3Store:
         return StoredKV(name, value, None if ttl is None else float(ttl), lease_id)
 
     async def create(self, name: str, value: bytes, ttl: int | None) -> StoredKV:
-        return await self._put_if(name, value, ttl, {
-            "key": _b64(self._key(name)), "target": "VERSION", "result": "EQUAL",
-            "version": 0})
+        return await self._put_if(
+            name,
+            value,
+            ttl,
+            {"key": _b64(self._key(name)), "target": "VERSION", "result": "EQUAL", "version": 0},
+        )
 
-    async def update(self, name: str, value: bytes, ttl: int | None, *,
-                     expect_value: bytes) -> StoredKV:
-        return await self._put_if(name, value, ttl, {
-            "key": _b64(self._key(name)), "target": "VALUE", "result": "EQUAL",
-            "value": _b64(expect_value)})
+    async def update(
+        self, name: str, value: bytes, ttl: int | None, *, expect_value: bytes
+    ) -> StoredKV:
+        return await self._put_if(
+            name,
+            value,
+            ttl,
+            {
+                "key": _b64(self._key(name)),
+                "target": "VALUE",
+                "result": "EQUAL",
+                "value": _b64(expect_value),
+            },
+        )
 
     async def delete(self, name: str, *, expect_value: bytes | None = None) -> bool:
         key = _b64(self._key(name))
         if expect_value is None:
             reply = await self._post("kv/deleterange", {"key": key})
             return int(reply.get("deleted", 0)) > 0
-        reply = await self._post("kv/txn", {
-            "compare": [{"key": key, "target": "VALUE", "result": "EQUAL",
-                         "value": _b64(expect_value)}],
-            "success": [{"request_delete_range": {"key": key}}]})
+        reply = await self._post(
+            "kv/txn",
+            {
+                "compare": [
+                    {"key": key, "target": "VALUE", "result": "EQUAL", "value": _b64(expect_value)}
+                ],
+                "success": [{"request_delete_range": {"key": key}}],
+            },
+        )
         return bool(reply.get("succeeded"))
 
     async def watch(self, cursor: int) -> AsyncIterator[WatchBatch]:
         start = self.subnets.encode()
-        body = {"create_request": {"key": _b64(start), "range_end": _b64(prefix_end(start)),
-                                   "start_revision": cursor + 1}}
+        body = {
+            "create_request": {
+                "key": _b64(start),
+                "range_end": _b64(prefix_end(start)),
+                "start_revision": cursor + 1,
+            }
+        }
         if self._username and "Authorization" not in self.http.headers:
             await self._authenticate()
         try:
@@ -211,8 +246,7 @@ class EtcdV3Store:
                         cursor = batch.cursor
                         yield batch
         except (httpx.TransportError, json.JSONDecodeError) as exc:
-            raise StoreUnavailable(f"etcd watch stream broke: {exc or type(exc).__name__}"
-                                   ) from exc
+            raise StoreUnavailable(f"etcd watch stream broke: {exc or type(exc).__name__}") from exc
         raise StoreUnavailable("etcd closed the watch stream")
 
     def _batch(self, message: dict[str, Any], cursor: int) -> WatchBatch | None:
@@ -221,8 +255,9 @@ class EtcdV3Store:
         result = message.get("result") or {}
         compact = int(result.get("compact_revision", 0))
         if compact:
-            raise WatchCompacted(f"revision {cursor + 1} is compacted (etcd keeps history "
-                                 f"from {compact})")
+            raise WatchCompacted(
+                f"revision {cursor + 1} is compacted (etcd keeps history from {compact})"
+            )
         if result.get("canceled"):
             raise StoreUnavailable(f"etcd canceled the watch: {result.get('cancel_reason')}")
         events = []
@@ -234,8 +269,15 @@ class EtcdV3Store:
                 events.append(StoreEvent(StoreEventKind.DELETE, name, b""))
             else:
                 lease_id = int(kv.get("lease", 0))
-                events.append(StoreEvent(StoreEventKind.PUT, name, _unb64(kv.get("value")),
-                                         None if lease_id == 0 else float("nan"), lease_id))
+                events.append(
+                    StoreEvent(
+                        StoreEventKind.PUT,
+                        name,
+                        _unb64(kv.get("value")),
+                        None if lease_id == 0 else float("nan"),
+                        lease_id,
+                    )
+                )
         if not events:
             return None
         return WatchBatch(tuple(events), cursor)

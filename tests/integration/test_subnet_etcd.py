@@ -1,0 +1,297 @@
+"""The subnet manager on a real etcd, through both APIs (v3 gateway and v2 keys)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from loden.errors import (
+    ConfigError,
+    LeaseRevoked,
+    StoreAuthError,
+    StoreUnavailable,
+    SubnetsExhausted,
+)
+from loden.model.lease import EventKind, LeaseAttrs
+from loden.model.subnet_env import PreviousSubnets
+from loden.settings import EtcdSettings
+from loden.subnet import open_store
+from loden.subnet.manager import EtcdSubnetManager
+from loden.subnet.store import LeaseStore
+from tests.fixtures.etcd import EtcdCluster, EtcdServer
+
+CONFIG = b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}'
+
+
+def settings(
+    urls: list[str],
+    api: str,
+    *,
+    prefix: str = "/coreos.com/network",
+    ca: str = "",
+    cert: str = "",
+    key: str = "",
+) -> EtcdSettings:
+    return EtcdSettings(
+        endpoints=tuple(urls),
+        prefix=prefix,
+        keyfile=key,
+        certfile=cert,
+        cafile=ca,
+        username="",
+        password="",
+        api=api,
+    )
+
+
+def attrs(n: int) -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(f"192.168.1.{n}"), "host-gw")
+
+
+@pytest.fixture(params=["v3", "v2"])
+def api(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def store(etcd: EtcdServer, api: str) -> AsyncIterator[LeaseStore]:
+    opened = await open_store(settings([etcd.client_url], api))
+    await opened.put_config(CONFIG)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def manager(store: LeaseStore, seed: int = 1, ttl: int = 86400) -> EtcdSubnetManager:
+    return EtcdSubnetManager(store, ttl=ttl, renew_margin=3600, rng=random.Random(seed))
+
+
+async def test_acquire_restart_and_previous_subnet(store: LeaseStore, api: str) -> None:
+    m = manager(store)
+    first = await m.acquire_lease(attrs(1), PreviousSubnets())
+    raw = await store.get(first.key)
+    assert raw is not None
+    expected = attrs(1).to_json(legacy=api == "v2").encode()
+    assert raw.value == expected  # v2: the seed's {"PublicIP":...,"BackendType":...}
+    assert (await m.acquire_lease(attrs(1), PreviousSubnets())).subnet == first.subnet
+    prev = PreviousSubnets(subnet=IPv4Network("10.5.99.0/24"))
+    assert (await m.acquire_lease(attrs(2), prev)).subnet == IPv4Network("10.5.99.0/24")
+    assert (await m.acquire_lease(attrs(3), prev)).subnet != IPv4Network("10.5.99.0/24")
+
+
+async def test_32_agents_at_once_distinct(store: LeaseStore, etcd: EtcdServer, api: str) -> None:
+    stores = [await open_store(settings([etcd.client_url], api)) for _ in range(32)]
+    try:
+        managers = [manager(s, seed=0) for s in stores]  # same seed: every node races
+        leases = await asyncio.gather(
+            *(m.acquire_lease(attrs(i + 10), PreviousSubnets()) for i, m in enumerate(managers))
+        )
+    finally:
+        for s in stores:
+            await s.aclose()
+    assert len({lease.subnet for lease in leases}) == 32
+    assert sum(m.claim_conflicts for m in managers) > 0  # the race really happened
+    assert len((await store.list()).kvs) == 32
+
+
+async def test_exhaustion(store: LeaseStore) -> None:
+    await store.put_config(b'{"Network": "10.5.0.0/22"}')
+    m = manager(store)
+    for i in range(3):
+        await m.acquire_lease(attrs(i), PreviousSubnets())
+    with pytest.raises(SubnetsExhausted, match="3 /24 subnets"):
+        await m.acquire_lease(attrs(9), PreviousSubnets())
+
+
+async def test_reservation_respected(store: LeaseStore) -> None:
+    await store.create("10.5.1.0-24", attrs(7).to_json().encode(), None)
+    m = manager(store)
+    for i in range(10):
+        lease = await m.acquire_lease(
+            attrs(20 + i), PreviousSubnets(subnet=IPv4Network("10.5.1.0/24"))
+        )
+        assert lease.subnet != IPv4Network("10.5.1.0/24")
+    owner = await m.acquire_lease(attrs(7), PreviousSubnets())
+    assert owner.subnet == IPv4Network("10.5.1.0/24") and owner.reserved
+    stored = await store.list(with_ttl=True)
+    assert [kv.ttl for kv in stored.kvs if kv.name == "10.5.1.0-24"] == [None]
+
+
+async def test_short_ttl_renewal_keeps_the_subnet(store: LeaseStore) -> None:
+    m = manager(store, ttl=3)
+    lease = await m.acquire_lease(attrs(1), PreviousSubnets())
+    deadline = time.monotonic() + 7
+    while time.monotonic() < deadline:  # 7 s > 2 TTLs: it would expire without renewal
+        await asyncio.sleep(1)
+        lease = await m.renew_lease(lease)
+    kv = await store.get(lease.key)
+    assert kv is not None
+    assert (await m.acquire_lease(attrs(1), PreviousSubnets())).subnet == lease.subnet
+
+
+async def test_expiry_emits_removed(store: LeaseStore) -> None:
+    m = manager(store)
+    mine = await m.acquire_lease(attrs(1), PreviousSubnets())
+    stream = m.watch_leases()
+    first = await anext(stream)
+    assert first.snapshot is not None and [x.key for x in first.snapshot] == [mine.key]
+    short = manager(store, seed=5, ttl=2)
+    peer = await short.acquire_lease(attrs(2), PreviousSubnets())
+    seen: list[tuple[EventKind, str]] = []
+    async with asyncio.timeout(10):
+        while (EventKind.REMOVED, peer.key) not in seen:
+            result = await anext(stream)
+            seen += [(e.kind, e.lease.key) for e in result.events]
+    assert seen[0] == (EventKind.ADDED, peer.key)
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_own_lease_deleted_is_recreated_or_revoked(store: LeaseStore) -> None:
+    m = manager(store)
+    lease = await m.acquire_lease(attrs(1), PreviousSubnets())
+    await store.delete(lease.key)
+    back = await m.renew_lease(lease)
+    assert back.subnet == lease.subnet and await store.get(lease.key) is not None
+    await store.delete(lease.key)
+    await store.create(lease.key, attrs(2).to_json().encode(), 100)
+    with pytest.raises(LeaseRevoked):
+        await m.renew_lease(back)
+
+
+async def test_garbage_is_skipped_and_peers_stay(store: LeaseStore) -> None:
+    m = manager(store)
+    await m.acquire_lease(attrs(1), PreviousSubnets())
+    peer = await manager(store, 2).acquire_lease(attrs(2), PreviousSubnets())
+    await store.create("10.5.200.0-24", b"not json", 100)
+    await store.create("not-a-subnet", b"{}", 100)
+    stream = m.watch_leases()
+    first = await anext(stream)
+    assert first.snapshot is not None
+    assert peer.key in {x.key for x in first.snapshot}
+    late = await manager(store, 3).acquire_lease(attrs(3), PreviousSubnets())
+    await store.create("10.5.201.0-24", b'{"PublicIP":"1.2.3"}', 100)
+    async with asyncio.timeout(10):
+        result = await anext(stream)
+    assert [(e.kind, e.lease.key) for e in result.events] == [(EventKind.ADDED, late.key)]
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> None:
+    pki = etcd_tls.pki
+    assert pki is not None
+    good = settings(
+        [etcd_tls.client_url],
+        api,
+        ca=str(pki.ca_cert),
+        cert=str(pki.client_cert),
+        key=str(pki.client_key),
+    )
+    store = await open_store(good)
+    try:
+        await store.put_config(CONFIG)
+        lease = await manager(store).acquire_lease(attrs(1), PreviousSubnets())
+        assert lease.subnet.prefixlen == 24
+    finally:
+        await store.aclose()
+    # No client certificate: a clear auth error, never a plaintext retry.
+    bare = await open_store(settings([etcd_tls.client_url], api, ca=str(pki.ca_cert)))
+    try:
+        with pytest.raises((StoreAuthError, StoreUnavailable)) as info:
+            await bare.get_config()
+        assert "certificate" in str(info.value).lower() or "tls" in str(info.value).lower()
+    finally:
+        await bare.aclose()
+    # A CA that did not sign the server: verification fails with the TLS error named.
+    rogue = await open_store(
+        settings(
+            [etcd_tls.client_url],
+            api,
+            ca=str(pki.rogue_ca_cert),
+            cert=str(pki.client_cert),
+            key=str(pki.client_key),
+        )
+    )
+    try:
+        with pytest.raises(StoreAuthError, match="TLS with etcd"):
+            await rogue.get_config()
+    finally:
+        await rogue.aclose()
+    with pytest.raises(ConfigError, match="not found"):
+        await open_store(
+            settings(
+                [etcd_tls.client_url],
+                api,
+                ca="/nonexistent/ca.pem",
+                cert=str(pki.client_cert),
+                key=str(pki.client_key),
+            )
+        )
+
+
+async def test_ca_bundle_variables_do_not_break_tls(
+    etcd_tls: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pki = etcd_tls.pki
+    assert pki is not None
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.setenv(var, "/nonexistent/bundle.pem")
+    store = await open_store(
+        settings(
+            [etcd_tls.client_url],
+            "v3",
+            ca=str(pki.ca_cert),
+            cert=str(pki.client_cert),
+            key=str(pki.client_key),
+        )
+    )
+    try:
+        assert await store.get_config() is None
+    finally:
+        await store.aclose()
+
+
+async def test_cluster_member_killed(etcd_cluster: EtcdCluster, api: str) -> None:
+    store = await open_store(settings(etcd_cluster.client_urls, api))
+    try:
+        await store.put_config(CONFIG)
+        m = manager(store)
+        lease = await m.acquire_lease(attrs(1), PreviousSubnets())
+        etcd_cluster.kill(0)  # the member we were talking to
+        began = time.monotonic()
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    lease = await m.renew_lease(lease)
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.2)
+        print(f"recovered after member kill in {time.monotonic() - began:.2f}s")
+        other = await manager(store, 9).acquire_lease(attrs(2), PreviousSubnets())
+        assert other.subnet != lease.subnet
+    finally:
+        await store.aclose()
+
+
+async def test_auto_detects_the_api_that_has_the_config(etcd: EtcdServer) -> None:
+    v2 = await open_store(settings([etcd.client_url], "v2", prefix="/v2only/network"))
+    await v2.put_config(CONFIG)
+    await v2.aclose()
+    auto = await open_store(settings([etcd.client_url], "auto", prefix="/v2only/network"))
+    try:
+        assert auto.api == "v2"
+    finally:
+        await auto.aclose()
+    v3 = await open_store(settings([etcd.client_url], "v3", prefix="/v3only/network"))
+    await v3.put_config(CONFIG)
+    await v3.aclose()
+    auto = await open_store(settings([etcd.client_url], "auto", prefix="/v3only/network"))
+    try:
+        assert auto.api == "v3"
+    finally:
+        await auto.aclose()
