@@ -16,11 +16,10 @@ from pathlib import Path
 from loden import sdnotify
 from loden.agent_loops import AgentLoops
 from loden.backend import create_backend
-from loden.backend.base import BackendContext, Network
+from loden.backend.base import BackendContext, ExternalInterface, Network
 from loden.errors import ConfigNotFound, NetworkConfigError, StoreUnavailable, SubnetsExhausted
 from loden.files import atomic_write, read_previous_subnets
 from loden.health import HealthServer, HealthState, Metrics
-from loden.backend.base import ExternalInterface
 from loden.kernel.interfaces import InterfaceOptions, select
 from loden.kernel.netlink import Netlink
 from loden.lease_watch import LeaseWatcher
@@ -48,8 +47,11 @@ async def wait_for_config(manager: EtcdSubnetManager, health: HealthState) -> Ne
             if isinstance(exc, ConfigNotFound | NetworkConfigError):
                 health.store_last_ok = health.clock()
             if attempts % 10 == 0:
-                log.warning("couldn't fetch network config: %s (retrying every second; "
-                            "subnet.env is not written until this is fixed)", exc)
+                log.warning(
+                    "couldn't fetch network config: %s (retrying every second; "
+                    "subnet.env is not written until this is fixed)",
+                    exc,
+                )
             attempts += 1
         await asyncio.sleep(1.0)
 
@@ -57,10 +59,14 @@ async def wait_for_config(manager: EtcdSubnetManager, health: HealthState) -> Ne
 async def pick_interface(settings: AgentSettings, config: NetworkConfig) -> ExternalInterface:
     """Choose the external interface per ``--iface*``/``--public-ip*`` (spec §8.4)."""
     opts = InterfaceOptions(
-        ifaces=settings.iface.ifaces, regexes=settings.iface.iface_regexes,
-        can_reach=settings.iface.can_reach, public_ip=settings.iface.public_ip,
-        public_ipv6=settings.iface.public_ipv6, ipv4=config.enable_ipv4,
-        ipv6=config.enable_ipv6)
+        ifaces=settings.iface.ifaces,
+        regexes=settings.iface.iface_regexes,
+        can_reach=settings.iface.can_reach,
+        public_ip=settings.iface.public_ip,
+        public_ipv6=settings.iface.public_ipv6,
+        ipv4=config.enable_ipv4,
+        ipv6=config.enable_ipv6,
+    )
     nl = await Netlink.open()
     try:
         selection = await select(nl, opts)
@@ -70,8 +76,9 @@ async def pick_interface(settings: AgentSettings, config: NetworkConfig) -> Exte
     return selection.ext
 
 
-async def acquire(manager: EtcdSubnetManager, attrs: LeaseAttrs,
-                  previous: PreviousSubnets) -> Lease:
+async def acquire(
+    manager: EtcdSubnetManager, attrs: LeaseAttrs, previous: PreviousSubnets
+) -> Lease:
     """Acquire a lease; exhaustion and store outages are retried with bounded backoff."""
     delay = 1.0
     while True:
@@ -83,26 +90,33 @@ async def acquire(manager: EtcdSubnetManager, attrs: LeaseAttrs,
         delay = min(delay * 2, 60.0)
 
 
-def subnet_env_for(config: NetworkConfig, lease: Lease, network: Network,
-                   ip_masq: bool) -> SubnetEnv:
+def subnet_env_for(
+    config: NetworkConfig, lease: Lease, network: Network, ip_masq: bool
+) -> SubnetEnv:
     return SubnetEnv(
         network=config.network if config.enable_ipv4 else None,
         subnet=lease.subnet if config.enable_ipv4 else None,
         ipv6_network=config.ipv6_network if config.enable_ipv6 else None,
         ipv6_subnet=lease.ipv6_subnet if config.enable_ipv6 else None,
-        mtu=network.mtu, ipmasq=ip_masq)
+        mtu=network.mtu,
+        ipmasq=ip_masq,
+    )
 
 
-def networks_of(config: NetworkConfig, lease: Lease | None,
-                previous: PreviousSubnets | None = None) -> Networks:
+def networks_of(
+    config: NetworkConfig, lease: Lease | None, previous: PreviousSubnets | None = None
+) -> Networks:
     if previous is not None:
-        return Networks(previous.network, previous.subnet, previous.ipv6_network,
-                        previous.ipv6_subnet)
+        return Networks(
+            previous.network, previous.subnet, previous.ipv6_network, previous.ipv6_subnet
+        )
     assert lease is not None
-    return Networks(config.network if config.enable_ipv4 else None,
-                    lease.subnet if config.enable_ipv4 else None,
-                    config.ipv6_network if config.enable_ipv6 else None,
-                    lease.ipv6_subnet if config.enable_ipv6 else None)
+    return Networks(
+        config.network if config.enable_ipv4 else None,
+        lease.subnet if config.enable_ipv4 else None,
+        config.ipv6_network if config.enable_ipv6 else None,
+        lease.ipv6_subnet if config.enable_ipv6 else None,
+    )
 
 
 async def run(settings: AgentSettings) -> int:
@@ -111,19 +125,26 @@ async def run(settings: AgentSettings) -> int:
     health = HealthState()
     server: asyncio.Server | None = None
     if settings.healthz_port:
-        server = await HealthServer(health, metrics).serve(settings.healthz_ip,
-                                                           settings.healthz_port)
+        server = await HealthServer(health, metrics).serve(
+            settings.healthz_ip, settings.healthz_port
+        )
     manager = await open_subnet_manager(settings, health=health)
     network: Network | None = None
     traffic: ManagedTraffic | None = None
     try:
         config = await wait_for_config(manager, health)
-        log.info("network config: Network=%s SubnetLen=%d backend=%s (%s API)",
-                 config.network, config.subnet_len, config.backend_type, manager.store.api)
+        log.info(
+            "network config: Network=%s SubnetLen=%d backend=%s (%s API)",
+            config.network,
+            config.subnet_len,
+            config.backend_type,
+            manager.store.api,
+        )
         ext = await pick_interface(settings, config)
         state_dir = Path(settings.state_dir)
-        backend = create_backend(config.backend_type, BackendContext(
-            config=config, ext=ext, state_dir=state_dir))
+        backend = create_backend(
+            config.backend_type, BackendContext(config=config, ext=ext, state_dir=state_dir)
+        )
         attrs = await backend.lease_attrs()
         previous = read_previous_subnets(settings.subnet_file)
         lease = await acquire(manager, attrs, previous)
@@ -143,13 +164,26 @@ async def run(settings: AgentSettings) -> int:
         atomic_write(settings.subnet_file, env.render())
         health.ready = True
         metrics.ready.set(1)
-        log.info("wrote %s (subnet %s, MTU %d); flanneld is ready", settings.subnet_file,
-                 lease.key, network.mtu)
+        log.info(
+            "wrote %s (subnet %s, MTU %d); flanneld is ready",
+            settings.subnet_file,
+            lease.key,
+            network.mtu,
+        )
         sdnotify.notify("READY=1")
-        loops = AgentLoops(settings=settings, manager=manager, network=network,
-                           traffic=traffic, watcher=LeaseWatcher(lease, config.network),
-                           lease=lease, config=config, health=health, metrics=metrics,
-                           networks=current, started=time.monotonic())
+        loops = AgentLoops(
+            settings=settings,
+            manager=manager,
+            network=network,
+            traffic=traffic,
+            watcher=LeaseWatcher(lease, config.network),
+            lease=lease,
+            config=config,
+            health=health,
+            metrics=metrics,
+            networks=current,
+            started=time.monotonic(),
+        )
         return await loops.run()
     finally:
         sdnotify.notify("STOPPING=1")

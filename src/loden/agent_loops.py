@@ -71,8 +71,12 @@ class AgentLoops:
             assert isinstance(first, LeaseRevoked)
             revoked = first
         if revoked is not None:
-            log.error("%s; shutting down (exit %d). The subnet may now belong to another "
-                      "node: restart the agent to get a new one", revoked, EXIT_LEASE_REVOKED)
+            log.error(
+                "%s; shutting down (exit %d). The subnet may now belong to another "
+                "node: restart the agent to get a new one",
+                revoked,
+                EXIT_LEASE_REVOKED,
+            )
             return EXIT_LEASE_REVOKED
         return 0
 
@@ -100,8 +104,12 @@ class AgentLoops:
                 retry = 5.0
                 log.debug("renewed lease %s", self.lease.key)
             except StoreUnavailable as exc:
-                log.warning("error renewing lease %s: %s (trying again in %.0fs)",
-                            self.lease.key, exc, retry)
+                log.warning(
+                    "error renewing lease %s: %s (trying again in %.0fs)",
+                    self.lease.key,
+                    exc,
+                    retry,
+                )
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, 60.0)
                 self._renew_now.set()
@@ -143,8 +151,12 @@ class AgentLoops:
         async with self._reconcile_lock:
             for event in changes:
                 self.metrics.lease_events.labels(event.kind.value).inc()
-                log.info("peer %s %s (public IP %s)", event.lease.key, event.kind.value,
-                         event.lease.attrs.public_ip)
+                log.info(
+                    "peer %s %s (public IP %s)",
+                    event.lease.key,
+                    event.kind.value,
+                    event.lease.attrs.public_ip,
+                )
             try:
                 report = await self.network.apply(changes)
             except LodenError as exc:
@@ -165,8 +177,9 @@ class AgentLoops:
         self.metrics.peers.set(len(self.watcher.peers))
         if report.added or report.removed:
             self.metrics.reconcile_changes.inc(report.added + report.removed)
-            log.info("%s: data plane repaired (%d added, %d removed)", why, report.added,
-                     report.removed)
+            log.info(
+                "%s: data plane repaired (%d added, %d removed)", why, report.added, report.removed
+            )
         if report.errors:
             self.metrics.reconcile_errors.inc()
             self.health.reconcile_failures += 1
@@ -193,14 +206,16 @@ class AgentLoops:
                 changed = False
                 if rules.ip_masq:
                     changed |= await self.traffic.ensure_masq_rules(
-                        self.networks, self.networks, random_fully=random_fully)
+                        self.networks, self.networks, random_fully=random_fully
+                    )
                 if rules.forward_rules:
                     changed |= await self.traffic.ensure_forward_rules(self.networks)
                 if changed:
                     self.metrics.rules_repairs.inc()
             except LodenError as exc:
-                log.error("traffic rules resync failed: %s (retrying in %ds)", exc,
-                          rules.resync_seconds)
+                log.error(
+                    "traffic rules resync failed: %s (retrying in %ds)", exc, rules.resync_seconds
+                )
 
     async def _probe_loop(self) -> None:
         while True:
@@ -218,7 +233,7 @@ class AgentLoops:
     async def _config_loop(self) -> None:
         warned_raw = self.config.raw
         while True:
-            await asyncio.sleep(30.0)
+            await asyncio.sleep(3 * self.settings.resync_seconds)
             try:
                 config = await self.manager.get_network_config()
             except (StoreUnavailable, ConfigNotFound, NetworkConfigError) as exc:
@@ -231,5 +246,8 @@ class AgentLoops:
                 "the network config in etcd changed (now Network=%s SubnetLen=%s backend=%s); "
                 "this agent keeps running with the config it started with. Restart agents to "
                 "apply SubnetLen/SubnetMin/SubnetMax changes; changing Network or the backend "
-                "type needs every node restarted (expect downtime)", config.network,
-                config.subnet_len, config.backend_type)
+                "type needs every node restarted (expect downtime)",
+                config.network,
+                config.subnet_len,
+                config.backend_type,
+            )

@@ -38,8 +38,10 @@ Exit status: 0 stopped by a signal; 1 startup failed (see the log line);
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = (f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} "
-                f"{record.name}: {record.getMessage()}")
+        line = (
+            f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} "
+            f"{record.name}: {record.getMessage()}"
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -47,8 +49,14 @@ class _TextFormatter(logging.Formatter):
 
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": record.created, "level": record.levelname.lower(),
-                           "logger": record.name, "msg": record.getMessage()})
+        return json.dumps(
+            {
+                "ts": record.created,
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
 
 
 def setup_logging(verbosity: int = 0, fmt: str = "text") -> None:
@@ -84,8 +92,14 @@ def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
     except UsageError as exc:
         return _usage_error(prog, str(exc))
     setup_logging(settings.verbosity, settings.log_format)
-    log.info("loden %s starting as %s: etcd %s (api %s), subnet file %s", __version__, prog,
-             ",".join(settings.etcd.endpoints), settings.etcd.api, settings.subnet_file)
+    log.info(
+        "loden %s starting as %s: etcd %s (api %s), subnet file %s",
+        __version__,
+        prog,
+        ",".join(settings.etcd.endpoints),
+        settings.etcd.api,
+        settings.subnet_file,
+    )
     return asyncio.run(_run_agent(settings))
 
 
@@ -100,8 +114,10 @@ async def _run_agent(settings: AgentSettings) -> int:
     def on_signal(signum: int) -> None:
         nonlocal stopping
         stopping = True
-        log.info("received %s; shutting down (lease, routes and rules are kept)",
-                 signal.Signals(signum).name)
+        log.info(
+            "received %s; shutting down (lease, routes and rules are kept)",
+            signal.Signals(signum).name,
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)  # a second signal kills us the default way
         main_task.cancel()

@@ -45,8 +45,10 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, dir_mode: int = 
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; check that its "
-                          "directory exists and is writable") from exc
+        raise ConfigError(
+            f"cannot write {path}: {exc.strerror or exc}; check that its "
+            "directory exists and is writable"
+        ) from exc
 
 
 def _make_dirs(directory: Path, mode: int) -> None:

@@ -127,7 +127,7 @@ class FlagSet:
                 result.positional.extend(args[i:])
                 break
             body = arg[2:] if arg.startswith("--") else arg[1:]
-            if not body or body.startswith("-") or body.startswith("="):
+            if not body or body.startswith(("-", "=")):
                 raise UsageError(f"bad flag syntax: {arg}")
             name, has_value, value = body.partition("=")
             if name in ("h", "help"):
@@ -159,8 +159,9 @@ class FlagSet:
         return result
 
     @staticmethod
-    def _assign(result: ParsedFlags, flag: Flag, text: str, *, origin: str,
-                seen_lists: set[str]) -> None:
+    def _assign(
+        result: ParsedFlags, flag: Flag, text: str, *, origin: str, seen_lists: set[str]
+    ) -> None:
         if flag.kind == "list":
             if flag.name not in seen_lists:
                 result.values[flag.name] = []

@@ -17,8 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +35,39 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
         ProcessCollector(registry=r)
-        self.peers = Gauge("loden_peers", "Remote leases programmed in the data plane",
-                           registry=r)
-        self.lease_ttl = Gauge("loden_lease_ttl_seconds",
-                               "Seconds until our own lease expires (-1: reservation)",
-                               registry=r)
-        self.store_up = Gauge("loden_store_up", "1 if the subnet store answered recently",
-                              registry=r)
+        self.peers = Gauge("loden_peers", "Remote leases programmed in the data plane", registry=r)
+        self.lease_ttl = Gauge(
+            "loden_lease_ttl_seconds",
+            "Seconds until our own lease expires (-1: reservation)",
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "loden_store_up", "1 if the subnet store answered recently", registry=r
+        )
         self.ready = Gauge("loden_ready", "1 once subnet.env is written", registry=r)
         self.reconcile_seconds = Histogram(
-            "loden_reconcile_duration_seconds", "Duration of data-plane reconcile passes",
-            registry=r, buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.reconcile_errors = Counter("loden_reconcile_errors_total",
-                                        "Reconcile passes that reported errors", registry=r)
-        self.reconcile_changes = Counter("loden_reconcile_changes_total",
-                                         "Kernel entries added or removed by reconciles",
-                                         registry=r)
+            "loden_reconcile_duration_seconds",
+            "Duration of data-plane reconcile passes",
+            registry=r,
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.reconcile_errors = Counter(
+            "loden_reconcile_errors_total", "Reconcile passes that reported errors", registry=r
+        )
+        self.reconcile_changes = Counter(
+            "loden_reconcile_changes_total",
+            "Kernel entries added or removed by reconciles",
+            registry=r,
+        )
         self.watch_restarts = Gauge("loden_watch_restarts", "Lease watch restarts", registry=r)
-        self.lease_events = Counter("loden_lease_events_total", "Peer lease events applied",
-                                    ["kind"], registry=r)
-        self.rules_repairs = Counter("loden_rules_repairs_total",
-                                     "Traffic-rule resyncs that had to rewrite rules",
-                                     registry=r)
+        self.lease_events = Counter(
+            "loden_lease_events_total", "Peer lease events applied", ["kind"], registry=r
+        )
+        self.rules_repairs = Counter(
+            "loden_rules_repairs_total",
+            "Traffic-rule resyncs that had to rewrite rules",
+            registry=r,
+        )
 
 
 @dataclass(slots=True)
@@ -67,8 +84,9 @@ class HealthState:
     def problems(self) -> list[str]:
         out: list[str] = []
         if self.clock() - self.store_last_ok > self.store_grace_seconds:
-            out.append("subnet store (etcd) has not answered for "
-                       f"{self.clock() - self.store_last_ok:.0f}s")
+            out.append(
+                f"subnet store (etcd) has not answered for {self.clock() - self.store_last_ok:.0f}s"
+            )
         if self.lease_expiration is not None and self.lease_expiration < self.wall():
             out.append("our subnet lease has expired")
         if self.reconcile_failures >= 3:
@@ -107,7 +125,9 @@ class HealthServer:
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
             await writer.drain()
         except (TimeoutError, ConnectionError, UnicodeDecodeError):
             pass

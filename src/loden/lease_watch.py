@@ -39,9 +39,14 @@ class LeaseWatcher:
         if lease.key == self._own_key or lease.subnet == self._own_subnet:
             return False
         if self._network is not None and not lease.subnet.subnet_of(self._network):
-            self._warn_once(lease.key, "lease %s is outside Network %s: ignored (remove it with "
-                            "`loden leases --delete %s` if stale)", lease.key, self._network,
-                            lease.key)
+            self._warn_once(
+                lease.key,
+                "lease %s is outside Network %s: ignored (remove it with "
+                "`loden leases --delete %s` if stale)",
+                lease.key,
+                self._network,
+                lease.key,
+            )
             return False
         return True
 
@@ -56,10 +61,16 @@ class LeaseWatcher:
     def reset(self, snapshot: Iterable[Lease]) -> list[LeaseEvent]:
         """Replace the peer set with ``snapshot``; return the differences as events."""
         fresh = {lease.key: lease for lease in snapshot if self._acceptable(lease)}
-        events = [LeaseEvent(EventKind.REMOVED, old) for key, old in self._peers.items()
-                  if key not in fresh]
-        events += [LeaseEvent(EventKind.ADDED, lease) for key, lease in fresh.items()
-                   if self._peers.get(key) != lease]
+        events = [
+            LeaseEvent(EventKind.REMOVED, old)
+            for key, old in self._peers.items()
+            if key not in fresh
+        ]
+        events += [
+            LeaseEvent(EventKind.ADDED, lease)
+            for key, lease in fresh.items()
+            if self._peers.get(key) != lease
+        ]
         self._peers = fresh
         self._check_duplicate_ips()
         return events
@@ -90,6 +101,10 @@ class LeaseWatcher:
             by_ip.setdefault(str(lease.attrs.public_ip), []).append(key)
         for ip, keys in by_ip.items():
             if len(keys) > 1 and ip != "0.0.0.0":
-                self._warn_once("dup:" + ",".join(sorted(keys)),
-                                "leases %s all claim public IP %s: only one node can own it; "
-                                "delete the stale ones", ", ".join(sorted(keys)), ip)
+                self._warn_once(
+                    "dup:" + ",".join(sorted(keys)),
+                    "leases %s all claim public IP %s: only one node can own it; "
+                    "delete the stale ones",
+                    ", ".join(sorted(keys)),
+                    ip,
+                )

@@ -17,50 +17,110 @@ from loden.errors import UsageError
 from loden.flags import Flag, FlagSet, ParsedFlags
 
 AGENT_FLAGS: tuple[Flag, ...] = (
-    Flag("etcd-endpoints", "http://127.0.0.1:4001,http://127.0.0.1:2379",
-         "a comma-delimited list of etcd endpoints"),
+    Flag(
+        "etcd-endpoints",
+        "http://127.0.0.1:4001,http://127.0.0.1:2379",
+        "a comma-delimited list of etcd endpoints",
+    ),
     Flag("etcd-prefix", "/coreos.com/network", "etcd prefix"),
     Flag("etcd-keyfile", "", "SSL key file used to secure etcd communication"),
     Flag("etcd-certfile", "", "SSL certification file used to secure etcd communication"),
     Flag("etcd-cafile", "", "SSL Certificate Authority file used to secure etcd communication"),
     Flag("etcd-username", "", "username for BasicAuth to etcd"),
     Flag("etcd-password", "", "password for BasicAuth to etcd"),
-    Flag("etcd-api", "auto",
-         "etcd API to use: auto (v3 if <prefix>/config exists there, else v2), v3 or v2"),
-    Flag("kube-subnet-mgr", False, "contact the Kubernetes API for subnet assignment instead of "
-         "etcd", kind="bool"),
-    Flag("kube-api-url", "", "Kubernetes API server URL. Does not need to be specified if "
-         "flannel is running in a pod."),
-    Flag("kubeconfig-file", "", "kubeconfig file location. Does not need to be specified if "
-         "flannel is running in a pod."),
-    Flag("kube-annotation-prefix", "flannel.alpha.coreos.com",
-         "Kubernetes annotation prefix. Can contain single slash \"/\", otherwise it will be "
-         "appended at the end."),
-    Flag("net-config-path", "/etc/kube-flannel/net-conf.json",
-         "path to the network configuration file"),
-    Flag("set-node-network-unavailable", True,
-         "set NodeNetworkUnavailable after ready", kind="bool"),
-    Flag("iface", [], "interface to use (IP or name) for inter-host communication. "
-         "Can be specified multiple times to check each option in order.", kind="list"),
-    Flag("iface-regex", [], "regex expression to match the first interface to use (IP or "
-         "name) for inter-host communication. Can be specified multiple times.", kind="list"),
-    Flag("iface-can-reach", "", "detect interface to use (IP or name) for inter-host "
-         "communication based on which will be used for provided IP."),
+    Flag(
+        "etcd-api",
+        "auto",
+        "etcd API to use: auto (v3 if <prefix>/config exists there, else v2), v3 or v2",
+    ),
+    Flag(
+        "kube-subnet-mgr",
+        False,
+        "contact the Kubernetes API for subnet assignment instead of etcd",
+        kind="bool",
+    ),
+    Flag(
+        "kube-api-url",
+        "",
+        "Kubernetes API server URL. Does not need to be specified if flannel is running in a pod.",
+    ),
+    Flag(
+        "kubeconfig-file",
+        "",
+        "kubeconfig file location. Does not need to be specified if flannel is running in a pod.",
+    ),
+    Flag(
+        "kube-annotation-prefix",
+        "flannel.alpha.coreos.com",
+        'Kubernetes annotation prefix. Can contain single slash "/", otherwise it will be '
+        "appended at the end.",
+    ),
+    Flag(
+        "net-config-path",
+        "/etc/kube-flannel/net-conf.json",
+        "path to the network configuration file",
+    ),
+    Flag(
+        "set-node-network-unavailable", True, "set NodeNetworkUnavailable after ready", kind="bool"
+    ),
+    Flag(
+        "iface",
+        [],
+        "interface to use (IP or name) for inter-host communication. "
+        "Can be specified multiple times to check each option in order.",
+        kind="list",
+    ),
+    Flag(
+        "iface-regex",
+        [],
+        "regex expression to match the first interface to use (IP or "
+        "name) for inter-host communication. Can be specified multiple times.",
+        kind="list",
+    ),
+    Flag(
+        "iface-can-reach",
+        "",
+        "detect interface to use (IP or name) for inter-host "
+        "communication based on which will be used for provided IP.",
+    ),
     Flag("public-ip", "", "IP accessible by other nodes for inter-host communication"),
     Flag("public-ipv6", "", "IPv6 accessible by other nodes for inter-host communication"),
-    Flag("subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, "
-         "MTU, ... ) will be written to"),
-    Flag("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes, ranging "
-         "from 1 to 1439", kind="int"),
-    Flag("ip-masq", False, "setup IP masquerade rule for traffic destined outside of overlay "
-         "network", kind="bool"),
-    Flag("ip-masq-fully-random-disable", False, "disable fully random source port for IP "
-         "masquerade", kind="bool"),
+    Flag(
+        "subnet-file",
+        "/run/flannel/subnet.env",
+        "filename where env variables (subnet, MTU, ... ) will be written to",
+    ),
+    Flag(
+        "subnet-lease-renew-margin",
+        60,
+        "subnet lease renewal margin, in minutes, ranging from 1 to 1439",
+        kind="int",
+    ),
+    Flag(
+        "ip-masq",
+        False,
+        "setup IP masquerade rule for traffic destined outside of overlay network",
+        kind="bool",
+    ),
+    Flag(
+        "ip-masq-fully-random-disable",
+        False,
+        "disable fully random source port for IP masquerade",
+        kind="bool",
+    ),
     Flag("iptables-resync", 5, "resync period for iptables rules, in seconds", kind="int"),
-    Flag("iptables-forward-rules", True, "add default accept rules to FORWARD chain in "
-         "iptables", kind="bool"),
-    Flag("ip-blackhole-route", False, "install a blackhole route for the node's own subnet",
-         kind="bool"),
+    Flag(
+        "iptables-forward-rules",
+        True,
+        "add default accept rules to FORWARD chain in iptables",
+        kind="bool",
+    ),
+    Flag(
+        "ip-blackhole-route",
+        False,
+        "install a blackhole route for the node's own subnet",
+        kind="bool",
+    ),
     Flag("healthz-ip", "0.0.0.0", "the IP address for healthz server to listen"),
     Flag("healthz-port", 0, "the port for healthz server to listen(0 to disable)", kind="int"),
     Flag("version", False, "print version and exit", kind="bool", env=False),
@@ -69,12 +129,24 @@ AGENT_FLAGS: tuple[Flag, ...] = (
     Flag("log_backtrace_at", "", "when logging hits line file:N, emit a stack trace"),
     # Loden additions.
     Flag("resync-period", 10, "Loden: seconds between full data-plane reconciles", kind="int"),
-    Flag("state-dir", "/var/lib/loden", "Loden: directory for state that must survive "
-         "reboots (VTEP MAC)"),
-    Flag("cleanup-on-exit", False, "Loden: remove masquerade/forward rules on a clean "
-         "shutdown (flannel leaves them)", kind="bool"),
-    Flag("subnet-lease-ttl", 86400, "Loden: lease TTL in seconds (flannel: 24h; lower only "
-         "for tests and labs)", kind="int", hidden=True),
+    Flag(
+        "state-dir",
+        "/var/lib/loden",
+        "Loden: directory for state that must survive reboots (VTEP MAC)",
+    ),
+    Flag(
+        "cleanup-on-exit",
+        False,
+        "Loden: remove masquerade/forward rules on a clean shutdown (flannel leaves them)",
+        kind="bool",
+    ),
+    Flag(
+        "subnet-lease-ttl",
+        86400,
+        "Loden: lease TTL in seconds (flannel: 24h; lower only for tests and labs)",
+        kind="int",
+        hidden=True,
+    ),
     Flag("log-format", "text", "Loden: log format, text or json"),
 )
 
@@ -100,9 +172,11 @@ class EtcdSettings:
         return bool(self.keyfile and self.certfile)
 
     def __repr__(self) -> str:  # never print the password
-        return (f"EtcdSettings(endpoints={self.endpoints!r}, prefix={self.prefix!r}, "
-                f"api={self.api!r}, tls_client={self.tls_client}, "
-                f"username={self.username!r}, password={'***' if self.password else ''!r})")
+        return (
+            f"EtcdSettings(endpoints={self.endpoints!r}, prefix={self.prefix!r}, "
+            f"api={self.api!r}, tls_client={self.tls_client}, "
+            f"username={self.username!r}, password={'***' if self.password else ''!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +235,8 @@ class AgentSettings:
         if not 1 <= margin <= 1439:
             raise UsageError(
                 f"Invalid subnet-lease-renew-margin option, out of acceptable range: {margin} "
-                "(minutes, 1..1439)")
+                "(minutes, 1..1439)"
+            )
         if v["etcd-api"] not in ("auto", "v3", "v2"):
             raise UsageError(f"invalid -etcd-api {v['etcd-api']!r}: use auto, v3 or v2")
         if v["log-format"] not in ("text", "json"):
@@ -176,30 +251,42 @@ class AgentSettings:
             if not endpoint.startswith(("http://", "https://")):
                 raise UsageError(
                     f"invalid etcd endpoint {endpoint!r} in -etcd-endpoints: "
-                    "expected http://host:port or https://host:port")
+                    "expected http://host:port or https://host:port"
+                )
         return cls(
             etcd=EtcdSettings(
                 endpoints=endpoints,
                 prefix=posixpath.normpath("/" + v["etcd-prefix"]).replace("//", "/"),
-                keyfile=v["etcd-keyfile"], certfile=v["etcd-certfile"],
-                cafile=v["etcd-cafile"], username=v["etcd-username"],
-                password=v["etcd-password"], api=v["etcd-api"]),
+                keyfile=v["etcd-keyfile"],
+                certfile=v["etcd-certfile"],
+                cafile=v["etcd-cafile"],
+                username=v["etcd-username"],
+                password=v["etcd-password"],
+                api=v["etcd-api"],
+            ),
             kube=KubeSettings(
-                enabled=v["kube-subnet-mgr"], api_url=v["kube-api-url"],
+                enabled=v["kube-subnet-mgr"],
+                api_url=v["kube-api-url"],
                 kubeconfig_file=v["kubeconfig-file"],
                 annotation_prefix=v["kube-annotation-prefix"],
                 net_config_path=v["net-config-path"],
-                set_node_network_unavailable=v["set-node-network-unavailable"]),
+                set_node_network_unavailable=v["set-node-network-unavailable"],
+            ),
             iface=IfaceSettings(
-                ifaces=tuple(v["iface"]), iface_regexes=tuple(v["iface-regex"]),
+                ifaces=tuple(v["iface"]),
+                iface_regexes=tuple(v["iface-regex"]),
                 can_reach=_can_reach(v["iface-can-reach"]),
                 public_ip=_ip(v["public-ip"], "-public-ip", IPv4Address),
-                public_ipv6=_ip(v["public-ipv6"], "-public-ipv6", IPv6Address)),
+                public_ipv6=_ip(v["public-ipv6"], "-public-ipv6", IPv6Address),
+            ),
             rules=RulesSettings(
-                ip_masq=v["ip-masq"], fully_random_disable=v["ip-masq-fully-random-disable"],
-                resync_seconds=v["iptables-resync"], forward_rules=v["iptables-forward-rules"],
+                ip_masq=v["ip-masq"],
+                fully_random_disable=v["ip-masq-fully-random-disable"],
+                resync_seconds=v["iptables-resync"],
+                forward_rules=v["iptables-forward-rules"],
                 blackhole_route=v["ip-blackhole-route"],
-                cleanup_on_exit=v["cleanup-on-exit"]),
+                cleanup_on_exit=v["cleanup-on-exit"],
+            ),
             subnet_file=Path(v["subnet-file"]),
             renew_margin_minutes=margin,
             lease_ttl_seconds=v["subnet-lease-ttl"],
@@ -234,6 +321,7 @@ def _can_reach(text: str) -> IPv4Address | IPv6Address | None:
         raise UsageError(f"invalid -iface-can-reach {text!r}: not an IP address") from None
 
 
-def parse_agent_args(argv: Sequence[str], env: Mapping[str, str],
-                     prog: str = "flanneld") -> AgentSettings:
+def parse_agent_args(
+    argv: Sequence[str], env: Mapping[str, str], prog: str = "flanneld"
+) -> AgentSettings:
     return AgentSettings.from_flags(agent_flagset(prog).parse(argv, env))

@@ -85,8 +85,9 @@ class NetworkConfig:
 
     @classmethod
     def _from_object(cls, obj: GoObject, raw: str) -> NetworkConfig:
-        backend_obj = GoObject.from_value(obj.raw("Backend") if obj.has("Backend") else None,
-                                          field="Backend")
+        backend_obj = GoObject.from_value(
+            obj.raw("Backend") if obj.has("Backend") else None, field="Backend"
+        )
         if backend_obj is None or not backend_obj.keys():
             backend = BackendSpec(type=DEFAULT_BACKEND, options=backend_obj)
         else:
@@ -130,18 +131,23 @@ class NetworkConfig:
         if net is None or net.prefixlen == 0:
             raise NetworkConfigError(
                 "please define a correct Network parameter in the flannel config "
-                f"(got {self.network}); e.g. \"Network\": \"10.244.0.0/16\"",
+                f'(got {self.network}); e.g. "Network": "10.244.0.0/16"',
                 field="Network",
                 value=str(self.network) if self.network else None,
             )
         min_, max_, length = _ranges(
-            net.prefixlen, int(net.network_address), self.subnet_len,
+            net.prefixlen,
+            int(net.network_address),
+            self.subnet_len,
             int(self.subnet_min) if self.subnet_min else None,
             int(self.subnet_max) if self.subnet_max else None,
-            bits=32, family="", net_text=str(net),
+            bits=32,
+            family="",
+            net_text=str(net),
         )
-        return _replace(self, subnet_len=length, subnet_min=IPv4Address(min_),
-                        subnet_max=IPv4Address(max_))
+        return _replace(
+            self, subnet_len=length, subnet_min=IPv4Address(min_), subnet_max=IPv4Address(max_)
+        )
 
     def _validated_v6(self) -> NetworkConfig:
         net = self.ipv6_network
@@ -152,13 +158,21 @@ class NetworkConfig:
                 field="IPv6Network",
             )
         min_, max_, length = _ranges(
-            net.prefixlen, int(net.network_address), self.ipv6_subnet_len,
+            net.prefixlen,
+            int(net.network_address),
+            self.ipv6_subnet_len,
             int(self.ipv6_subnet_min) if self.ipv6_subnet_min else None,
             int(self.ipv6_subnet_max) if self.ipv6_subnet_max else None,
-            bits=128, family="IPv6", net_text=str(net),
+            bits=128,
+            family="IPv6",
+            net_text=str(net),
         )
-        return _replace(self, ipv6_subnet_len=length, ipv6_subnet_min=IPv6Address(min_),
-                        ipv6_subnet_max=IPv6Address(max_))
+        return _replace(
+            self,
+            ipv6_subnet_len=length,
+            ipv6_subnet_min=IPv6Address(min_),
+            ipv6_subnet_max=IPv6Address(max_),
+        )
 
     def subnet_capacity(self) -> int:
         """How many IPv4 node subnets fit between SubnetMin and SubnetMax."""
@@ -170,20 +184,33 @@ class NetworkConfig:
         """Is ``subnet`` one this config could hand out (flannel's compatibility test)?"""
         if self.subnet_min is None or self.subnet_max is None:
             return False
-        return (subnet.prefixlen == self.subnet_len
-                and self.subnet_min <= subnet.network_address <= self.subnet_max)
+        return (
+            subnet.prefixlen == self.subnet_len
+            and self.subnet_min <= subnet.network_address <= self.subnet_max
+        )
 
     def contains_v6(self, subnet: IPv6Network | None) -> bool:
         if not self.enable_ipv6:
             return subnet is None
         if subnet is None or self.ipv6_subnet_min is None or self.ipv6_subnet_max is None:
             return False
-        return (subnet.prefixlen == self.ipv6_subnet_len
-                and self.ipv6_subnet_min <= subnet.network_address <= self.ipv6_subnet_max)
+        return (
+            subnet.prefixlen == self.ipv6_subnet_len
+            and self.ipv6_subnet_min <= subnet.network_address <= self.ipv6_subnet_max
+        )
 
 
-def _ranges(prefix: int, base: int, length: int, min_: int | None, max_: int | None, *,
-            bits: int, family: str, net_text: str) -> tuple[int, int, int]:
+def _ranges(
+    prefix: int,
+    base: int,
+    length: int,
+    min_: int | None,
+    max_: int | None,
+    *,
+    bits: int,
+    family: str,
+    net_text: str,
+) -> tuple[int, int, int]:
     name = f"{family}SubnetLen"
     limit = 30 if bits == 32 else 126
     netname = "Network" if bits == 32 else "IPv6Network"
@@ -191,19 +218,26 @@ def _ranges(prefix: int, base: int, length: int, min_: int | None, max_: int | N
         if length > limit:
             raise NetworkConfigError(
                 f"SubnetLen must be less than /{limit + 1} ({name} is {length})",
-                field=name, value=length)
+                field=name,
+                value=length,
+            )
         if length < prefix + 2:
             raise NetworkConfigError(
                 f"network must be able to accommodate at least four subnets ({name} {length} "
                 f"with {netname} {net_text}: use a {name} of at least {prefix + 2})",
-                field=name, value=length)
+                field=name,
+                value=length,
+            )
     else:
         smallest = 28 if bits == 32 else 124
         if prefix > smallest:
             prefix_name = "network" if bits == 32 else "IPv6Network"
             raise NetworkConfigError(
                 f"{prefix_name} is too small. Minimum useful network prefix is /{smallest} "
-                f"({netname} is {net_text})", field=netname, value=net_text)
+                f"({netname} is {net_text})",
+                field=netname,
+                value=net_text,
+            )
         default_len = 24 if bits == 32 else 64
         length = default_len if prefix <= default_len - 2 else prefix + 2
     size = 1 << (bits - length)
@@ -211,26 +245,37 @@ def _ranges(prefix: int, base: int, length: int, min_: int | None, max_: int | N
 
     def fmt(value: int) -> str:
         return str(IPv4Address(value) if bits == 32 else IPv6Address(value))
+
     if min_ is None:
         min_ = base + size
     elif not base <= min_ < end:
         raise NetworkConfigError(
             f"{family}SubnetMin is not in the range of the {netname} "
-            f"({fmt(min_)} is outside {net_text})", field=f"{family}SubnetMin", value=fmt(min_))
+            f"({fmt(min_)} is outside {net_text})",
+            field=f"{family}SubnetMin",
+            value=fmt(min_),
+        )
     if max_ is None:
         max_ = end - size
     elif not base <= max_ < end:
         raise NetworkConfigError(
             f"{family}SubnetMax is not in the range of the {netname} "
-            f"({fmt(max_)} is outside {net_text})", field=f"{family}SubnetMax", value=fmt(max_))
+            f"({fmt(max_)} is outside {net_text})",
+            field=f"{family}SubnetMax",
+            value=fmt(max_),
+        )
     if min_ % size:
         raise NetworkConfigError(
             f"{family}SubnetMin is not on a SubnetLen boundary: {fmt(min_)}",
-            field=f"{family}SubnetMin", value=fmt(min_))
+            field=f"{family}SubnetMin",
+            value=fmt(min_),
+        )
     if max_ % size:
         raise NetworkConfigError(
             f"{family}SubnetMax is not on a SubnetLen boundary: {fmt(max_)}",
-            field=f"{family}SubnetMax", value=fmt(max_))
+            field=f"{family}SubnetMax",
+            value=fmt(max_),
+        )
     return min_, max_, length
 
 
@@ -249,7 +294,7 @@ def _v4_net(obj: GoObject, name: str) -> IPv4Network | None:
     try:
         net = IPv4Network(text, strict=False)
     except ValueError as exc:
-        raise GoJSONError(f"{name}: invalid IPv4 CIDR format {text!r} ({exc})", field=name)
+        raise GoJSONError(f"{name}: invalid IPv4 CIDR format {text!r} ({exc})", field=name) from exc
     return net
 
 
@@ -260,7 +305,7 @@ def _v6_net(obj: GoObject, name: str) -> IPv6Network | None:
     try:
         return IPv6Network(text, strict=False)
     except ValueError as exc:
-        raise GoJSONError(f"{name}: invalid IPv6 CIDR format {text!r} ({exc})", field=name)
+        raise GoJSONError(f"{name}: invalid IPv6 CIDR format {text!r} ({exc})", field=name) from exc
 
 
 def _v4_addr(obj: GoObject, name: str) -> IPv4Address | None:
@@ -270,7 +315,7 @@ def _v4_addr(obj: GoObject, name: str) -> IPv4Address | None:
     try:
         addr = IPv4Address(text)
     except ValueError as exc:
-        raise GoJSONError(f"{name}: invalid IPv4 address {text!r} ({exc})", field=name)
+        raise GoJSONError(f"{name}: invalid IPv4 address {text!r} ({exc})", field=name) from exc
     return None if int(addr) == 0 else addr
 
 
@@ -281,7 +326,7 @@ def _v6_addr(obj: GoObject, name: str) -> IPv6Address | None:
     try:
         addr = IPv6Address(text)
     except ValueError as exc:
-        raise GoJSONError(f"{name}: invalid IPv6 address {text!r} ({exc})", field=name)
+        raise GoJSONError(f"{name}: invalid IPv6 address {text!r} ({exc})", field=name) from exc
     return None if int(addr) == 0 else addr
 
 

@@ -49,7 +49,9 @@ class GoObject:
         except UnicodeDecodeError as exc:
             raise GoJSONError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
         except json.JSONDecodeError as exc:
-            raise GoJSONError(f"invalid JSON: {exc.msg} at line {exc.lineno} col {exc.colno}")
+            raise GoJSONError(
+                f"invalid JSON: {exc.msg} at line {exc.lineno} col {exc.colno}"
+            ) from exc
         except RecursionError as exc:
             raise GoJSONError("invalid JSON: nested too deeply") from exc
         if not isinstance(value, _Pairs):
@@ -139,9 +141,7 @@ def as_str(value: Any, field: str) -> str:
 
 def as_bool(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
-        raise GoJSONError(
-            f"{field}: expected true or false, got {_json_type(value)}", field=field
-        )
+        raise GoJSONError(f"{field}: expected true or false, got {_json_type(value)}", field=field)
     return value
 
 

@@ -76,18 +76,24 @@ class LeaseAttrs:
         try:
             ip4 = IPv4Address(public_ip)
         except ValueError as exc:
-            raise LeaseFormatError(f"PublicIP {public_ip!r} is not an IPv4 address",
-                                   key=key, raw=raw) from exc
+            raise LeaseFormatError(
+                f"PublicIP {public_ip!r} is not an IPv4 address", key=key, raw=raw
+            ) from exc
         ip6: IPv6Address | None = None
         if public_ipv6:
             try:
                 ip6 = IPv6Address(public_ipv6)
             except ValueError as exc:
-                raise LeaseFormatError(f"PublicIPv6 {public_ipv6!r} is not an IPv6 address",
-                                       key=key, raw=raw) from exc
-        return cls(public_ip=ip4, backend_type=backend_type,
-                   backend_data=cls.encode_data(data), public_ipv6=ip6,
-                   backend_v6_data=cls.encode_data(v6_data))
+                raise LeaseFormatError(
+                    f"PublicIPv6 {public_ipv6!r} is not an IPv6 address", key=key, raw=raw
+                ) from exc
+        return cls(
+            public_ip=ip4,
+            backend_type=backend_type,
+            backend_data=cls.encode_data(data),
+            public_ipv6=ip6,
+            backend_v6_data=cls.encode_data(v6_data),
+        )
 
 
 @dataclass(frozen=True, slots=True)

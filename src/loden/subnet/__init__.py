@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from loden.errors import StoreError
+from loden.errors import StoreAuthError, StoreError
 from loden.health import HealthState
 from loden.settings import AgentSettings, EtcdSettings
 from loden.subnet.etcd_http import EtcdHTTP, tls_context
@@ -57,11 +57,19 @@ def _v2(settings: EtcdSettings) -> EtcdV2Store:
     return EtcdV2Store(_http(settings, basic_auth=True), settings.prefix)
 
 
-async def _has_config(store: LeaseStore) -> bool:
+async def _has_config(store: LeaseStore, problems: dict[str, str]) -> bool:
+    """Does this API hold the config? Outages and a disabled v2 API count as "no" (the
+    reason is kept in ``problems`` for the waiting message); TLS/auth failures
+    propagate, since waiting cannot fix them."""
     try:
-        return await store.get_config() is not None
-    except StoreError:
+        found = await store.get_config() is not None
+    except StoreAuthError:
+        raise
+    except StoreError as exc:
+        problems[store.api] = str(exc)
         return False
+    problems.pop(store.api, None)
+    return found
 
 
 async def open_store(
@@ -78,11 +86,12 @@ async def open_store(
         return _v2(settings)
     v3, v2 = _v3(settings), _v2(settings)
     attempts = 0
+    problems: dict[str, str] = {}
     while True:
-        if await _has_config(v3):
+        if await _has_config(v3, problems):
             await v2.aclose()
             return v3
-        if await _has_config(v2):
+        if await _has_config(v2, problems):
             await v3.aclose()
             log.info("using the etcd v2 API: %s/config exists there", settings.prefix)
             return v2
