@@ -60,7 +60,8 @@ def _is_ours(lease: Lease, attrs: LeaseAttrs) -> bool:
 
 def fits(config: NetworkConfig, lease: Lease) -> bool:
     return (not config.enable_ipv4 or config.contains_v4(lease.subnet)) and config.contains_v6(
-        lease.ipv6_subnet)
+        lease.ipv6_subnet
+    )
 
 
 def plan(
@@ -71,8 +72,11 @@ def plan(
     *,
     rng: random.Random,
     exclude: frozenset[IPv4Network] = frozenset(),
+    window: int = CANDIDATE_WINDOW,
 ) -> Plan:
-    """Decide what to claim. ``exclude`` lists subnets just lost in a race.
+    """Decide what to claim. ``exclude`` lists subnets just lost in a race; ``window``
+    is how many free candidates to choose among (flannel: 100; widened after lost
+    races so that a storm of starting nodes spreads out instead of colliding).
 
     :raises SubnetsExhausted: nothing is free; the message says how many nodes fit.
     """
@@ -85,15 +89,25 @@ def plan(
         return Plan(Reuse(fitting[0]), stale, tuple(fitting[1:]))
 
     taken_v4 = [lease.subnet for lease in leases if lease not in stale]
-    taken_v6 = [lease.ipv6_subnet for lease in leases
-                if lease.ipv6_subnet is not None and lease not in stale]
+    taken_v6 = [
+        lease.ipv6_subnet
+        for lease in leases
+        if lease.ipv6_subnet is not None and lease not in stale
+    ]
 
     prev = previous.subnet
-    if (prev is not None and prev not in exclude and config.contains_v4(prev)
-            and not any(prev.overlaps(t) for t in taken_v4)):
+    if (
+        prev is not None
+        and prev not in exclude
+        and config.contains_v4(prev)
+        and not any(prev.overlaps(t) for t in taken_v4)
+    ):
         prev6 = previous.ipv6_subnet if config.enable_ipv6 else None
-        if config.enable_ipv6 and (prev6 is None or not config.contains_v6(prev6)
-                                   or any(prev6.overlaps(t) for t in taken_v6)):
+        if config.enable_ipv6 and (
+            prev6 is None
+            or not config.contains_v6(prev6)
+            or any(prev6.overlaps(t) for t in taken_v6)
+        ):
             prev6 = _pick_v6(config, taken_v6, rng)
         return Plan(Fresh(prev, prev6, f"previous subnet {prev} from the subnet file"), stale)
 
@@ -104,28 +118,38 @@ def plan(
     same_size = {t for t in taken_v4 if t.prefixlen == config.subnet_len}
     odd_size = [t for t in taken_v4 if t.prefixlen != config.subnet_len]
     for candidate in candidate_subnets(config.subnet_min, config.subnet_max, config.subnet_len):
-        if (candidate in exclude or candidate in same_size
-                or any(candidate.overlaps(t) for t in odd_size)):
+        if (
+            candidate in exclude
+            or candidate in same_size
+            or any(candidate.overlaps(t) for t in odd_size)
+        ):
             continue
         free.append(candidate)
-        if len(free) >= CANDIDATE_WINDOW:
+        if len(free) >= window:
             break
     if not free:
         raise SubnetsExhausted(
             f"out of subnets: all {config.subnet_capacity()} /{config.subnet_len} subnets of "
             f"Network {config.network} between SubnetMin {config.subnet_min} and SubnetMax "
             f"{config.subnet_max} are leased ({len(leases)} leases); enlarge Network, raise "
-            "SubnetLen or remove stale leases (loden leases)")
+            "SubnetLen or remove stale leases (loden leases)"
+        )
     v6 = _pick_v6(config, taken_v6, rng) if config.enable_ipv6 else None
-    return Plan(Fresh(rng.choice(free), v6, "random free subnet"), stale)
+    # Salting the random pick with our own address decorrelates nodes whose generators
+    # happen to agree (same seed, same start second): they then rarely race at all.
+    salt = int(attrs.public_ip) or int(attrs.public_ipv6 or 0)
+    pick = free[(rng.randrange(len(free)) + salt) % len(free)]
+    return Plan(Fresh(pick, v6, "random free subnet"), stale)
 
 
-def _pick_v6(config: NetworkConfig, taken: Sequence[IPv6Network],
-             rng: random.Random) -> IPv6Network:
+def _pick_v6(
+    config: NetworkConfig, taken: Sequence[IPv6Network], rng: random.Random
+) -> IPv6Network:
     assert config.ipv6_subnet_min is not None and config.ipv6_subnet_max is not None
     free: list[IPv6Network] = []
-    for candidate in candidate_subnets_v6(config.ipv6_subnet_min, config.ipv6_subnet_max,
-                                          config.ipv6_subnet_len):
+    for candidate in candidate_subnets_v6(
+        config.ipv6_subnet_min, config.ipv6_subnet_max, config.ipv6_subnet_len
+    ):
         if any(candidate.overlaps(t) for t in taken):
             continue
         free.append(candidate)
@@ -134,5 +158,6 @@ def _pick_v6(config: NetworkConfig, taken: Sequence[IPv6Network],
     if not free:
         raise SubnetsExhausted(
             f"out of IPv6 subnets in IPv6Network {config.ipv6_network}: enlarge it or raise "
-            "IPv6SubnetLen")
+            "IPv6SubnetLen"
+        )
     return rng.choice(free)

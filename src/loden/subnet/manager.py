@@ -43,7 +43,9 @@ from loden.subnet.store import LeaseStore, StoredKV, StoreEvent, StoreEventKind,
 
 log = logging.getLogger(__name__)
 
-MAX_CLAIM_ATTEMPTS = 20
+#: Every lost race means another node won a subnet, so the storm as a whole always
+#: progresses; the cap only guards against a store that keeps changing under us.
+MAX_CLAIM_ATTEMPTS = 200
 T = TypeVar("T")
 
 
@@ -81,16 +83,28 @@ def lease_from_kv(kv: StoredKV | StoreEvent, *, now: float | None = None) -> Lea
     attrs = LeaseAttrs.parse(kv.value, key=kv.name)
     now = time.time() if now is None else now
     known_ttl = kv.ttl is not None and not math.isnan(kv.ttl)
-    return Lease(subnet=subnet, ipv6_subnet=ipv6_subnet, attrs=attrs,
-                 expiration=now + kv.ttl if known_ttl and kv.ttl is not None else None,
-                 reserved=kv.ttl is None, store_ref=kv.ref)
+    return Lease(
+        subnet=subnet,
+        ipv6_subnet=ipv6_subnet,
+        attrs=attrs,
+        expiration=now + kv.ttl if known_ttl and kv.ttl is not None else None,
+        reserved=kv.ttl is None,
+        store_ref=kv.ref,
+    )
 
 
 class EtcdSubnetManager:
     """Subnet manager over a :class:`LeaseStore` (both etcd APIs share it)."""
 
-    def __init__(self, store: LeaseStore, *, ttl: int = 86400, renew_margin: float = 3600,
-                 rng: random.Random | None = None, relist_seconds: float = 300.0) -> None:
+    def __init__(
+        self,
+        store: LeaseStore,
+        *,
+        ttl: int = 86400,
+        renew_margin: float = 3600,
+        rng: random.Random | None = None,
+        relist_seconds: float = 300.0,
+    ) -> None:
         self.store = store
         self.ttl = ttl
         self.renew_margin = renew_margin
@@ -120,8 +134,9 @@ class EtcdSubnetManager:
         if raw is None:
             raise ConfigNotFound(
                 f"network config not found in etcd ({self.store.api} API) at the config key; "
-                "create it, e.g. `loden config set '{\"Network\": \"10.244.0.0/16\", "
-                "\"Backend\": {\"Type\": \"vxlan\"}}'`")
+                'create it, e.g. `loden config set \'{"Network": "10.244.0.0/16", '
+                '"Backend": {"Type": "vxlan"}}\'`'
+            )
         return NetworkConfig.parse(raw)
 
     # -- leases ---------------------------------------------------------------------------
@@ -160,16 +175,27 @@ class EtcdSubnetManager:
             config = await self.get_network_config()
             listing = await self._call(self.store.list())
             leases = self._parse_listing(listing.kvs)
-            plan = allocator.plan(config, leases, attrs, previous, rng=self.rng,
-                                  exclude=frozenset(lost))
+            plan = allocator.plan(
+                config,
+                leases,
+                attrs,
+                previous,
+                rng=self.rng,
+                exclude=frozenset(lost),
+                window=allocator.CANDIDATE_WINDOW << min(len(lost), 6),
+            )
             for dup in plan.duplicates_of_ours:
-                log.warning("lease %s also claims our public IP %s; keeping %s. Delete the "
-                            "stale lease if that node is gone", dup.key, attrs.public_ip,
-                            plan.choice.lease.key if isinstance(plan.choice, allocator.Reuse)
-                            else "a new one")
+                log.warning(
+                    "lease %s also claims our public IP %s; keeping %s. Delete the "
+                    "stale lease if that node is gone",
+                    dup.key,
+                    attrs.public_ip,
+                    plan.choice.lease.key
+                    if isinstance(plan.choice, allocator.Reuse)
+                    else "a new one",
+                )
             for stale in plan.stale_own:
-                log.info("deleting our old lease %s: it does not fit the network config",
-                         stale.key)
+                log.info("deleting our old lease %s: it does not fit the network config", stale.key)
                 await self._call(self.store.delete(stale.key))
             try:
                 if isinstance(plan.choice, allocator.Reuse):
@@ -178,31 +204,56 @@ class EtcdSubnetManager:
                     if current is None:
                         raise LeaseConflict(f"{old.key} vanished")
                     ttl = None if old.reserved else self.ttl
-                    kv = await self._call(self.store.update(
-                        old.key, self._value(attrs), ttl, expect_value=current.value))
-                    lease = Lease(old.subnet, attrs, old.ipv6_subnet,
-                                  expiration=None if ttl is None else time.time() + ttl,
-                                  reserved=ttl is None, store_ref=kv.ref)
-                    log.info("found lease %s for current IP %s, reusing%s", old.key,
-                             attrs.public_ip, " (a reservation)" if old.reserved else "")
+                    kv = await self._call(
+                        self.store.update(
+                            old.key, self._value(attrs), ttl, expect_value=current.value
+                        )
+                    )
+                    lease = Lease(
+                        old.subnet,
+                        attrs,
+                        old.ipv6_subnet,
+                        expiration=None if ttl is None else time.time() + ttl,
+                        reserved=ttl is None,
+                        store_ref=kv.ref,
+                    )
+                    log.info(
+                        "found lease %s for current IP %s, reusing%s",
+                        old.key,
+                        attrs.public_ip,
+                        " (a reservation)" if old.reserved else "",
+                    )
                     return lease
                 choice = plan.choice
                 lease = Lease(choice.subnet, attrs, choice.ipv6_subnet)
-                kv = await self._call(self.store.create(lease.key, self._value(attrs),
-                                                        self.ttl))
-                log.info("allocated lease %s to current node %s (%s)", lease.key,
-                         attrs.public_ip, choice.reason)
-                return Lease(lease.subnet, attrs, lease.ipv6_subnet,
-                             expiration=time.time() + self.ttl, store_ref=kv.ref)
+                kv = await self._call(self.store.create(lease.key, self._value(attrs), self.ttl))
+                log.info(
+                    "allocated lease %s to current node %s (%s)",
+                    lease.key,
+                    attrs.public_ip,
+                    choice.reason,
+                )
+                return Lease(
+                    lease.subnet,
+                    attrs,
+                    lease.ipv6_subnet,
+                    expiration=time.time() + self.ttl,
+                    store_ref=kv.ref,
+                )
             except LeaseConflict as exc:
                 self.claim_conflicts += 1
                 if isinstance(plan.choice, allocator.Fresh):
                     lost.add(plan.choice.subnet)
-                log.info("lost the race for a subnet (%s); retrying with another candidate "
-                         "(attempt %d)", exc, attempt)
-                await asyncio.sleep(self.rng.uniform(0.0, 0.05 * attempt))
-        raise StoreError(f"could not claim a subnet after {MAX_CLAIM_ATTEMPTS} lost races; "
-                         "is something rewriting <prefix>/subnets?")
+                log.info(
+                    "lost the race for a subnet (%s); retrying with another candidate (attempt %d)",
+                    exc,
+                    attempt,
+                )
+                await asyncio.sleep(self.rng.uniform(0.0, min(0.02 * attempt, 1.0)))
+        raise StoreError(
+            f"could not claim a subnet after {MAX_CLAIM_ATTEMPTS} lost races; "
+            "is something rewriting <prefix>/subnets?"
+        )
 
     async def renew_lease(self, lease: Lease) -> Lease:
         """Extend our lease (a fresh TTL); re-create it if it vanished and is still free.
@@ -229,9 +280,9 @@ class EtcdSubnetManager:
         if attrs is None or attrs.public_ip != lease.attrs.public_ip:
             raise LeaseRevoked(
                 f"our subnet {lease.key} is now held by "
-                f"{attrs.public_ip if attrs else 'a malformed lease'}; restart to get a new one")
-        kv = await self._call(self.store.update(lease.key, value, ttl,
-                                                expect_value=current.value))
+                f"{attrs.public_ip if attrs else 'a malformed lease'}; restart to get a new one"
+            )
+        kv = await self._call(self.store.update(lease.key, value, ttl, expect_value=current.value))
         return _with_expiry(lease, ttl, kv.ref)
 
     def renew_delay(self, lease: Lease) -> float:
@@ -252,11 +303,15 @@ class EtcdSubnetManager:
                     events.append(LeaseEvent(EventKind.ADDED, lease_from_kv(item)))
                 else:
                     subnet, v6 = parse_subnet_key(item.name)
-                    events.append(LeaseEvent(EventKind.REMOVED, Lease(
-                        subnet, LeaseAttrs(public_ip=_ZERO), v6)))
+                    events.append(
+                        LeaseEvent(
+                            EventKind.REMOVED, Lease(subnet, LeaseAttrs(public_ip=_ZERO), v6)
+                        )
+                    )
             except ParseError as exc:
-                self._warn_once(f"{item.name}:{item.value!r}", "skipping event for %s: %s",
-                                item.name, exc)
+                self._warn_once(
+                    f"{item.name}:{item.value!r}", "skipping event for %s: %s", item.name, exc
+                )
         return events
 
     async def watch_leases(self) -> AsyncIterator[WatchResult]:
@@ -324,9 +379,14 @@ class EtcdSubnetManager:
 
 
 def _with_expiry(lease: Lease, ttl: int | None, ref: int) -> Lease:
-    return Lease(lease.subnet, lease.attrs, lease.ipv6_subnet,
-                 expiration=None if ttl is None else time.time() + ttl,
-                 reserved=ttl is None, store_ref=ref)
+    return Lease(
+        lease.subnet,
+        lease.attrs,
+        lease.ipv6_subnet,
+        expiration=None if ttl is None else time.time() + ttl,
+        reserved=ttl is None,
+        store_ref=ref,
+    )
 
 
 _ZERO = IPv4Address("0.0.0.0")

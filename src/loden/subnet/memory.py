@@ -26,8 +26,13 @@ class _Entry:
 class MemoryStore:
     api = "memory"
 
-    def __init__(self, *, legacy_values: bool = False, history: int = 1000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        legacy_values: bool = False,
+        history: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.legacy_values = legacy_values
         self._clock = clock
         self._config: bytes | None = None
@@ -55,8 +60,9 @@ class MemoryStore:
 
     async def _expire(self) -> None:
         now = self._clock()
-        for name in [n for n, e in self._data.items() if e.expires is not None
-                     and e.expires <= now]:
+        for name in [
+            n for n, e in self._data.items() if e.expires is not None and e.expires <= now
+        ]:
             del self._data[name]
             await self._emit(StoreEvent(StoreEventKind.DELETE, name, b""))
 
@@ -99,9 +105,15 @@ class MemoryStore:
 
     async def _put(self, name: str, value: bytes, ttl: int | None) -> StoredKV:
         expires = None if ttl is None else self._clock() + ttl
-        revision = await self._emit(StoreEvent(StoreEventKind.PUT, name, value,
-                                               None if ttl is None else float(ttl),
-                                               self._revision + 1))
+        revision = await self._emit(
+            StoreEvent(
+                StoreEventKind.PUT,
+                name,
+                value,
+                None if ttl is None else float(ttl),
+                self._revision + 1,
+            )
+        )
         self._data[name] = _Entry(value, expires, revision)
         return self._kv(name, self._data[name])
 
@@ -112,8 +124,9 @@ class MemoryStore:
             raise LeaseConflict(f"{name} already exists")
         return await self._put(name, value, ttl)
 
-    async def update(self, name: str, value: bytes, ttl: int | None, *,
-                     expect_value: bytes) -> StoredKV:
+    async def update(
+        self, name: str, value: bytes, ttl: int | None, *, expect_value: bytes
+    ) -> StoredKV:
         self.requests += 1
         await self._expire()
         entry = self._data.get(name)

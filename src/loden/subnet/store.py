@@ -86,8 +86,9 @@ class LeaseStore(Protocol):
         """
         ...
 
-    async def update(self, name: str, value: bytes, ttl: int | None, *,
-                     expect_value: bytes) -> StoredKV:
+    async def update(
+        self, name: str, value: bytes, ttl: int | None, *, expect_value: bytes
+    ) -> StoredKV:
         """Overwrite ``name`` only if its current value is ``expect_value``.
 
         :raises LeaseConflict: the key is gone or holds another value.
