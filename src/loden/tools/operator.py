@@ -175,7 +175,7 @@ async def _leases(values: dict[str, object]) -> int:
             str(row["expires_in"]),
             "yes" if lease.reserved else "",
         )
-    Console(file=sys.stdout, width=120).print(table)
+    Console(file=sys.stdout, width=120, emoji=False, highlight=False).print(table)
     return 0
 
 

@@ -1,0 +1,128 @@
+"""``loden lab status``: one row per node, read live from the nodes and from etcd.
+
+The subnet and VTEP MAC / WireGuard key come from the leases in etcd (``loden leases
+-json`` run inside node1 with the node's own etcd flags, so it also proves the store is
+reachable from the nodes); when that fails they come from the node itself (subnet.env
+and the ``flannel.1`` device). Agent health is the agent's own ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from ipaddress import IPv4Interface
+
+from rich.markup import escape
+from rich.table import Table
+
+from loden.lab import netns, proc
+from loden.lab.check import VXLAN_DEVICE, agent_health
+from loden.lab.node import etcd_flags, loden_executable, read_subnet
+from loden.lab.state import LabState, NodeRecord
+
+WIREGUARD_DEVICE = "flannel-wg"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    node: str
+    public_ip: str
+    subnet: str
+    backend: str
+    detail: str
+    pods: int
+    health: str
+    healthy: bool
+
+
+def leases(state: LabState) -> dict[str, dict[str, object]] | None:
+    """Leases by public IP, read through etcd from the first node; None if that fails."""
+    node = next(iter(state.nodes.values()), None)
+    if node is None:
+        return None
+    argv = netns.in_node(
+        node.mntns, node.netns, [loden_executable(), "leases", "-json", *etcd_flags(state.plan)]
+    )
+    done = proc.run(argv, check=False, timeout=15, env={"PATH": proc.SERVICE_PATH})
+    if done.returncode != 0:
+        return None
+    try:
+        rows = json.loads(done.stdout)
+    except ValueError:
+        return None
+    return {str(r.get("public_ip")): r for r in rows if isinstance(r, dict)}
+
+
+def _local_detail(state: LabState, node: NodeRecord) -> str:
+    backend = state.plan.backend
+    if backend == "vxlan":
+        done = proc.run(
+            ["ip", "-n", node.netns, "-j", "link", "show", VXLAN_DEVICE], check=False, timeout=5
+        )
+        try:
+            return str(json.loads(done.stdout or b"[{}]")[0].get("address", ""))
+        except (ValueError, IndexError):
+            return ""
+    if backend == "wireguard":
+        done = proc.run(
+            netns.in_node(node.mntns, node.netns, ["wg", "show", WIREGUARD_DEVICE, "public-key"]),
+            check=False,
+            timeout=5,
+        )
+        return done.stdout.decode(errors="replace").strip()
+    return "-"
+
+
+def collect(state: LabState) -> list[NodeStatus]:
+    by_ip = leases(state) if state.plan.with_agent else None
+    rows: list[NodeStatus] = []
+    for node in state.nodes.values():
+        public_ip = str(IPv4Interface(node.address).ip)
+        lease = (by_ip or {}).get(public_ip)
+        subnet = (
+            str(lease["subnet"])
+            if lease
+            else (read_subnet(state.plan, node.name)[0] or node.subnet)
+        )
+        detail = str(lease.get("detail") or "-") if lease else _local_detail(state, node)
+        healthy, body = agent_health(state, node)
+        rows.append(
+            NodeStatus(
+                node=node.name,
+                public_ip=public_ip,
+                subnet=subnet or "?",
+                backend=state.plan.backend,
+                detail=detail or "-",
+                pods=sum(1 for p in state.pods if p.node == node.name),
+                health=body[:60],
+                healthy=healthy,
+            )
+        )
+    return rows
+
+
+def table(state: LabState, rows: list[NodeStatus]) -> Table:
+    plan = state.plan
+    title = (
+        f"lab {plan.name}: {plan.nodes} nodes, {plan.backend}, {plan.runtime} runtime, "
+        f"etcd {plan.etcd}{' TLS' if plan.tls else ''} ({plan.etcd_api}), "
+        f"Network {plan.network}, underlay {plan.underlay} {escape(f'[{state.phase}]')}"
+    )
+    out = Table(title=title, title_justify="left")
+    for column in (
+        "node",
+        "public IP",
+        "subnet",
+        "backend",
+        "VTEP MAC / key",
+        "pods",
+        "agent /healthz",
+    ):
+        out.add_column(column)
+    for row in rows:
+        text = escape(row.health)
+        health = f"[green]{text}[/]" if row.healthy else f"[red]{text}[/]"
+        out.add_row(
+            row.node, row.public_ip, row.subnet, row.backend, row.detail, str(row.pods), health
+        )
+    return out

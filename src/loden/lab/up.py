@@ -1,0 +1,187 @@
+"""``loden lab up``: build a lab in the order the seed deploys a cluster.
+
+1. underlay namespace with bridge ``br0`` (the nodes' LAN, gateway ``.1``);
+2. etcd (one member or three, optionally TLS with certificates made now);
+3. the nodes, in parallel: namespaces, private mounts, ``loden systemd render``;
+4. the network config, written from node1 the seed's way (``loden config set`` for
+   v3, ``ETCDCTL_API=2 etcdctl set`` for v2);
+5. ``flanneld.service`` on every node, in parallel (READY=1, then ExecStartPost);
+6. the runtime: CNI pods through the flannel plugin, or dockerd from ``docker.service``
+   and ``docker run`` containers.
+
+A failure stops ``up`` and leaves what was built (state.json records it) for
+inspection; ``loden lab down`` removes it. ``--no-agent`` (hidden, for infrastructure
+tests) skips 4-5 and writes each node's subnet.env by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from loden.errors import ConfigError, LodenError
+from loden.lab import etcd, netns, node, proc, runtime_cni, runtime_docker
+from loden.lab.pki import TlsFiles, make_pki
+from loden.lab.plan import LAB_ROOT, LabPlan, check_name, pick_addresses
+from loden.lab.report import Reporter
+from loden.lab.state import LabState, NodeRecord, host_lock, taken_networks
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BACKEND_MODULES = {
+    "vxlan": "loden.backend.vxlan",
+    "host-gw": "loden.backend.hostgw",
+    "udp": "loden.backend.udp",
+    "wireguard": "loden.backend.wireguard",
+}
+
+
+def backend_available(backend: str) -> bool:
+    """True when this build has the backend's module."""
+    return importlib.util.find_spec(BACKEND_MODULES[backend]) is not None
+
+
+def preflight(plan: LabPlan) -> None:
+    """:raises LodenError: a program or backend the lab needs is missing."""
+    for program, package in (
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("unshare", "util-linux"),
+        ("etcd", "etcd-server"),
+        ("busybox", "busybox-static"),
+        ("ping", "iputils-ping"),
+        ("iptables", "iptables"),
+    ):
+        proc.require(program, package)
+    if plan.etcd_api == "v2":
+        proc.require("etcdctl", "etcd-client")
+    if plan.runtime == "docker":
+        proc.require("dockerd", "docker.io")
+        proc.require("docker", "docker.io")
+    if plan.backend == "wireguard":
+        proc.require("wg", "wireguard-tools")
+    if plan.with_agent and not backend_available(plan.backend):
+        raise LodenError(
+            f"backend {plan.backend!r} is not available in this build of Loden "
+            f"({BACKEND_MODULES[plan.backend]} is missing); use --backend vxlan or host-gw"
+        )
+
+
+def create_state(
+    name: str,
+    *,
+    nodes: int,
+    backend: str,
+    runtime: str,
+    etcd_mode: str,
+    tls: bool,
+    etcd_api: str,
+    pods: int,
+    with_agent: bool,
+) -> LabState:
+    """Pick addresses and create the lab directory with its first state.json.
+
+    :raises ConfigError: a lab of that name exists already.
+    """
+    check_name(name)
+    with host_lock():
+        if (LAB_ROOT / name).exists():
+            raise ConfigError(
+                f"a lab named {name!r} exists already: `loden lab down --name {name}` first, "
+                "or pick another --name"
+            )
+        underlay, network = pick_addresses(name, taken_networks())
+        plan = LabPlan(
+            name=name,
+            nodes=nodes,
+            backend=backend,
+            runtime=runtime,
+            etcd=etcd_mode,
+            tls=tls,
+            etcd_api=etcd_api,
+            pods_per_node=pods,
+            underlay=underlay,
+            network=network,
+            with_agent=with_agent,
+        )
+        preflight(plan)
+        state = LabState(plan)
+        state.save()
+    return state
+
+
+def parallel(items: list[str], fn: Callable[[str], T]) -> list[T]:
+    """``fn`` over the node names, a few at a time; the first error is raised."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(items), 8)) as pool:
+        return list(pool.map(fn, items))
+
+
+def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> LabState:
+    """Build the lab recorded in ``state`` (see the module docstring)."""
+    plan = state.plan
+    with reporter.step(f"underlay {plan.underlay_ns}: bridge br0 {plan.gateway}"):
+        netns.add_netns(state, plan.underlay_ns)
+        netns.ip(plan.underlay_ns, "link", "add", "br0", "type", "bridge")
+        netns.ip(plan.underlay_ns, "addr", "add", str(plan.gateway), "dev", "br0")
+        netns.ip(plan.underlay_ns, "link", "set", "br0", "up")
+    tls: TlsFiles | None = None
+    if plan.tls:
+        with reporter.step("TLS: CA and etcd server/client certificate (the seed's server.pem)"):
+            # Like the seed's cfssl hosts list, the SANs name every machine: etcd checks a
+            # client certificate's IP SANs against the address the client connects from.
+            hosts = [plan.gateway.ip, *plan.etcd_addresses()]
+            hosts += [plan.node_address(n).ip for n in plan.node_names()]
+            tls = make_pki(plan.workdir / "pki", hosts)
+    members = len(plan.etcd_addresses())
+    with reporter.step(
+        f"etcd: {members} member{'s' if members > 1 else ''} at {plan.etcd_endpoints()}"
+    ):
+        etcd.start(state, tls)
+
+    def build(name: str) -> NodeRecord:
+        with reporter.step(f"{name}: namespaces, private mounts, `loden systemd render`") as s:
+            record = node.build_node(state, name, tls)
+            s.text = f"{name}: {record.address} in {record.netns}, units rendered"
+            return record
+
+    netns.private_dir(state, plan.workdir / "mntns")
+    records = parallel(plan.node_names(), build)
+    if plan.with_agent or plan.etcd_api == "v2":
+        how = "loden config set" if plan.etcd_api == "v3" else "ETCDCTL_API=2 etcdctl set"
+        with reporter.step(f"network config {plan.network_config()} ({how}, from node1)"):
+            node.write_network_config(state, records[0])
+
+    def start(name: str) -> NodeRecord:
+        record = state.nodes[name]
+        if not plan.with_agent:
+            with reporter.step(f"{name}: subnet.env written by hand (--no-agent)"):
+                return node.write_manual_subnet(state, record, records.index(record))
+        with reporter.step(f"{name}: flanneld.service") as s:
+            ready = node.start_agent(state, record, timeout=agent_timeout)
+            s.text = f"{name}: flanneld ready, subnet {ready.subnet}, MTU {ready.mtu}"
+            return ready
+
+    records = parallel(plan.node_names(), start)
+
+    def pods(name: str) -> None:
+        record = state.nodes[name]
+        if plan.runtime == "docker":
+            with reporter.step(f"{name}: docker.service (dockerd $DOCKER_NETWORK_OPTIONS)"):
+                record = runtime_docker.start_dockerd(state, record)
+            with reporter.step(f"{name}: {plan.pods_per_node} containers (docker run)") as s:
+                made = runtime_docker.create_pods(state, record)
+                s.text = f"{name}: containers " + ", ".join(f"{p.name}={p.ip}" for p in made)
+        else:
+            with reporter.step(f"{name}: {plan.pods_per_node} pods (CNI ADD via flannel)") as s:
+                made = runtime_cni.create_pods(state, record)
+                s.text = f"{name}: pods " + ", ".join(f"{p.name}={p.ip}" for p in made)
+
+    parallel(plan.node_names(), pods)
+    state.set_phase("up")
+    return state
