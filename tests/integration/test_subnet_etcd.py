@@ -86,9 +86,14 @@ async def test_acquire_restart_and_previous_subnet(store: LeaseStore, api: str) 
 
 
 async def test_32_agents_at_once_distinct(store: LeaseStore, etcd: EtcdServer, api: str) -> None:
+    # Exactly 32 subnets for 32 nodes: random picks must collide, and every lost race
+    # has to be retried for all of them to fit.
+    await store.put_config(
+        b'{"Network": "10.5.0.0/19", "SubnetMin": "10.5.0.0", "SubnetMax": "10.5.31.0"}'
+    )
     stores = [await open_store(settings([etcd.client_url], api)) for _ in range(32)]
     try:
-        managers = [manager(s, seed=0) for s in stores]  # same seed: every node races
+        managers = [manager(s, seed=i) for i, s in enumerate(stores)]
         leases = await asyncio.gather(
             *(m.acquire_lease(attrs(i + 10), PreviousSubnets()) for i, m in enumerate(managers))
         )
@@ -295,3 +300,51 @@ async def test_auto_detects_the_api_that_has_the_config(etcd: EtcdServer) -> Non
         assert auto.api == "v3"
     finally:
         await auto.aclose()
+
+
+async def test_username_password_auth_v3(etcd: EtcdServer) -> None:
+    etcd.etcdctl("user", "add", "root:s3cret")
+    etcd.etcdctl("auth", "enable")
+    good = EtcdSettings(
+        endpoints=(etcd.client_url,),
+        prefix="/coreos.com/network",
+        keyfile="",
+        certfile="",
+        cafile="",
+        username="root",
+        password="s3cret",
+        api="v3",
+    )
+    store = await open_store(good)
+    try:
+        await store.put_config(CONFIG)
+        lease = await manager(store).acquire_lease(attrs(1), PreviousSubnets())
+        stream = manager(store).watch_leases()
+        first = await anext(stream)
+        assert first.snapshot is not None and [x.key for x in first.snapshot] == [lease.key]
+        await stream.aclose()  # type: ignore[attr-defined]
+    finally:
+        await store.aclose()
+    bad = await open_store(
+        EtcdSettings(
+            endpoints=(etcd.client_url,),
+            prefix="/coreos.com/network",
+            keyfile="",
+            certfile="",
+            cafile="",
+            username="root",
+            password="wrong",
+            api="v3",
+        )
+    )
+    try:
+        with pytest.raises(StoreAuthError, match="authentication as 'root' failed"):
+            await bad.get_config()
+    finally:
+        await bad.aclose()
+    anonymous = await open_store(settings([etcd.client_url], "v3"))
+    try:
+        with pytest.raises(StoreAuthError):
+            await anonymous.get_config()
+    finally:
+        await anonymous.aclose()

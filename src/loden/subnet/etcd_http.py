@@ -31,11 +31,15 @@ def tls_context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
 
     :raises ConfigError: a file is missing or not PEM of the right kind.
     """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    # Not create_default_context(): it would also trust the system store, located via
+    # SSL_CERT_FILE/SSL_CERT_DIR. With -etcd-cafile, that CA alone is trusted.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         if cafile:
             context.load_verify_locations(cafile=cafile)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if certfile and keyfile:
             context.load_cert_chain(certfile=certfile, keyfile=keyfile)
             context._loden_client_cert = True  # type: ignore[attr-defined]
@@ -181,6 +185,7 @@ class EtcdHTTP:
         *,
         json: Any = None,
         params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
         read_timeout: float | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """A streaming request to the first endpoint that accepts it."""
@@ -190,7 +195,12 @@ class EtcdHTTP:
             url = self.endpoints[index] + path
             try:
                 request = self._client.build_request(
-                    method, url, json=json, params=params, headers=self.headers, timeout=timeout
+                    method,
+                    url,
+                    json=json,
+                    params=params,
+                    headers={**self.headers, **(headers or {})},
+                    timeout=timeout,
                 )
                 response = await self._client.send(request, stream=True)
             except ssl.SSLError as exc:  # httpx lets some alerts through unwrapped

@@ -79,7 +79,11 @@ class EtcdV3Store:
         if retry_auth and self._username and ("token" in text or response.status_code == 401):
             self.http.headers.pop("Authorization", None)
             return await self._post(path, body, retry_auth=False)
-        if response.status_code in (401, 403) or "permission denied" in text:
+        if (
+            response.status_code in (401, 403)
+            or "permission denied" in text
+            or "user name is empty" in text
+        ):
             raise StoreAuthError(
                 f"etcd refused {path}: {text.strip()[:200]}; check "
                 "-etcd-username/-etcd-password and the user's role"
@@ -235,7 +239,11 @@ class EtcdV3Store:
         if self._username and "Authorization" not in self.http.headers:
             await self._authenticate()
         try:
-            async with self.http.stream("POST", "/v3/watch", json=body) as response:
+            # "hasleader": a member that lost quorum ends the watch instead of going
+            # silent, so the agent fails over and /healthz notices.
+            async with self.http.stream(
+                "POST", "/v3/watch", json=body, headers={"Grpc-Metadata-hasleader": "true"}
+            ) as response:
                 if response.status_code != 200:
                     raise StoreUnavailable(f"watch refused: HTTP {response.status_code}")
                 async for line in response.aiter_lines():
