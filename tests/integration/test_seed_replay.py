@@ -9,14 +9,16 @@ leases exactly as the seed prints them. Then the same with vxlan and the v3 API.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Callable
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import pytest
 
-from tests.integration.test_lab_cluster import lab, loden, node_exec, state, up
+from tests.integration.test_lab_cluster import LODEN, lab, loden, node_exec, state, up
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -69,14 +71,21 @@ def test_seed_replay(lab: Callable[[], str], backend: str, api: str) -> None:
     nodes = doc["nodes"]
     assert isinstance(nodes, dict) and len(nodes) == 3
 
-    # flanneld runs with exactly the seed's command line.
-    ps = node_exec(name, "node1", "ps", "-eo", "args")
-    assert re.search(
-        r"/opt/kubernetes/bin/flanneld --ip-masq --etcd-endpoints=https://\S+ "
-        r"-etcd-cafile=/opt/etcd/ssl/ca.pem -etcd-certfile=/opt/etcd/ssl/server.pem"
-        r" -etcd-keyfile=/opt/etcd/ssl/server-key.pem",
-        ps,
-    ), ps
+    # flanneld runs with exactly the seed's options (the wrapper at
+    # /opt/kubernetes/bin/flanneld execs `loden agent`, so argv[0] is Python's).
+    for node in nodes.values():
+        argv = Path(f"/proc/{node['agent_pid']}/cmdline").read_bytes().decode().split("\0")
+        options = argv[argv.index("agent") + 1 :]
+        assert options[:5] == [
+            "--ip-masq",
+            options[1],
+            "-etcd-cafile=/opt/etcd/ssl/ca.pem",
+            "-etcd-certfile=/opt/etcd/ssl/server.pem",
+            "-etcd-keyfile=/opt/etcd/ssl/server-key.pem",
+        ], argv
+        assert re.fullmatch(
+            r"--etcd-endpoints=(https://[\d.]+:\d+,){2}https://[\d.]+:\d+", options[1]
+        ), options[1]
 
     # etcd holds one lease per node, in the era's JSON.
     if api == "v2":
@@ -99,7 +108,7 @@ def test_seed_replay(lab: Callable[[], str], backend: str, api: str) -> None:
             name,
             "node1",
             "--",
-            "loden",
+            LODEN,
             "leases",
             "-json",
             "-etcd-api=v3",
@@ -111,7 +120,9 @@ def test_seed_replay(lab: Callable[[], str], backend: str, api: str) -> None:
                 for f in etcd_flags(name)
             ],
         )
-        assert leases.stdout.count('"VtepMAC"') == 3
+        rows = json.loads(leases.stdout)
+        assert len(rows) == 3 and all(r["backend"] == "vxlan" for r in rows)
+        assert all(re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", r["detail"]) for r in rows)
 
     for node_name, node in nodes.items():
         # subnet.env after ExecStartPost mk-docker-opts: exactly the seed's four lines.

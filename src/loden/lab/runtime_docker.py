@@ -23,6 +23,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 from loden.errors import LodenError
@@ -93,7 +94,9 @@ def busybox_rootfs(path: Path) -> Path:
         return path
     busybox = Path(proc.require("busybox", "busybox-static")).resolve()
     applets = proc.out([str(busybox), "--list"]).split()
-    tmp = path.with_suffix(".tmp")
+    # Nodes build their pods in parallel threads: each writes its own temp file, and
+    # the atomic rename makes the last identical copy win.
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
     with tarfile.open(tmp, "w") as tar:
         for directory in ("bin", "etc", "proc", "sys", "dev", "tmp", "www", "root"):
             info = tarfile.TarInfo(directory)
