@@ -121,10 +121,13 @@ class BackendError(LodenError):
 class UnknownBackend(BackendError):
     """``Backend.Type`` names no registered backend."""
 
-    def __init__(self, name: str, known: Sequence[str]) -> None:
-        super().__init__(
-            f"unknown backend type {name!r}: known types are {', '.join(sorted(known))}"
+    def __init__(self, name: str, known: Sequence[str], reason: str = "") -> None:
+        what = (
+            f"backend type {name!r} is not supported ({reason})"
+            if reason
+            else (f"unknown backend type {name!r}")
         )
+        super().__init__(f"{what}: known types are {', '.join(sorted(known))}")
         self.name = name
         self.known = tuple(known)
 

@@ -43,7 +43,7 @@ def create_backend(name: str, ctx: BackendContext) -> Backend:
     key = name.lower()
     if key not in _REGISTRY:
         if key in UNSUPPORTED:
-            raise UnknownBackend(f"{key} ({UNSUPPORTED[key]})", known_backends())
+            raise UnknownBackend(key, known_backends(), UNSUPPORTED[key])
         raise UnknownBackend(name, known_backends())
     module = importlib.import_module(_REGISTRY[key])
     factory = cast(Callable[[BackendContext], Backend], module.create)
