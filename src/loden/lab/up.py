@@ -64,6 +64,8 @@ def preflight(plan: LabPlan) -> None:
         proc.require("docker", "docker.io")
     if plan.backend == "wireguard":
         proc.require("wg", "wireguard-tools")
+        proc.require("wireguard-go", "wireguard-go")
+        proc.require("setpriv", "util-linux")
     if plan.with_agent and not backend_available(plan.backend):
         raise LodenError(
             f"backend {plan.backend!r} is not available in this build of Loden "
