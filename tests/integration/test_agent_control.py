@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,18 @@ def test_tls_etcd_with_client_certs(make_topology: TopologyFactory, tmp_path: Pa
     finally:
         topo.close()
         etcd.close()
+
+
+def test_blackhole_route_for_own_subnet(node: Node) -> None:
+    node.loden("config", "set", '{"Network": "10.7.0.0/16", "Backend": {"Type": "alloc"}}')
+    node.ns.spawn(*node.agent_args("a", "--ip-blackhole-route", "--iptables-resync=1"))
+    env_path = node.dir / "a" / "subnet.env"
+    assert wait_until(env_path.exists, timeout=15)
+    subnet = str(IPv4Network(env_path.read_text().splitlines()[1].split("=")[1], strict=False))
+    assert wait_until(
+        lambda: subnet in node.ns.ip("route", "show", "type", "blackhole").stdout, timeout=10
+    )
+    node.ns.ip("route", "del", "blackhole", subnet)
+    assert wait_until(
+        lambda: subnet in node.ns.ip("route", "show", "type", "blackhole").stdout, timeout=10
+    )

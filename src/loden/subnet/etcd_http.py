@@ -14,8 +14,9 @@ class, so failover and TLS behave identically for both. Design points:
 from __future__ import annotations
 
 import logging
+import os
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,6 +36,10 @@ def tls_context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
     # SSL_CERT_FILE/SSL_CERT_DIR. With -etcd-cafile, that CA alone is trusted.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    for flag, path in (("cafile", cafile), ("certfile", certfile), ("keyfile", keyfile)):
+        # Checked by name first: ssl's own FileNotFoundError does not say which file.
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"etcd TLS file not found: {path} (-etcd-{flag}); fix the path")
     try:
         if cafile:
             context.load_verify_locations(cafile=cafile)
@@ -90,6 +95,55 @@ class EtcdHTTP:
     def current(self) -> str:
         return self.endpoints[self._preferred]
 
+    async def _first_answer(
+        self,
+        path: str,
+        send: Callable[[str], Awaitable[httpx.Response]],
+        *,
+        idle_ok: bool = False,
+    ) -> httpx.Response | None:
+        """The one failover loop: try endpoints from the last good one; the first that
+        answers below 500 wins. TLS failures end the search (retrying another member, or
+        in plaintext, cannot fix them). ``idle_ok``: a read timeout means "nothing
+        happened" (a long poll) and returns None.
+
+        :raises StoreUnavailable: no endpoint answered (lists endpoints and errors).
+        :raises StoreAuthError: TLS handshake or certificate verification failed.
+        """
+        errors: list[str] = []
+        for index in self._order():
+            url = self.endpoints[index] + path
+            try:
+                response = await send(url)
+            except httpx.ReadTimeout as exc:
+                if idle_ok:
+                    self._use(index)
+                    return None
+                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
+                continue
+            except ssl.SSLError as exc:  # httpx lets some alerts through unwrapped
+                raise _tls_error(url, exc) from exc
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                self._raise_if_tls(exc, url)
+                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
+                continue
+            if response.status_code >= 500:
+                await response.aread()
+                await response.aclose()
+                errors.append(
+                    f"{self.endpoints[index]}: HTTP {response.status_code} "
+                    f"{response.text[:120].strip()}"
+                )
+                continue
+            self._use(index)
+            return response
+        raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
+
+    def _use(self, index: int) -> None:
+        if index != self._preferred:
+            log.info("etcd: now using endpoint %s", self.endpoints[index])
+            self._preferred = index
+
     async def request(
         self,
         method: str,
@@ -99,47 +153,23 @@ class EtcdHTTP:
         params: dict[str, str] | None = None,
         data: dict[str, str] | None = None,
         timeout: float | None = None,
-        ok_statuses: tuple[int, ...] = (),
     ) -> httpx.Response:
-        """Send to the first endpoint that answers; 4xx answers are returned as they are.
+        """Send to the first endpoint that answers; 4xx answers are returned as they are."""
 
-        :raises StoreUnavailable: no endpoint answered (lists endpoints and last error).
-        :raises StoreAuthError: TLS handshake or certificate verification failed.
-        """
-        errors: list[str] = []
-        for index in self._order():
-            url = self.endpoints[index] + path
-            try:
-                response = await self._client.request(
-                    method,
-                    url,
-                    json=json,
-                    params=params,
-                    data=data,
-                    headers=self.headers,
-                    timeout=timeout if timeout is not None else self.timeout,
-                )
-            except ssl.SSLError as exc:  # httpx lets some alerts through unwrapped
-                raise _tls_error(url, exc) from exc
-            except httpx.ConnectError as exc:
-                self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
-                continue
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
-                continue
-            if response.status_code >= 500 and response.status_code not in ok_statuses:
-                errors.append(
-                    f"{self.endpoints[index]}: HTTP {response.status_code} "
-                    f"{response.text[:120].strip()}"
-                )
-                continue
-            if index != self._preferred:
-                log.info("etcd: now using endpoint %s", self.endpoints[index])
-                self._preferred = index
-            return response
-        raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
+        def send(url: str) -> Awaitable[httpx.Response]:
+            return self._client.request(
+                method,
+                url,
+                json=json,
+                params=params,
+                data=data,
+                headers=self.headers,
+                timeout=timeout if timeout is not None else self.timeout,
+            )
+
+        response = await self._first_answer(path, send)
+        assert response is not None
+        return response
 
     async def long_poll(
         self, path: str, *, params: dict[str, str], poll_seconds: float
@@ -149,33 +179,12 @@ class EtcdHTTP:
         Connection failures still fail over like :meth:`request`; only a read timeout
         on an established request means "nothing happened".
         """
-        errors: list[str] = []
         timeout = httpx.Timeout(self.timeout, read=poll_seconds)
-        for index in self._order():
-            url = self.endpoints[index] + path
-            try:
-                response = await self._client.get(
-                    url, params=params, headers=self.headers, timeout=timeout
-                )
-            except httpx.ReadTimeout:
-                self._preferred = index
-                return None
-            except ssl.SSLError as exc:  # httpx lets some alerts through unwrapped
-                raise _tls_error(url, exc) from exc
-            except httpx.ConnectError as exc:
-                self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
-                continue
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
-                continue
-            if response.status_code >= 500:
-                errors.append(f"{self.endpoints[index]}: HTTP {response.status_code}")
-                continue
-            self._preferred = index
-            return response
-        raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
+
+        def send(url: str) -> Awaitable[httpx.Response]:
+            return self._client.get(url, params=params, headers=self.headers, timeout=timeout)
+
+        return await self._first_answer(path, send, idle_ok=True)
 
     @asynccontextmanager
     async def stream(
@@ -189,41 +198,25 @@ class EtcdHTTP:
         read_timeout: float | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """A streaming request to the first endpoint that accepts it."""
-        errors: list[str] = []
         timeout = httpx.Timeout(self.timeout, read=read_timeout)
-        for index in self._order():
-            url = self.endpoints[index] + path
-            try:
-                request = self._client.build_request(
-                    method,
-                    url,
-                    json=json,
-                    params=params,
-                    headers={**self.headers, **(headers or {})},
-                    timeout=timeout,
-                )
-                response = await self._client.send(request, stream=True)
-            except ssl.SSLError as exc:  # httpx lets some alerts through unwrapped
-                raise _tls_error(url, exc) from exc
-            except httpx.ConnectError as exc:
-                self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
-                continue
-            except (httpx.TimeoutException, httpx.NetworkError) as exc:
-                self._raise_if_tls(exc, url)
-                errors.append(f"{self.endpoints[index]}: {self._describe(exc, url)}")
-                continue
-            if response.status_code >= 500:
-                await response.aclose()
-                errors.append(f"{self.endpoints[index]}: HTTP {response.status_code}")
-                continue
-            self._preferred = index
-            try:
-                yield response
-            finally:
-                await response.aclose()
-            return
-        raise StoreUnavailable("etcd unreachable: " + "; ".join(errors))
+
+        def send(url: str) -> Awaitable[httpx.Response]:
+            request = self._client.build_request(
+                method,
+                url,
+                json=json,
+                params=params,
+                headers={**self.headers, **(headers or {})},
+                timeout=timeout,
+            )
+            return self._client.send(request, stream=True)
+
+        response = await self._first_answer(path, send)
+        assert response is not None
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     def _describe(self, exc: httpx.HTTPError, url: str) -> str:
         text = _short(exc)
