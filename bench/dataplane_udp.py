@@ -7,7 +7,17 @@ wire format the simplest way: one select loop, one read/sendto per packet, one
 recvfrom/write per packet, TUN without offloads. Prints Gbit/s, ratios to the underlay
 measured in the same run, and the forwarders' CPU seconds per GB moved.
 
-Run as root: ``.venv/bin/python bench/dataplane_udp.py [--seconds 5] [--workers N]``.
+For Loden it also prints, per host and per test, the workers' counters that show whether
+batching works: inner packets per socket read (``UDP_GRO`` coalescing on the receiver),
+segments per TUN write (super-packets built), datagrams per ``sendmsg`` (``UDP_SEGMENT``
+runs) and bytes per TUN read (TSO super-packets with ``--tso 1``), plus the UDP
+receive-buffer drops (``RcvbufErrors``) of both hosts.
+
+Run as root: ``.venv/bin/python bench/dataplane_udp.py [--seconds 5] [--workers N]
+[--tso 0|1] [--veth-gro] [--skip-naive] [--skip-udp64]``. ``--veth-gro`` turns on GRO on
+each host's ``eth0`` and TSO off on its underlay bridge port (the veth setting with which
+NAPI GRO coalesces UDP datagrams, closer to a real NIC than plain veth, which passes
+``UDP_SEGMENT`` super-datagrams through unsplit).
 (``--naive-forwarder`` is the entry point of the naive forwarder subprocess.)
 """
 
@@ -24,6 +34,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -179,13 +190,15 @@ def rcvbuf_errors(host: Host) -> int:
 
 
 async def start_loden(
-    topo: Topology, cfg: NetworkConfig, subnets: list[IPv4Network], workers: int
+    topo: Topology, cfg: NetworkConfig, subnets: list[IPv4Network], workers: int, tso: str
 ) -> list[Network]:
     nets: list[Network] = []
     leases: list[Lease] = []
     for host, subnet in zip(topo.hosts, subnets, strict=True):
         ext = ExternalInterface("eth0", 0, 1500, host.ip, host.ip)
         extra = {"netns": host.name, "udp_workers": str(workers) if workers else ""}
+        if tso:
+            extra["udp_tso"] = tso
         backend = create_backend("udp", BackendContext(cfg, ext, host.state_dir, extra))
         lease = Lease(subnet=subnet, attrs=await backend.lease_attrs())
         leases.append(lease)
@@ -195,7 +208,54 @@ async def start_loden(
     return nets
 
 
-def run_suite(
+Counters = list[dict[str, int]]
+
+
+async def worker_counters(nets: list[Network]) -> Counters:
+    """Per host: the sums of its workers' counters."""
+    out: Counters = []
+    tick = os.sysconf("SC_CLK_TCK")
+    for net in nets:
+        total: dict[str, int] = {"user_us": 0, "sys_us": 0}
+        for stats in await net.pool.stats():  # type: ignore[attr-defined]
+            for key, value in stats.items():
+                if isinstance(value, int) and not isinstance(value, bool) and key != "pid":
+                    total[key] = total.get(key, 0) + value
+            try:
+                stat = Path(f"/proc/{stats['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total["user_us"] += int(stat[11]) * 1_000_000 // tick
+            total["sys_us"] += int(stat[12]) * 1_000_000 // tick
+        out.append(total)
+    return out
+
+
+def batching(before: Counters, after: Counters) -> str:
+    """What the counters say about batching during one test, per host."""
+    parts = []
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        d = {k: a.get(k, 0) - b.get(k, 0) for k in a}
+        d["packets"] = d.get("rx_packets", 0) + d.get("tx_datagrams", 0)
+
+        def per(num: str, den: str, d: dict[str, int] = d) -> float:
+            return d.get(num, 0) / d[den] if d.get(den) else 0.0
+
+        parts.append(
+            f"h{i}: rx {d.get('rx_packets', 0)} pkts/{d.get('rx_calls', 0)} reads"
+            f" = {per('rx_packets', 'rx_calls'):.1f}/read,"
+            f" {per('tun_coalesced', 'tun_writes'):.1f} segs/TUN write"
+            f" (writes {d.get('tun_writes', 0)}),"
+            f" tx {per('tx_datagrams', 'tx_sends'):.1f} dgrams/send,"
+            f" TUN reads {d.get('tun_reads', 0)} ({per('tun_bytes', 'tun_reads'):.0f} B/read),"
+            f" dropped {d.get('rx_dropped', 0)}, write errs {d.get('tun_write_errors', 0)};"
+            f" CPU per packet (rx + tx) user {per('user_us', 'packets'):.2f} us"
+            f" sys {per('sys_us', 'packets'):.2f} us"
+        )
+    return "\n      ".join(parts)
+
+
+async def run_suite(
     name: str,
     a: Pod | Host,
     b: Pod | Host,
@@ -203,25 +263,32 @@ def run_suite(
     pids: list[int] | None,
     rows: dict[str, dict[str, Result | float]],
     hosts: list[Host] | None = None,
+    probe: Callable[[], Awaitable[Counters]] | None = None,
+    udp64: bool = True,
 ) -> None:
     def drops() -> float:
         return float(sum(rcvbuf_errors(h) for h in hosts or []))
 
     row: dict[str, Result | float] = {}
-    for label, streams in (("tcp1", 1), ("tcp4", 4)):
+    tests: list[tuple[str, Callable[[], Result]]] = [
+        ("tcp1", lambda: iperf_tcp(a, b, seconds, 1)),
+        ("tcp4", lambda: iperf_tcp(a, b, seconds, 4)),
+    ]
+    if udp64 and isinstance(a, Pod) and isinstance(b, Pod):
+        pa, pb = a, b
+        tests.append(("udp64", lambda: iperf_udp64(pa, pb, seconds)))
+    for label, test in tests:
         before = cpu_seconds(pids or [])
         lost = drops()
-        res = iperf_tcp(a, b, seconds, streams)
+        counters = await probe() if probe else None
+        res = test()
         row[label] = res
-        if pids:
+        if pids and label != "udp64":
             row[f"{label}_cpu_per_gb"] = (cpu_seconds(pids) - before) / (res.nbytes / 1e9)
         if hosts:
             row[f"{label}_rcvbuf_errors"] = drops() - lost
-    if isinstance(a, Pod) and isinstance(b, Pod):
-        lost = drops()
-        row["udp64"] = iperf_udp64(a, b, seconds)
-        if hosts:
-            row["udp64_rcvbuf_errors"] = drops() - lost
+        if probe and counters is not None:
+            print(f"    {name} {label} {batching(counters, await probe())}", flush=True)
     rows[name] = row
     summary = ", ".join(
         f"{k}={v.gbps:.2f}Gb/s" if isinstance(v, Result) else f"{k}={v:.2f}" for k, v in row.items()
@@ -229,28 +296,50 @@ def run_suite(
     print(f"  {name}: {summary}", flush=True)
 
 
+def veth_gro(topo: Topology) -> None:
+    """GRO on each host's eth0, TSO off on its bridge port (see the module docstring)."""
+    for host in topo.hosts:
+        host.ns.out("ethtool", "-K", "eth0", "gro", "on")
+        topo.underlay.out("ethtool", "-K", f"h{host.index}", "tso", "off")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=0, help="Loden workers (0: default)")
+    parser.add_argument("--tso", choices=("", "0", "1"), default="", help="'': default")
+    parser.add_argument("--veth-gro", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--skip-udp64", action="store_true")
     args = parser.parse_args()
     rows: dict[str, dict[str, Result | float]] = {}
+    udp64 = not args.skip_udp64
     with Topology(2) as topo:
         h0, h1 = topo.hosts
+        if args.veth_gro:
+            veth_gro(topo)
         base = int(IPv4Address("10.0.0.0")) + (os.getpid() % 200 + 30) * 65536
         network = IPv4Network((base, 16))
         subnets = [IPv4Network((base + (i + 1) * 256, 24)) for i in range(2)]
         cfg = NetworkConfig.parse(json.dumps({"Network": str(network), "Backend": {"Type": "udp"}}))
-        print(f"underlay {topo.network}, overlay {network}, {args.seconds}s per test", flush=True)
-        run_suite("underlay", h0, h1, args.seconds, None, rows)
-        nets = await start_loden(topo, cfg, subnets, args.workers)
+        print(
+            f"underlay {topo.network}, overlay {network}, {args.seconds}s per test,"
+            f" workers {args.workers or 'default'}, tso {args.tso or 'default'},"
+            f" veth-gro {args.veth_gro}",
+            flush=True,
+        )
+        await run_suite("underlay", h0, h1, args.seconds, None, rows)
+        nets = await start_loden(topo, cfg, subnets, args.workers, args.tso)
         p0 = topo.add_pod(h0, subnets[0], mtu=1472)
         p1 = topo.add_pod(h1, subnets[1], mtu=1472)
         try:
             assert p0.ns.ping(p1.ip, count=2), "no connectivity through Loden udp"
             pids = [pid for net in nets for pid in net.pool.pids()]  # type: ignore[attr-defined]
-            run_suite("loden", p0, p1, args.seconds, pids, rows, [h0, h1])
+
+            async def probe() -> Counters:
+                return await worker_counters(nets)
+
+            await run_suite("loden", p0, p1, args.seconds, pids, rows, [h0, h1], probe, udp64)
         finally:
             for net in nets:
                 await net.aclose()
@@ -272,7 +361,8 @@ async def main() -> None:
                 )
             await asyncio.sleep(1.0)
             assert p0.ns.ping(p1.ip, count=2), "no connectivity through the naive forwarder"
-            run_suite("naive", p0, p1, args.seconds, [p.pid for p in procs], rows, [h0, h1])
+            pids = [p.pid for p in procs]
+            await run_suite("naive", p0, p1, args.seconds, pids, rows, [h0, h1], None, udp64)
             for proc in procs:
                 proc.stop()
     under = rows["underlay"]
@@ -292,12 +382,20 @@ async def main() -> None:
             value = row.get(key)
             if isinstance(value, float):
                 parts.append(f"{key} {value:.2f} s/GB")
+        drops = [
+            f"{key[:-14]} {int(value)}"
+            for key, value in row.items()
+            if key.endswith("_rcvbuf_errors") and isinstance(value, float)
+        ]
+        if drops:
+            parts.append("rcvbuf drops " + ", ".join(drops))
         print(f"  {name:9s} " + "  ".join(parts))
     if "naive" in rows:
         lo, nv = rows["loden"], rows["naive"]
         for key in ("tcp1", "tcp4", "udp64"):
-            x, y = lo[key], nv[key]
-            assert isinstance(x, Result) and isinstance(y, Result)
+            x, y = lo.get(key), nv.get(key)
+            if not (isinstance(x, Result) and isinstance(y, Result)):
+                continue
             speed = (x.packets / y.packets) if key == "udp64" else (x.gbps / y.gbps)
             print(f"  loden/naive {key}: {speed:.2f}x")
 

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from loden.errors import ParseError
 from loden.udp import peers as peer_codec
 from loden.udp.csum import checksum, fold, fold_chain, residue
-from loden.udp.frames import TCP_ACK, TCP_PSH, check_packet, tcp_packet, udp_packet
+from loden.udp.frames import (
+    TCP_ACK,
+    TCP_PSH,
+    TS_OPTION,
+    check_packet,
+    tcp_packet,
+    udp_packet,
+)
 from loden.udp.gso import MAX_SEGMENTS, DatagramBatch, prepare_single, segment_tcp4
 from loden.udp.packet import (
     dec_ttl,
@@ -176,6 +183,42 @@ def test_segment_tcp4_like_the_kernel(flags: int, plen: int) -> None:
         if i:
             want &= ~0x80
         assert p.tcp_flags == want
+        got += p.tcp_payload
+    assert got == payload
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mss=st.integers(min_value=1, max_value=1500),
+    plen=st.integers(min_value=1, max_value=9000),
+    seq=st.integers(min_value=0, max_value=0xFFFFFFFF),
+    ipopts=st.sampled_from([b"", b"\x01\x01\x01\x00"]),
+    topts=st.sampled_from([b"", b"\x01\x01\x01\x01", TS_OPTION]),
+    data=st.binary(min_size=16, max_size=16),
+)
+def test_segment_tcp4_any_mss_and_options(
+    mss: int, plen: int, seq: int, ipopts: bytes, topts: bytes, data: bytes
+) -> None:
+    """Odd segment sizes, IP and TCP options, sequence wrap-around: every segment valid."""
+    payload = (data * (plen // 16 + 1))[:plen]
+    sup = tcp_packet(SRC, DST, payload, seq=seq, options=topts, ttl=9)
+    if ipopts:  # insert IP options: IHL 6, header checksum recomputed
+        ip = bytearray(sup[:20] + ipopts)
+        ip[0] = 0x46
+        ip[2:4] = (len(sup) + 4).to_bytes(2, "big")
+        ip[10:12] = b"\0\0"
+        ip[10:12] = checksum(residue(ip)).to_bytes(2, "big")
+        sup = bytes(ip) + sup[20:]
+    res = segment_tcp4(memoryview(sup), mss)
+    assert res is not None
+    iov, size, count = res
+    assert count == -(-plen // mss)
+    got = b""
+    for i in range(0, len(iov), 2):
+        p = check_packet(bytes(iov[i]) + bytes(iov[i + 1]))
+        assert p.ttl == 8 and p.header_len == 20 + len(ipopts)
+        assert p.seq == (seq + mss * (i // 2)) & 0xFFFFFFFF
+        assert len(bytes(iov[i]) + bytes(iov[i + 1])) <= size
         got += p.tcp_payload
     assert got == payload
 

@@ -52,6 +52,12 @@ def _run_mask(hl: int) -> int:
     return int.from_bytes(mask, "big")
 
 
+@functools.lru_cache(maxsize=16)
+def _shifts(hl: int) -> tuple[int, int, int, int]:
+    """Shifts that bring seq, total length, the IP header and TCP flags to bit 0."""
+    return (hl - 28) << 3, (hl - 4) << 3, (hl - 20) << 3, (hl - 34) << 3
+
+
 class Decapsulator:
     """Validates and coalesces inner packets; collects the TUN writes as iov lists.
 
@@ -114,6 +120,11 @@ class Decapsulator:
         # what a Python hot loop pays most for) and is written back around _one().
         key, mask, hl, nseq, mss = self._key, self._mask, self._hl, self._next_seq, self._mss
         payloads, total, joined = self._payloads, self._total, 0
+        append = payloads.append
+        frombytes = int.from_bytes
+        # Bit positions, in the header read as one integer, of the sequence number,
+        # total length, IP header and TCP flags (counted from the end of the header).
+        s_seq, s_tot, s_ip, s_flags = _shifts(hl)
         off = 0
         while off < n:
             end = off + seg
@@ -121,21 +132,21 @@ class Decapsulator:
                 end = n
             if key >= 0 and end - off >= hl:
                 # Fast path: does this segment continue the open run?
-                x = int.from_bytes(raw[off : off + hl], "big")
-                if x & mask == key and (x >> ((hl - 28) << 3)) & 0xFFFFFFFF == nseq:
-                    tot = (x >> ((hl - 4) << 3)) & 0xFFFF
+                x = frombytes(raw[off : off + hl], "big")
+                if x & mask == key and (x >> s_seq) & 0xFFFFFFFF == nseq:
+                    tot = (x >> s_tot) & 0xFFFF
                     plen = tot - hl
                     if (
                         0 < plen <= mss
                         and off + tot <= end
-                        and (x >> ((hl - 20) << 3)) % 0xFFFF == 0
+                        and (x >> s_ip) % 0xFFFF == 0
                         and total + plen <= MAX_SUPER
                     ):
-                        payloads.append(mv[off + hl : off + tot])
+                        append(mv[off + hl : off + tot])
                         total += plen
                         nseq = (nseq + plen) & 0xFFFFFFFF
                         joined += 1
-                        psh = (x >> ((hl - 34) << 3)) & _PSH
+                        psh = (x >> s_flags) & _PSH
                         if plen < mss or psh:
                             self._total = total
                             self._psh = bool(psh)
@@ -146,7 +157,10 @@ class Decapsulator:
             self._total, self._next_seq = total, nseq
             self._one(mv[off:end])
             key, mask, hl, nseq, mss = self._key, self._mask, self._hl, self._next_seq, self._mss
-            payloads, total = self._payloads, self._total
+            if key >= 0:  # _one opened a run: its header length may differ
+                payloads, total = self._payloads, self._total
+                append = payloads.append
+                s_seq, s_tot, s_ip, s_flags = _shifts(hl)
             off = end
         self._total, self._next_seq = total, nseq
         self.packets += joined
