@@ -1,7 +1,7 @@
 # The two commands a new user runs: `make demo` and `make test` (as root, on Debian 12/Ubuntu).
 VENV := .venv
 PY := $(VENV)/bin/python
-.PHONY: deps demo test unit lint typecheck bench clean
+.PHONY: deps demo test unit chaos lint typecheck bench clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -15,15 +15,21 @@ test: deps lint typecheck
 unit: deps
 	$(PY) -m pytest -q tests/unit
 
+chaos: deps
+	$(PY) -m pytest -q -s tests/chaos | tee .venv/chaos.log
+	$(PY) scripts/reliability_table.py .venv/chaos.log > docs/reliability.md
+
 lint: deps
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts fuzz
+	$(VENV)/bin/ruff format --check src tests bench scripts fuzz
 
 typecheck: deps
-	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy src tests bench scripts fuzz
 
 bench: deps
 	$(PY) bench/alloc.py
+	$(PY) bench/scale.py
+	$(PY) bench/dataplane.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

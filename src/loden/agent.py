@@ -18,7 +18,7 @@ from loden.agent_loops import AgentLoops
 from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface, Network
 from loden.errors import ConfigNotFound, NetworkConfigError, StoreUnavailable, SubnetsExhausted
-from loden.files import atomic_write, read_previous_subnets
+from loden.files import atomic_write, check_writable, ensure_private_dir, read_previous_subnets
 from loden.health import HealthServer, HealthState, Metrics
 from loden.kernel.interfaces import InterfaceOptions, select
 from loden.kernel.netlink import Netlink
@@ -121,6 +121,9 @@ def networks_of(
 
 async def run(settings: AgentSettings) -> int:
     """Run the agent until cancelled; returns the process exit status."""
+    # Local inputs first: a bad path must fail before any kernel or etcd state exists.
+    check_writable(settings.subnet_file)
+    ensure_private_dir(Path(settings.state_dir))
     metrics = Metrics()
     health = HealthState()
     server: asyncio.Server | None = None

@@ -1,7 +1,9 @@
 """The agent's long-running loops, each a named task in one TaskGroup.
 
 * ``lease``: renew before expiry; on our key vanishing, re-create it at once;
-* ``watch``: store snapshots/events -> LeaseWatcher -> ``network.apply``/``reconcile``;
+* ``watch``: read store snapshots/events into a queue;
+* ``peers``: queued results -> LeaseWatcher -> ``network.apply``/``reconcile`` (a backlog
+  is handled as one batch);
 * ``reconcile``: every ``--resync-period`` s a full level-triggered pass;
 * ``rules``: every ``--iptables-resync`` s re-check masquerade/forward rules;
 * ``probe``: ask the store every 2 s so /healthz knows whether it answers;
@@ -30,6 +32,7 @@ from loden.model.lease import EventKind, Lease, LeaseEvent
 from loden.settings import AgentSettings
 from loden.subnet.manager import EtcdSubnetManager, WatchResult
 from loden.traffic.base import Networks, TrafficManager
+from loden.traffic.commands import run_command
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ class AgentLoops:
     #: "not known yet", and reconciling against it would tear down working routes.
     _synced: asyncio.Event = field(default_factory=asyncio.Event)
     _reconcile_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Watch results read from the store, waiting for ``_peers_loop`` (bounded: a stuck
+    #: data plane makes the reader wait instead of buffering without limit).
+    _results: asyncio.Queue[WatchResult] = field(default_factory=lambda: asyncio.Queue(1024))
 
     async def run(self) -> int:
         self._publish_lease()
@@ -62,10 +68,13 @@ class AgentLoops:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._lease_loop(), name="lease")
                 group.create_task(self._watch_loop(), name="watch")
+                group.create_task(self._peers_loop(), name="peers")
                 group.create_task(self._reconcile_loop(), name="reconcile")
                 group.create_task(self._rules_loop(), name="rules")
                 group.create_task(self._probe_loop(), name="probe")
                 group.create_task(self._config_loop(), name="config")
+                if self.settings.rules.blackhole_route:
+                    group.create_task(self._blackhole_loop(), name="blackhole")
         except* LeaseRevoked as group_error:
             first = group_error.exceptions[0]
             assert isinstance(first, LeaseRevoked)
@@ -136,14 +145,30 @@ class AgentLoops:
     # -- peers -----------------------------------------------------------------------------
 
     async def _watch_loop(self) -> None:
+        """Read the store's watch into ``_results`` as fast as it delivers."""
         async for result in self.manager.watch_leases():
-            self._own_lease_changed(result)
-            if result.snapshot is not None:
-                self.watcher.reset(result.snapshot)
+            await self._results.put(result)
+
+    async def _peers_loop(self) -> None:
+        """Handle watch results. Whatever piled up meanwhile (while a reconcile or an
+        apply ran) is handled as one batch: one ``LeaseWatcher.update`` and one
+        ``network.apply``, not one each per result, which cost time proportional to the
+        peer count (~10-20 ms at 5,000 peers) and let a burst of new leases queue up."""
+        while True:
+            results = [await self._results.get()]
+            while not self._results.empty():
+                results.append(self._results.get_nowait())
+            for result in results:
+                self._own_lease_changed(result)
+            last = max((i for i, r in enumerate(results) if r.snapshot is not None), default=-1)
+            if last >= 0:  # the latest snapshot supersedes everything before it
+                snapshot = results[last].snapshot
+                assert snapshot is not None
+                self.watcher.reset(snapshot)
                 self._synced.set()
                 await self._reconcile("snapshot")
-                continue
-            changes = self.watcher.update(result.events)
+            events = [event for result in results[last + 1 :] for event in result.events]
+            changes = self.watcher.update(events) if events else []
             if changes:
                 await self._apply(changes)
 
@@ -171,6 +196,7 @@ class AgentLoops:
             except LodenError as exc:
                 report = ReconcileReport(errors=(str(exc),))
             self.metrics.reconcile_seconds.observe(time.perf_counter() - began)
+            self.metrics.peers_skipped.set(len(report.skipped))
             self._record(report, why)
 
     def _record(self, report: ReconcileReport, why: str) -> None:
@@ -217,14 +243,55 @@ class AgentLoops:
                     "traffic rules resync failed: %s (retrying in %ds)", exc, rules.resync_seconds
                 )
 
+    async def _blackhole_loop(self) -> None:
+        """``--ip-blackhole-route``: keep ``blackhole <own subnet>`` (spec §7.4).
+
+        Added, never replaced: with a bridge (cni0) the connected route for the same
+        subnet wins and the add fails with "File exists", exactly as in flannel; the
+        blackhole is for bridge-less setups (Canal), where it stops traffic for unused
+        pod addresses from leaving the node.
+        """
+        subnet = str(self.lease.subnet)
+        while True:
+            await asyncio.sleep(self.settings.rules.resync_seconds)
+            present = await run_command(
+                ["ip", "route", "show", "type", "blackhole", subnet], check=False
+            )
+            if present.stdout.strip():
+                continue
+            added = await run_command(
+                ["ip", "route", "add", "blackhole", subnet, "proto", "76"], check=False
+            )
+            if added.returncode == 0:
+                log.info("added blackhole route for %s", subnet)
+            else:
+                log.debug("blackhole route for %s not added: %s", subnet, added.error_text)
+
     async def _probe_loop(self) -> None:
+        down_since: float | None = None
         while True:
             try:
                 await self.manager.store.get_config()
                 self.health.store_last_ok = self.health.clock()
                 self.metrics.store_up.set(1)
-            except StoreUnavailable:
+                if down_since is not None:
+                    log.warning(
+                        "etcd answers again after %.0fs; /healthz is back to 200",
+                        self.health.clock() - down_since,
+                    )
+                    down_since = None
+            except StoreUnavailable as exc:
                 self.metrics.store_up.set(0)
+                if down_since is None:
+                    # Once per outage, not per probe: the data plane keeps working meanwhile.
+                    down_since = self.health.clock()
+                    log.warning(
+                        "etcd is not answering (%s); /healthz reports 503 after %.0fs of "
+                        "this. Routes and rules stay as they are; peer changes are picked "
+                        "up once it is back",
+                        exc,
+                        self.health.store_grace_seconds,
+                    )
             self.metrics.watch_restarts.set(self.manager.health.watch_restarts)
             ttl = self.lease.ttl_remaining()
             self.metrics.lease_ttl.set(-1 if ttl is None else ttl)
@@ -232,13 +299,25 @@ class AgentLoops:
 
     async def _config_loop(self) -> None:
         warned_raw = self.config.raw
+        warned_bad = ""
         while True:
             await asyncio.sleep(3 * self.settings.resync_seconds)
             try:
                 config = await self.manager.get_network_config()
-            except (StoreUnavailable, ConfigNotFound, NetworkConfigError) as exc:
+            except StoreUnavailable as exc:
                 log.debug("config check skipped: %s", exc)
                 continue
+            except (ConfigNotFound, NetworkConfigError) as exc:
+                if str(exc) != warned_bad:  # once per distinct problem, not per check
+                    warned_bad = str(exc)
+                    log.warning(
+                        "the network config in etcd is now unusable (%s); this agent keeps "
+                        "running with the config it started with, but new nodes cannot start "
+                        "until it is fixed (check it with `loden config validate`)",
+                        exc,
+                    )
+                continue
+            warned_bad = ""
             if config == self.config or config.raw == warned_raw:
                 continue
             warned_raw = config.raw

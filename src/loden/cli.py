@@ -4,8 +4,10 @@ This is the only module that reads ``argv`` and the environment and configures
 logging. Exit codes of the agent (also shown by ``flanneld --help``):
 
   0  stopped by SIGTERM/SIGINT (leases, routes and rules stay, as with flannel)
-  1  startup failed (store unreachable with bad TLS/auth, bad interface, unknown
-     backend, data-plane setup error); the log line says what to fix
+  1  startup failed (store unreachable with bad TLS/auth, missing TLS files, bad
+     interface, unknown backend, a subnet file that cannot be written, a port in use,
+     data-plane setup error); the log line says what to fix. These local problems
+     leave no device, rules or subnet.env behind (tests/chaos/test_chaos_local_input.py)
   2  bad command line or FLANNELD_* value
   3  our lease was taken by another node while we ran; restart to get a new one
 """

@@ -51,6 +51,42 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, dir_mode: int = 
         ) from exc
 
 
+def ensure_private_dir(directory: Path, mode: int = 0o700) -> None:
+    """``mkdir -p directory`` (directories created here get exactly ``mode``).
+
+    :raises ConfigError: it cannot be created, or it exists and is not a directory.
+    """
+    try:
+        _make_dirs(directory, mode)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create directory {directory}: {exc.strerror or exc}; fix or change -state-dir"
+        ) from exc
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory; fix or change -state-dir")
+
+
+def check_writable(path: Path, *, dir_mode: int = 0o755) -> None:
+    """Fail early, before any kernel or etcd state exists, if ``path`` cannot be
+    written later by :func:`atomic_write` (a directory in its place, a read-only or
+    missing parent that cannot be created). Creates missing parents like it would.
+
+    :raises ConfigError: names the path and what is wrong.
+    """
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a directory; fix or change -subnet-file")
+    try:
+        _make_dirs(path.parent, dir_mode)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write {path}: {exc.strerror or exc}; check that its directory exists "
+            "and is writable, or change -subnet-file"
+        ) from exc
+
+
 def _make_dirs(directory: Path, mode: int) -> None:
     """mkdir -p where every directory *we* create gets exactly ``mode`` (umask aside)."""
     missing: list[Path] = []
@@ -75,4 +111,11 @@ def read_previous_subnets(path: Path) -> PreviousSubnets:
     except OSError as exc:
         log.warning("cannot read previous subnet file %s (%s); allocating afresh", path, exc)
         return PreviousSubnets()
-    return read_previous(text)
+    previous = read_previous(text)
+    if previous.subnet is None and previous.ipv6_subnet is None and text.strip():
+        log.warning(
+            "previous subnet file %s has no usable FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET: "
+            "ignoring it and allocating afresh (it is rewritten once a lease is held)",
+            path,
+        )
+    return previous

@@ -26,6 +26,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from loden.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +38,11 @@ class Metrics:
         self.registry = r = registry or CollectorRegistry()
         ProcessCollector(registry=r)
         self.peers = Gauge("loden_peers", "Remote leases programmed in the data plane", registry=r)
+        self.peers_skipped = Gauge(
+            "loden_peers_skipped",
+            "Remote leases the data plane cannot program (bad lease data, no path; see the log)",
+            registry=r,
+        )
         self.lease_ttl = Gauge(
             "loden_lease_ttl_seconds",
             "Seconds until our own lease expires (-1: reservation)",
@@ -129,13 +136,19 @@ class HealthServer:
                 + body
             )
             await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
+        except (TimeoutError, ConnectionError, ValueError):
+            pass  # ValueError: a line longer than the stream limit (64 KiB); just close
         finally:
             writer.close()
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         """Start listening; the caller owns the returned server (close it on exit)."""
-        server = await asyncio.start_server(self._handle, host, port)
+        try:
+            server = await asyncio.start_server(self._handle, host, port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve /healthz on {host}:{port}: {exc.strerror or exc}; pick another "
+                "-healthz-port or -healthz-ip, or stop what holds it"
+            ) from exc
         log.info("health server listening on %s:%d (/healthz, /readyz, /metrics)", host, port)
         return server

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
+import pytest
+
 from loden.lease_watch import LeaseWatcher
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
@@ -11,8 +13,9 @@ NET = IPv4Network("10.5.0.0/16")
 
 
 def lease(n: int, ip: str | None = None, kind: str = "vxlan") -> Lease:
-    return Lease(IPv4Network(f"10.5.{n}.0/24"),
-                 LeaseAttrs(IPv4Address(ip or f"192.168.0.{n}"), kind))
+    return Lease(
+        IPv4Network(f"10.5.{n}.0/24"), LeaseAttrs(IPv4Address(ip or f"192.168.0.{n}"), kind)
+    )
 
 
 def test_snapshot_diff_and_own_filtered() -> None:
@@ -22,7 +25,9 @@ def test_snapshot_diff_and_own_filtered() -> None:
     assert all(e.kind is EventKind.ADDED for e in events)
     events = w.reset([lease(3), lease(4)])
     assert {(e.kind, e.lease.key) for e in events} == {
-        (EventKind.REMOVED, "10.5.2.0-24"), (EventKind.ADDED, "10.5.4.0-24")}
+        (EventKind.REMOVED, "10.5.2.0-24"),
+        (EventKind.ADDED, "10.5.4.0-24"),
+    }
     assert set(w.peers) == {"10.5.3.0-24", "10.5.4.0-24"}
 
 
@@ -32,15 +37,15 @@ def test_renewal_is_not_a_change_but_new_attrs_are() -> None:
     assert w.update([LeaseEvent(EventKind.ADDED, lease(2))]) == []
     changed = w.update([LeaseEvent(EventKind.ADDED, lease(2, ip="192.168.9.9"))])
     assert len(changed) == 1 and w.peers["10.5.2.0-24"].attrs.public_ip == IPv4Address(
-        "192.168.9.9")
+        "192.168.9.9"
+    )
 
 
 def test_removed_carries_the_stored_attrs_and_unknown_is_ignored() -> None:
     w = LeaseWatcher(lease(1), NET)
     w.reset([lease(2)])
     bare = Lease(IPv4Network("10.5.2.0/24"), LeaseAttrs(IPv4Address("0.0.0.0")))
-    out = w.update([LeaseEvent(EventKind.REMOVED, bare),
-                    LeaseEvent(EventKind.REMOVED, lease(9))])
+    out = w.update([LeaseEvent(EventKind.REMOVED, bare), LeaseEvent(EventKind.REMOVED, lease(9))])
     assert [e.lease for e in out] == [lease(2)]
 
 
@@ -48,3 +53,16 @@ def test_lease_outside_network_is_refused() -> None:
     w = LeaseWatcher(lease(1), NET)
     outsider = Lease(IPv4Network("10.6.0.0/24"), LeaseAttrs(IPv4Address("192.168.0.7")))
     assert w.reset([outsider, lease(2)]) == [LeaseEvent(EventKind.ADDED, lease(2))]
+
+
+def test_duplicate_public_ip_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    w = LeaseWatcher(lease(1), NET)
+    w.reset([lease(2, ip="192.168.9.9")])
+    w.update([LeaseEvent(EventKind.ADDED, lease(3, ip="192.168.9.9"))])
+    w.update([LeaseEvent(EventKind.ADDED, lease(4))])
+    w.reset([lease(2, ip="192.168.9.9"), lease(3, ip="192.168.9.9"), lease(4)])
+    warnings = [r for r in caplog.records if "all claim public IP 192.168.9.9" in r.message]
+    assert len(warnings) == 1
+    w.update([LeaseEvent(EventKind.REMOVED, lease(3))])
+    w.update([LeaseEvent(EventKind.ADDED, lease(5, ip="192.168.9.9"))])
+    assert len([r for r in caplog.records if "all claim public IP" in r.message]) == 2

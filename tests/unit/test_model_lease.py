@@ -20,13 +20,27 @@ def test_key_round_trip() -> None:
     assert subnet_key(v4, v6) == "10.12.13.0-24&fd00:12:13::-56"
 
 
-@pytest.mark.parametrize("key", [
-    "10", "10.12.13.0", "10.12.13-24", "10.12.13.300-24", "10.12.13.0-24hi", "&2001::-56",
-    "10.12.13.0-24&:12:13:-56", "10.12.13.0-24&20011::-56", "10.12.13.0-24&2001-56",
-    "10.12.13.0-24&2001::", "10.12.13.0-24&2001::-56hi",
-    # Go parses the prefix as a 5-bit number: /32 never parsed in flannel either.
-    "10.12.13.0-32", "10.12.13.5-24", "010.1.2.0-24", "10.12.13.0-0024",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "10",
+        "10.12.13.0",
+        "10.12.13-24",
+        "10.12.13.300-24",
+        "10.12.13.0-24hi",
+        "&2001::-56",
+        "10.12.13.0-24&:12:13:-56",
+        "10.12.13.0-24&20011::-56",
+        "10.12.13.0-24&2001-56",
+        "10.12.13.0-24&2001::",
+        "10.12.13.0-24&2001::-56hi",
+        # Go parses the prefix as a 5-bit number: /32 never parsed in flannel either.
+        "10.12.13.0-32",
+        "10.12.13.5-24",
+        "010.1.2.0-24",
+        "10.12.13.0-0024",
+    ],
+)
 def test_invalid_keys(key: str) -> None:
     with pytest.raises(SubnetKeyError):
         parse_subnet_key(key)
@@ -45,22 +59,37 @@ def test_v2_era_json_is_the_seed_documents() -> None:
     assert attrs.to_json(legacy=True) == '{"PublicIP":"10.211.55.13","BackendType":"host-gw"}'
 
 
-@pytest.mark.parametrize(("attrs", "expected"), [
-    (LeaseAttrs(IPv4Address("192.168.64.3"), "vxlan",
-                LeaseAttrs.encode_data({"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"})),
-     '{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
-     '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'),
-    (LeaseAttrs(IPv4Address("10.0.0.1"), "host-gw"),
-     '{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"host-gw"}'),
-    (LeaseAttrs(IPv4Address("10.0.0.1")), '{"PublicIP":"10.0.0.1","PublicIPv6":null}'),
-    (LeaseAttrs(IPv4Address("10.0.0.1"), "wireguard",
+@pytest.mark.parametrize(
+    ("attrs", "expected"),
+    [
+        (
+            LeaseAttrs(
+                IPv4Address("192.168.64.3"),
+                "vxlan",
+                LeaseAttrs.encode_data({"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}),
+            ),
+            '{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+            '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}',
+        ),
+        (
+            LeaseAttrs(IPv4Address("10.0.0.1"), "host-gw"),
+            '{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"host-gw"}',
+        ),
+        (LeaseAttrs(IPv4Address("10.0.0.1")), '{"PublicIP":"10.0.0.1","PublicIPv6":null}'),
+        (
+            LeaseAttrs(
+                IPv4Address("10.0.0.1"),
+                "wireguard",
                 LeaseAttrs.encode_data({"PublicKey": "abc+/=", "Port": 51820}),
                 IPv6Address("fc00::1"),
-                LeaseAttrs.encode_data({"PublicKey": "abc+/=", "Port": 51821})),
-     '{"PublicIP":"10.0.0.1","PublicIPv6":"fc00::1","BackendType":"wireguard",'
-     '"BackendData":{"PublicKey":"abc+/=","Port":51820},'
-     '"BackendV6Data":{"PublicKey":"abc+/=","Port":51821}}'),
-])
+                LeaseAttrs.encode_data({"PublicKey": "abc+/=", "Port": 51821}),
+            ),
+            '{"PublicIP":"10.0.0.1","PublicIPv6":"fc00::1","BackendType":"wireguard",'
+            '"BackendData":{"PublicKey":"abc+/=","Port":51820},'
+            '"BackendV6Data":{"PublicKey":"abc+/=","Port":51821}}',
+        ),
+    ],
+)
 def test_v3_json_byte_exact(attrs: LeaseAttrs, expected: str) -> None:
     assert attrs.to_json() == expected
     assert LeaseAttrs.parse(expected) == attrs
@@ -69,18 +98,31 @@ def test_v3_json_byte_exact(attrs: LeaseAttrs, expected: str) -> None:
 def test_go_escapes_html_characters_in_raw_data() -> None:
     attrs = LeaseAttrs(IPv4Address("10.0.0.1"), "extension", LeaseAttrs.encode_data("a<b&c"))
     assert attrs.to_json(legacy=True) == (
-        '{"PublicIP":"10.0.0.1","BackendType":"extension","BackendData":"a\\u003cb\\u0026c"}')
+        '{"PublicIP":"10.0.0.1","BackendType":"extension","BackendData":"a\\u003cb\\u0026c"}'
+    )
 
 
 def test_readers_accept_legacy_vxlan_and_case_insensitive_keys() -> None:
-    attrs = LeaseAttrs.parse('{"publicip":"10.0.0.2","backendtype":"vxlan",'
-                             '"BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff"}}')
+    attrs = LeaseAttrs.parse(
+        '{"publicip":"10.0.0.2","backendtype":"vxlan",'
+        '"BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff"}}'
+    )
     assert attrs.public_ip == IPv4Address("10.0.0.2")
     assert attrs.data() == {"VtepMAC": "aa:bb:cc:dd:ee:ff"}
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"[]", b'{"PublicIP":"10.0.0.300"}',
-                                 b'{"PublicIP":7}', b'{"PublicIPv6":"10.0.0.1"}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"PublicIP":"10.0.0.300"}',
+        b'{"PublicIP":7}',
+        b'{"PublicIPv6":"10.0.0.1"}',
+        b"\xff\xfe",
+    ],
+)
 def test_malformed_values(raw: bytes) -> None:
     with pytest.raises(LeaseFormatError):
         LeaseAttrs.parse(raw, key="10.0.1.0-24")

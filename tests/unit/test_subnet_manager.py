@@ -60,8 +60,9 @@ async def test_many_agents_at_once_get_distinct_subnets() -> None:
     store = MemoryStore()
     await store.put_config(CONFIG)
     managers = [await manager(store, seed=0) for _ in range(32)]  # same seed: max collisions
-    leases = await asyncio.gather(*(m.acquire_lease(attrs(i), PreviousSubnets())
-                                    for i, m in enumerate(managers)))
+    leases = await asyncio.gather(
+        *(m.acquire_lease(attrs(i), PreviousSubnets()) for i, m in enumerate(managers))
+    )
     assert len({lease.subnet for lease in leases}) == 32
 
 
@@ -81,8 +82,9 @@ async def test_reservation_is_honoured_and_stays_a_reservation() -> None:
     await store.create("10.5.1.0-24", attrs(7).to_json().encode(), None)
     m = await manager(store)
     for i in range(20):
-        assert (await m.acquire_lease(attrs(i + 20), PreviousSubnets(
-            subnet=IPv4Network("10.5.1.0/24")))).subnet != IPv4Network("10.5.1.0/24")
+        assert (
+            await m.acquire_lease(attrs(i + 20), PreviousSubnets(subnet=IPv4Network("10.5.1.0/24")))
+        ).subnet != IPv4Network("10.5.1.0/24")
     owner = await m.acquire_lease(attrs(7), PreviousSubnets())
     assert owner.subnet == IPv4Network("10.5.1.0/24") and owner.reserved
     kv = await store.get("10.5.1.0-24")

@@ -62,11 +62,19 @@ class ReconcileReport:
 
     added: int = 0
     removed: int = 0
+    #: Data-plane failures (a netlink write refused, a device that cannot be repaired).
     errors: tuple[str, ...] = ()
+    #: Peers the backend cannot program (bad BackendData, no layer-2 path), one reason
+    #: each. The backend warns once per reason; unlike ``errors`` they do not make the
+    #: node unhealthy: a hostile or broken lease must not take the other peers down.
+    skipped: tuple[str, ...] = ()
 
     def __add__(self, other: ReconcileReport) -> ReconcileReport:
         return ReconcileReport(
-            self.added + other.added, self.removed + other.removed, self.errors + other.errors
+            self.added + other.added,
+            self.removed + other.removed,
+            self.errors + other.errors,
+            self.skipped + other.skipped,
         )
 
 

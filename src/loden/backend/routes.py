@@ -150,13 +150,14 @@ def adopted(changes: Sequence[Change], kernel: Iterable[Entry]) -> int:
 
 
 def report(
-    result: BatchResult, changes: Sequence[Change], errors: Iterable[str]
+    result: BatchResult, changes: Sequence[Change], skipped: Iterable[str]
 ) -> ReconcileReport:
+    """``skipped``: why some peers got no entries (see :class:`ReconcileReport`)."""
     failed = {id(change) for change, _ in result.failed}
     added = sum(1 for c in changes if not c.delete and id(c) not in failed)
     removed = sum(1 for c in changes if c.delete and id(c) not in failed)
-    errs = tuple(errors) + tuple(str(err) for _, err in result.failed)
-    return ReconcileReport(added=added, removed=removed, errors=errs)
+    errs = tuple(str(err) for _, err in result.failed)
+    return ReconcileReport(added=added, removed=removed, errors=errs, skipped=tuple(skipped))
 
 
 class PeerNetwork:
@@ -240,18 +241,21 @@ class PeerNetwork:
         leases: Iterable[tuple[str, Lease]],
         lookups: Mapping[IPAddress, RouteLookup | None],
     ) -> tuple[dict[str, tuple[Entry, ...]], list[str]]:
+        """Entries per accepted peer, and why the others get none (warned once each)."""
         entries: dict[str, tuple[Entry, ...]] = {}
-        errors: list[str] = []
+        skipped: list[str] = []
         for key, lease in leases:
             result = self._entries_for(lease, lookups)
             if isinstance(result, str):
-                errors.append(result)
+                skipped.append(result)
                 if result not in self._warned:
+                    if len(self._warned) > 10000:  # bounded: a hostile store cannot grow it
+                        self._warned.clear()
                     log.warning("%s", result)
                     self._warned.add(result)
             else:
                 entries[key] = result
-        return entries, errors
+        return entries, skipped
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         async with self._lock:
@@ -266,19 +270,21 @@ class PeerNetwork:
         if self._needs_lookup():
             self._check_lookup_basis(kernel)
         lookups = await self._lookups(lease for _, lease in wanted)
-        entries, errors = self._compute(wanted, lookups)
+        entries, skipped = self._compute(wanted, lookups)
         if len(self._lookup_cache) > 2 * len(wanted) + 64:  # keep the cache bounded
             keep = {lease.attrs.public_ip for _, lease in wanted}
             self._lookup_cache = {k: v for k, v in self._lookup_cache.items() if k in keep}
         changes = diff((e for es in entries.values() for e in es), kernel, self._owns)
         result = await self._nl.apply(changes)
         self._entries = entries
-        out = report(result, changes, errors)
-        if changes or errors:
+        out = report(result, changes, skipped)
+        if changes or out.errors:
             log.info(
-                "%s reconcile: %d peers, %d written (%d adopted), %d removed, %d errors, %.3fs",
+                "%s reconcile: %d peers (%d skipped), %d written (%d adopted), %d removed, "
+                "%d errors, %.3fs",
                 self.backend_type,
                 len(entries),
+                len(skipped),
                 out.added,
                 adopted(changes, kernel),
                 out.removed,
@@ -313,7 +319,7 @@ class PeerNetwork:
                 return await self._reconcile(peers)
             alive = [(key, lease) for key, lease in latest.items() if lease is not None]
             lookups = await self._lookups([*(lease for _, lease in alive), *fallback.values()])
-            new, errors = self._compute(alive, lookups)
+            new, skipped = self._compute(alive, lookups)
             changes: list[Change] = []
             for key in latest:
                 old = self._entries.get(key)
@@ -332,7 +338,7 @@ class PeerNetwork:
                     self._peers.pop(key, None)
                 else:
                     self._peers[key] = lease
-            return report(result, changes, errors)
+            return report(result, changes, skipped)
 
     async def aclose(self) -> None:
         await self._nl.aclose()

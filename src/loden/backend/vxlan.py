@@ -334,9 +334,11 @@ class VxlanNetwork(PeerNetwork):
                 return (Route(subnet, gateway=public_ip, oif=found.oif),)
         mac = peer_mac(lease)
         if mac is None:
+            data = lease.attrs.backend_data
+            shown = repr(data if data is None or len(data) <= 200 else data[:200] + "...")
             return (
                 f"vxlan: peer {subnet} ({public_ip}) has no valid VtepMAC in its"
-                f" BackendData {lease.attrs.backend_data!r}: skipped until it is fixed"
+                f" BackendData {shown}: skipped until it is fixed"
             )
         gateway = subnet.network_address
         return (

@@ -10,6 +10,7 @@ an error, which Go reports and so do we, naming the field.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,7 +46,12 @@ class GoObject:
         try:
             if isinstance(text, bytes):
                 text = text.decode("utf-8")
-            value = json.loads(text, object_pairs_hook=_Pairs, parse_constant=_reject_constant)
+            value = json.loads(
+                text,
+                object_pairs_hook=_Pairs,
+                parse_constant=_reject_constant,
+                parse_float=_finite_float,
+            )
         except UnicodeDecodeError as exc:
             raise GoJSONError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
         except json.JSONDecodeError as exc:
@@ -105,6 +111,14 @@ class GoObject:
 def _reject_constant(name: str) -> Any:
     # Python accepts NaN/Infinity; Go (and JSON) do not.
     raise json.JSONDecodeError(f"invalid literal {name}", name, 0)
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 would become inf, which no JSON encoder can write back (Go: out of range).
+    value = float(text)
+    if math.isinf(value):
+        raise GoJSONError(f"invalid JSON: number {text[:30]} is out of range of float64")
+    return value
 
 
 class _Pairs(list[tuple[str, Any]]):

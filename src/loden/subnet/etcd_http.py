@@ -13,10 +13,11 @@ class, so failover and TLS behave identically for both. Design points:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -231,6 +232,9 @@ class EtcdHTTP:
                 " (the server closed the TLS connection: it probably requires a client "
                 "certificate; set -etcd-certfile and -etcd-keyfile)"
             )
+        elif isinstance(exc, httpx.ReadTimeout):
+            # A member that lost its quorum accepts the request and never answers a read.
+            text += f" (connected, no answer within {self.timeout:.0f}s: has it lost its leader?)"
         return text
 
     @staticmethod
@@ -253,6 +257,24 @@ def _tls_error(url: str, exc: ssl.SSLError) -> StoreAuthError:
         "sign the server certificate?) and the client certificate/key "
         "(-etcd-certfile/-etcd-keyfile)"
     )
+
+
+#: What reading a reply that is not shaped like etcd's raises (json, base64, int(), keys).
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError)
+
+
+@contextlib.contextmanager
+def reading_reply(what: str) -> Iterator[None]:
+    """Map a reply that is not what etcd sends to :class:`StoreUnavailable`: whatever
+    answers on the etcd port (a broken proxy, an impostor on the underlay) must never
+    raise anything the agent's loops do not retry. Both store adapters read every reply
+    inside this."""
+    try:
+        yield
+    except MALFORMED as exc:
+        raise StoreUnavailable(
+            f"etcd {what}: malformed reply ({type(exc).__name__}: {str(exc)[:200]}); is this etcd?"
+        ) from exc
 
 
 def context_has_cert(context: ssl.SSLContext) -> bool:

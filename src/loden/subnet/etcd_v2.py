@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from loden.errors import LeaseConflict, StoreAuthError, StoreError, WatchCompacted
-from loden.subnet.etcd_http import EtcdHTTP
+from loden.subnet.etcd_http import MALFORMED, EtcdHTTP, reading_reply
 from loden.subnet.store import Listing, StoredKV, StoreEvent, StoreEventKind, WatchBatch
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class EtcdV2Store:
         try:
             body = response.json()
             return int(body.get("errorCode", 0)), str(body.get("message", ""))
-        except (ValueError, AttributeError):
+        except MALFORMED:
             return 0, response.text[:200]
 
     def _raise(self, what: str, response: httpx.Response) -> None:
@@ -85,7 +85,8 @@ class EtcdV2Store:
             "GET", self._path(f"{self.prefix}/config"), params={"quorum": "true"}
         )
         if response.status_code == 200:
-            return str(response.json()["node"].get("value", "")).encode()
+            with reading_reply("get config"):
+                return str(response.json()["node"].get("value", "")).encode()
         code, _ = self._error(response)
         if code == KEY_NOT_FOUND or response.status_code == 404:
             return None
@@ -103,11 +104,12 @@ class EtcdV2Store:
         response = await self.http.request(
             "GET", self._path(self.subnets), params={"recursive": "true", "quorum": "true"}
         )
-        index = int(response.headers.get("X-Etcd-Index", "0"))
-        if response.status_code == 200:
-            nodes = response.json()["node"].get("nodes") or []
-            kvs = tuple(self._kv(n) for n in nodes if not n.get("dir"))
-            return Listing(kvs, index)
+        with reading_reply("list subnets"):
+            index = int(response.headers.get("X-Etcd-Index", "0"))
+            if response.status_code == 200:
+                nodes = response.json()["node"].get("nodes") or []
+                kvs = tuple(self._kv(n) for n in nodes if not n.get("dir"))
+                return Listing(kvs, index)
         code, _ = self._error(response)
         if code == KEY_NOT_FOUND:
             return Listing((), index)
@@ -119,7 +121,8 @@ class EtcdV2Store:
             "GET", self._path(f"{self.subnets}/{name}"), params={"quorum": "true"}
         )
         if response.status_code == 200:
-            return self._kv(response.json()["node"])
+            with reading_reply(f"get {name}"):
+                return self._kv(response.json()["node"])
         code, _ = self._error(response)
         if code == KEY_NOT_FOUND:
             return None
@@ -137,7 +140,8 @@ class EtcdV2Store:
         )
         if response.status_code not in (200, 201):
             self._raise(f"write {name}", response)
-        return self._kv(response.json()["node"])
+        with reading_reply(f"write {name}"):
+            return self._kv(response.json()["node"])
 
     async def create(self, name: str, value: bytes, ttl: int | None) -> StoredKV:
         return await self._set(name, value, ttl, {"prevExist": "false"})
@@ -175,27 +179,29 @@ class EtcdV2Store:
                     raise WatchCompacted(f"v2 index {cursor + 1} cleared: {message}")
                 if code == KEY_NOT_FOUND:
                     # The subnets directory does not exist yet: wait for it to appear.
-                    cursor = max(cursor, int(response.headers.get("X-Etcd-Index", cursor)))
+                    with reading_reply("watch subnets"):
+                        cursor = max(cursor, int(response.headers.get("X-Etcd-Index", cursor)))
                     continue
                 self._raise("watch subnets", response)
-            body = response.json()
-            node = body.get("node") or {}
-            cursor = max(cursor, int(node.get("modifiedIndex", cursor)))
-            if node.get("dir"):
-                continue
-            action = body.get("action", "")
-            name = self._name(node.get("key", ""))
-            if action in _DELETE_ACTIONS:
-                event = StoreEvent(StoreEventKind.DELETE, name, b"")
-            else:
-                ttl = node.get("ttl")
-                event = StoreEvent(
-                    StoreEventKind.PUT,
-                    name,
-                    str(node.get("value", "")).encode(),
-                    None if ttl is None else float(ttl),
-                    cursor,
-                )
+            with reading_reply("watch subnets"):
+                body = response.json()
+                node = body.get("node") or {}
+                cursor = max(cursor, int(node.get("modifiedIndex", cursor)))
+                if node.get("dir"):
+                    continue
+                action = body.get("action", "")
+                name = self._name(node.get("key", ""))
+                if action in _DELETE_ACTIONS:
+                    event = StoreEvent(StoreEventKind.DELETE, name, b"")
+                else:
+                    ttl = node.get("ttl")
+                    event = StoreEvent(
+                        StoreEventKind.PUT,
+                        name,
+                        str(node.get("value", "")).encode(),
+                        None if ttl is None else float(ttl),
+                        cursor,
+                    )
             yield WatchBatch((event,), cursor)
 
     async def aclose(self) -> None:

@@ -28,7 +28,7 @@ from loden.errors import (
     StoreUnavailable,
     WatchCompacted,
 )
-from loden.subnet.etcd_http import EtcdHTTP
+from loden.subnet.etcd_http import EtcdHTTP, reading_reply
 from loden.subnet.store import Listing, StoredKV, StoreEvent, StoreEventKind, WatchBatch
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class EtcdV3Store:
             await self._authenticate()
         response = await self.http.request("POST", f"/v3/{path}", json=body)
         if response.status_code == 200:
-            return response.json()
+            with reading_reply(path):
+                return response.json()
         text = response.text
         if retry_auth and self._username and ("token" in text or response.status_code == 401):
             self.http.headers.pop("Authorization", None)
@@ -111,7 +112,8 @@ class EtcdV3Store:
 
     async def _grant(self, ttl: int) -> int:
         reply = await self._post("lease/grant", {"TTL": ttl})
-        return int(reply["ID"])
+        with reading_reply("lease/grant"):
+            return int(reply["ID"])
 
     async def _revoke(self, lease_id: int) -> None:
         try:
@@ -123,7 +125,8 @@ class EtcdV3Store:
         if lease_id == 0:
             return None
         reply = await self._post("lease/timetolive", {"ID": lease_id})
-        ttl = int(reply.get("TTL", -1))
+        with reading_reply("lease/timetolive"):
+            ttl = int(reply.get("TTL", -1))
         return float(ttl) if ttl >= 0 else 0.0
 
     def _kv(self, raw: dict[str, Any], ttl: float | None) -> StoredKV:
@@ -138,8 +141,9 @@ class EtcdV3Store:
 
     async def get_config(self) -> bytes | None:
         reply = await self._post("kv/range", {"key": _b64(f"{self.prefix}/config")})
-        kvs = reply.get("kvs") or []
-        return _unb64(kvs[0].get("value")) if kvs else None
+        with reading_reply("kv/range"):
+            kvs = reply.get("kvs") or []
+            return _unb64(kvs[0].get("value")) if kvs else None
 
     async def put_config(self, value: bytes) -> None:
         await self._post("kv/put", {"key": _b64(f"{self.prefix}/config"), "value": _b64(value)})
@@ -150,24 +154,26 @@ class EtcdV3Store:
             "kv/range", {"key": _b64(start), "range_end": _b64(prefix_end(start))}
         )
         kvs = []
-        for raw in reply.get("kvs") or []:
-            lease_id = int(raw.get("lease", 0))
-            if lease_id == 0:
-                ttl: float | None = None
-            elif with_ttl:
-                ttl = await self._ttl(lease_id)
-            else:
-                ttl = float("nan")  # has a TTL; its length was not looked up
-            kvs.append(self._kv(raw, ttl))
-        return Listing(tuple(kvs), int(reply["header"]["revision"]))
+        with reading_reply("kv/range"):
+            for raw in reply.get("kvs") or []:
+                lease_id = int(raw.get("lease", 0))
+                if lease_id == 0:
+                    ttl: float | None = None
+                elif with_ttl:
+                    ttl = await self._ttl(lease_id)
+                else:
+                    ttl = float("nan")  # has a TTL; its length was not looked up
+                kvs.append(self._kv(raw, ttl))
+            return Listing(tuple(kvs), int(reply["header"]["revision"]))
 
     async def get(self, name: str) -> StoredKV | None:
         reply = await self._post("kv/range", {"key": _b64(self._key(name))})
-        kvs = reply.get("kvs") or []
-        if not kvs:
-            return None
-        lease_id = int(kvs[0].get("lease", 0))
-        return self._kv(kvs[0], None if lease_id == 0 else float("nan"))
+        with reading_reply("kv/range"):
+            kvs = reply.get("kvs") or []
+            if not kvs:
+                return None
+            lease_id = int(kvs[0].get("lease", 0))
+            return self._kv(kvs[0], None if lease_id == 0 else float("nan"))
 
     async def _put_if(
         self, name: str, value: bytes, ttl: int | None, compare: dict[str, Any]
@@ -182,7 +188,9 @@ class EtcdV3Store:
             )
         except StoreUnavailable:
             raise
-        if not reply.get("succeeded"):
+        with reading_reply("kv/txn"):
+            succeeded = bool(reply.get("succeeded"))
+        if not succeeded:
             if lease_id:
                 await self._revoke(lease_id)
             raise LeaseConflict(f"{name}: compare-and-swap lost (key exists or changed)")
@@ -215,7 +223,8 @@ class EtcdV3Store:
         key = _b64(self._key(name))
         if expect_value is None:
             reply = await self._post("kv/deleterange", {"key": key})
-            return int(reply.get("deleted", 0)) > 0
+            with reading_reply("kv/deleterange"):
+                return int(reply.get("deleted", 0)) > 0
         reply = await self._post(
             "kv/txn",
             {
@@ -225,7 +234,8 @@ class EtcdV3Store:
                 "success": [{"request_delete_range": {"key": key}}],
             },
         )
-        return bool(reply.get("succeeded"))
+        with reading_reply("kv/txn"):
+            return bool(reply.get("succeeded"))
 
     async def watch(self, cursor: int) -> AsyncIterator[WatchBatch]:
         start = self.subnets.encode()
@@ -249,7 +259,8 @@ class EtcdV3Store:
                 async for line in response.aiter_lines():
                     if not line.strip():
                         continue
-                    batch = self._batch(json.loads(line), cursor)
+                    with reading_reply("watch"):
+                        batch = self._batch(json.loads(line), cursor)
                     if batch is not None:
                         cursor = batch.cursor
                         yield batch

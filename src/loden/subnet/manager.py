@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import TypeVar
 
 from loden.errors import (
@@ -32,11 +32,12 @@ from loden.errors import (
     ParseError,
     StoreError,
     StoreUnavailable,
+    SubnetKeyError,
     WatchCompacted,
 )
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from loden.model.net import parse_subnet_key
+from loden.model.net import parse_subnet_key, subnet_key
 from loden.model.subnet_env import PreviousSubnets
 from loden.subnet import allocator
 from loden.subnet.store import LeaseStore, StoredKV, StoreEvent, StoreEventKind, WatchBatch
@@ -74,12 +75,28 @@ class StoreHealth:
         self.last_error = str(exc)
 
 
+def parse_lease_name(name: str) -> tuple[IPv4Network, IPv6Network | None]:
+    """The subnets of a key under ``<prefix>/subnets/``, which must be exactly the key
+    flannel writes for them. ``x/10.5.3.0-24`` or ``10.5.3.0-24&0F::-64`` would parse to
+    the same subnets as a real lease and so alias it: a writer could then replace or, by
+    deleting the alias, remove another node's routes everywhere without that node ever
+    noticing. Such keys are skipped like any other malformed item.
+
+    :raises SubnetKeyError: not a lease key, or not in the canonical form.
+    """
+    subnet, ipv6_subnet = parse_subnet_key(name)
+    canonical = subnet_key(subnet, ipv6_subnet)
+    if name != canonical:
+        raise SubnetKeyError(name, f"not the canonical key {canonical!r} (it would alias it)")
+    return subnet, ipv6_subnet
+
+
 def lease_from_kv(kv: StoredKV | StoreEvent, *, now: float | None = None) -> Lease:
     """Parse a stored key/value into a Lease.
 
     :raises ParseError: the key or value does not parse.
     """
-    subnet, ipv6_subnet = parse_subnet_key(kv.name)
+    subnet, ipv6_subnet = parse_lease_name(kv.name)
     attrs = LeaseAttrs.parse(kv.value, key=kv.name)
     now = time.time() if now is None else now
     known_ttl = kv.ttl is not None and not math.isnan(kv.ttl)
@@ -148,8 +165,18 @@ class EtcdSubnetManager:
             try:
                 leases.append(lease_from_kv(kv, now=now))
             except ParseError as exc:
-                self._warn_once(kv.name, "skipping %s: %s", kv.name, exc)
+                self._warn_bad(kv.name, kv.value, exc)
         return leases
+
+    def _warn_bad(self, name: str, value: bytes, exc: ParseError) -> None:
+        """One warning per bad item (key and value), whether a listing or a watch event
+        brought it, however often it is seen again (relists, resyncs)."""
+        self._warn_once(
+            f"{name}\0{hash(value)}",
+            "skipping %s: %s (peers are unaffected; fix or delete it)",
+            _clip(name),
+            _clip(str(exc)),
+        )
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:
@@ -302,16 +329,17 @@ class EtcdSubnetManager:
                 if item.kind is StoreEventKind.PUT:
                     events.append(LeaseEvent(EventKind.ADDED, lease_from_kv(item)))
                 else:
-                    subnet, v6 = parse_subnet_key(item.name)
+                    subnet, v6 = parse_lease_name(item.name)
                     events.append(
                         LeaseEvent(
                             EventKind.REMOVED, Lease(subnet, LeaseAttrs(public_ip=_ZERO), v6)
                         )
                     )
             except ParseError as exc:
-                self._warn_once(
-                    f"{item.name}:{item.value!r}", "skipping event for %s: %s", item.name, exc
-                )
+                if item.kind is StoreEventKind.PUT:
+                    self._warn_bad(item.name, item.value, exc)
+                else:  # a bad key going away: nothing was ever programmed for it
+                    log.debug("ignoring the deletion of %s: %s", item.name, exc)
         return events
 
     async def watch_leases(self) -> AsyncIterator[WatchResult]:
@@ -390,3 +418,11 @@ def _with_expiry(lease: Lease, ttl: int | None, ref: int) -> Lease:
 
 
 _ZERO = IPv4Address("0.0.0.0")
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """Bound what a hostile key or value can put into one log line, and keep it one
+    line (a key with a newline must not forge log lines)."""
+    if not text.isprintable():
+        text = repr(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

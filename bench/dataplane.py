@@ -1,0 +1,559 @@
+"""Data-plane throughput: iperf3 TCP pod to pod across two hosts, Loden vs hand-made twins.
+
+Run by hand as root (not part of the test suite)::
+
+    .venv/bin/python bench/dataplane.py [--rounds 3] [--seconds 5] [--streams 1]
+        [--configs underlay hand-host-gw loden-host-gw hand-vxlan loden-vxlan ...]
+        [--agent-arg=--ip-masq ...]
+
+Every configuration gets its own two-host :class:`tests.fixtures.topology.Topology`
+(namespaces only; nothing outside them receives traffic) and one pod per host. All of
+them are built first, then the measurement sequence is repeated ``--rounds`` times,
+interleaved (the order is rotated each round so no configuration is always first), and
+the median per configuration is reported with its ratio to the underlay and to its
+hand-configured twin.
+
+* ``underlay``: host to host over ``eth0`` (MTU 1500), no overlay at all;
+* ``hand-host-gw``: ``ip route add <peer subnet> via <peer eth0 IP>`` on each host;
+  ``hand-host-gw-fwd`` adds the FORWARD accept rules flanneld installs by default;
+* ``hand-vxlan``: a flannel-style ``flannel.1`` made with ``ip``/``bridge`` (VNI 1, port
+  8472, nolearning, MTU 1450, /32 address, permanent neighbour + FDB entry + onlink route);
+  ``hand-vxlan-txoff`` is the same plus ``ethtool -K flannel.1 tx off``, which Loden's
+  vxlan backend does (checksum-offload workaround, see src/loden/backend/vxlan.py);
+* ``loden-<backend>``: real ``flanneld`` agents (one per host) against a real etcd in the
+  underlay namespace; pods get their MTU from ``subnet.env`` (FLANNEL_MTU).
+
+A configuration is one row of :data:`CONFIGS`; a new backend (wireguard, ...) is one
+more ``loden_config(...)`` line there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from types import FrameType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.topology import (
+    Host,
+    Namespace,
+    Process,
+    Topology,
+    TopologyError,
+    subnet_from_env,
+    wait_until,
+)
+
+BIN = Path(sys.executable).parent
+FLANNELD = str(BIN / "flanneld")
+LODEN = str(BIN / "loden")
+IPERF_PORT = 5201
+VXLAN_MTU = 1450  # flannel: external MTU 1500 - 50 bytes of VXLAN encapsulation
+
+
+# -- what a configuration builds --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where to run the iperf3 client and server, and what the path looks like."""
+
+    client: Namespace
+    server: Namespace
+    server_ip: IPv4Address
+    mtu: int
+    note: str = ""
+
+
+@dataclass
+class Lab:
+    """Owns everything the configurations create; :meth:`close` undoes all of it."""
+
+    args: argparse.Namespace
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    #: Process groups of the agents (an agent and, for udp, its worker processes).
+    agent_groups: list[int] = field(default_factory=list)
+
+    def topology(self) -> Topology:
+        topo = Topology(2, prefix="bd")
+        self.stack.callback(topo.close)
+        return topo
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+Builder = Callable[[Lab], Endpoints]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    name: str
+    build: Builder
+    #: Hand-configured configurations this one is compared with; the first is its "twin".
+    twins: tuple[str, ...] = ()
+    #: Minimum ratio to the first twin (the issue's target), if any.
+    target: float | None = None
+
+
+def overlay_network() -> IPv4Network:
+    """A random 10.x/16 that cannot overlap the topology's underlay (10.100+ or 172.x)."""
+    return IPv4Network(f"10.{random.randint(1, 99)}.0.0/16")
+
+
+def node_subnets(network: IPv4Network) -> tuple[IPv4Network, IPv4Network]:
+    base = network.network_address
+    return IPv4Network(f"{base + 256}/24"), IPv4Network(f"{base + 512}/24")
+
+
+# -- builders ------------------------------------------------------------------------------
+
+
+def build_underlay(lab: Lab) -> Endpoints:
+    topo = lab.topology()
+    h0, h1 = topo.hosts
+    return Endpoints(h0.ns, h1.ns, h1.ip, topo.mtu, "host to host over eth0")
+
+
+def hand_hostgw(*, forward_rules: bool) -> Builder:
+    def build(lab: Lab) -> Endpoints:
+        topo = lab.topology()
+        h0, h1 = topo.hosts
+        network = overlay_network()
+        subnets = node_subnets(network)
+        pods = [topo.add_pod(h, s, mtu=topo.mtu) for h, s in zip(topo.hosts, subnets, strict=True)]
+        h0.ns.ip("route", "add", str(subnets[1]), "via", str(h1.ip), "dev", "eth0")
+        h1.ns.ip("route", "add", str(subnets[0]), "via", str(h0.ip), "dev", "eth0")
+        note = "ip route via peer eth0"
+        if forward_rules:  # what flanneld --iptables-forward-rules (default on) installs
+            for host in topo.hosts:
+                for rule in (
+                    ["-N", "FLANNEL-FWD"],
+                    ["-A", "FLANNEL-FWD", "-s", str(network), "-j", "ACCEPT"],
+                    ["-A", "FLANNEL-FWD", "-d", str(network), "-j", "ACCEPT"],
+                    ["-A", "FORWARD", "-j", "FLANNEL-FWD"],
+                ):
+                    host.ns.run("iptables", *rule)
+            note += " + FLANNEL-FWD accept rules in FORWARD (iptables)"
+        return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, topo.mtu, note)
+
+    return build
+
+
+def offloads(host: Host, dev: str = "flannel.1") -> str:
+    """The offloads of ``dev`` that decide VXLAN throughput (checksum -> TSO -> GSO)."""
+    out = host.ns.run("ethtool", "-k", dev, check=False).stdout
+    wanted = {"tx-checksumming": "tx-csum", "tx-tcp-segmentation": "tso"}
+    found = []
+    for line in out.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key in wanted:
+            found.append(f"{wanted[key]} {value.split()[0] if value.split() else '?'}")
+    return f"{dev}: {', '.join(found)}" if found else f"{dev}: offloads unknown"
+
+
+def _vtep_mac(index: int) -> str:
+    return f"0a:58:0a:00:00:{index + 1:02x}"
+
+
+def hand_vxlan(*, tx_off: bool) -> Builder:
+    def build(lab: Lab) -> Endpoints:
+        topo = lab.topology()
+        subnets = node_subnets(overlay_network())
+        hosts: list[Host] = topo.hosts
+        for i, host in enumerate(hosts):
+            ns = host.ns
+            ns.ip(
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                str(host.ip),
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            )
+            ns.ip("link", "set", "flannel.1", "address", _vtep_mac(i), "mtu", str(VXLAN_MTU))
+            ns.ip("addr", "add", f"{subnets[i].network_address}/32", "dev", "flannel.1")
+            if tx_off:
+                ns.run("ethtool", "-K", "flannel.1", "tx", "off")
+            ns.ip("link", "set", "flannel.1", "up")
+        for i, host in enumerate(hosts):
+            j = 1 - i
+            peer_gw, peer_mac = str(subnets[j].network_address), _vtep_mac(j)
+            ns = host.ns
+            ns.ip(
+                "neigh",
+                "replace",
+                peer_gw,
+                "lladdr",
+                peer_mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            )
+            ns.run(
+                "bridge",
+                "fdb",
+                "append",
+                peer_mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                str(hosts[j].ip),
+                "self",
+                "permanent",
+            )
+            ns.ip("route", "add", str(subnets[j]), "via", peer_gw, "dev", "flannel.1", "onlink")
+        pods = [topo.add_pod(h, s, mtu=VXLAN_MTU) for h, s in zip(hosts, subnets, strict=True)]
+        note = f"flannel.1 by ip/bridge, {offloads(hosts[0])}"
+        return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, VXLAN_MTU, note)
+
+    return build
+
+
+def _start_agent(lab: Lab, host: Host, etcd_url: str) -> tuple[Process, Path]:
+    workdir = host.ns.workdir / "agent"
+    workdir.mkdir(exist_ok=True)
+    subnet_file = workdir / "subnet.env"
+    proc = host.ns.spawn(
+        FLANNELD,
+        f"--etcd-endpoints={etcd_url}",
+        f"--subnet-file={subnet_file}",
+        f"--state-dir={workdir / 'state'}",
+        *lab.args.agent_arg,
+    )
+    lab.stack.callback(proc.stop)
+    lab.agent_groups.append(proc.pid)
+    return proc, subnet_file
+
+
+def _flannel_mtu(subnet_file: Path) -> int:
+    for line in subnet_file.read_text().splitlines():
+        if line.startswith("FLANNEL_MTU="):
+            return int(line.split("=", 1)[1])
+    raise TopologyError(f"{subnet_file} has no FLANNEL_MTU line")
+
+
+def loden_config(backend: dict[str, object]) -> Builder:
+    """Real ``flanneld`` agents on both hosts with ``backend`` as Backend config."""
+
+    def build(lab: Lab) -> Endpoints:
+        topo = lab.topology()
+        assert topo.underlay_address is not None
+        etcd = EtcdServer(netns=topo.underlay.name, host=str(topo.underlay_address.ip))
+        lab.stack.callback(etcd.close)
+        etcd.start()
+        network = overlay_network()
+        config = json.dumps({"Network": str(network), "Backend": backend})
+        topo.underlay.run(LODEN, "config", "set", config, f"-etcd-endpoints={etcd.client_url}")
+        agents = [_start_agent(lab, host, etcd.client_url) for host in topo.hosts]
+        for (proc, subnet_file), host in zip(agents, topo.hosts, strict=True):
+            if not wait_until(subnet_file.exists, timeout=30):
+                raise TopologyError(
+                    f"agent on {host.name} wrote no subnet.env within 30 s:\n"
+                    f"{proc.output()[-2000:]}"
+                )
+        pods = []
+        mtu = 0
+        for (_, subnet_file), host in zip(agents, topo.hosts, strict=True):
+            mtu = _flannel_mtu(subnet_file)
+            pods.append(topo.add_pod(host, subnet_from_env(subnet_file), mtu=mtu))
+        note = f"flanneld x2, {json.dumps(backend, separators=(',', ':'))}"
+        if backend.get("Type") == "vxlan":
+            note += f", {offloads(topo.hosts[0])}"
+        return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, mtu, note)
+
+    return build
+
+
+#: The configurations, in display order. Add a backend here (e.g. wireguard).
+CONFIGS: tuple[Config, ...] = (
+    Config("underlay", build_underlay),
+    Config("hand-host-gw", hand_hostgw(forward_rules=False)),
+    Config("hand-host-gw-fwd", hand_hostgw(forward_rules=True)),
+    Config(
+        "loden-host-gw",
+        loden_config({"Type": "host-gw"}),
+        ("hand-host-gw", "hand-host-gw-fwd"),
+        0.95,
+    ),
+    Config("hand-vxlan", hand_vxlan(tx_off=False)),
+    Config("hand-vxlan-txoff", hand_vxlan(tx_off=True)),
+    Config(
+        "loden-vxlan",
+        loden_config({"Type": "vxlan"}),
+        ("hand-vxlan", "hand-vxlan-txoff"),
+        0.95,
+    ),
+    Config("loden-udp", loden_config({"Type": "udp"})),
+)
+BY_NAME = {c.name: c for c in CONFIGS}
+DEFAULT_CONFIGS = [
+    "underlay",
+    "hand-host-gw",
+    "hand-host-gw-fwd",
+    "loden-host-gw",
+    "hand-vxlan",
+    "hand-vxlan-txoff",
+    "loden-vxlan",
+    "loden-udp",
+]
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    gbps: float
+    retransmits: int
+
+
+def _listening(ns: Namespace, port: int) -> bool:
+    out = ns.run("ss", "-Hltn", f"sport = :{port}", check=False).stdout
+    return bool(out.strip())
+
+
+def iperf(ends: Endpoints, seconds: float, streams: int) -> Sample:
+    """One iperf3 TCP run: server in the destination namespace, client in the source."""
+    server = ends.server.spawn("iperf3", "-s", "-1", "-p", str(IPERF_PORT))
+    try:
+        if not wait_until(lambda: _listening(ends.server, IPERF_PORT), timeout=5, interval=0.05):
+            raise TopologyError(f"iperf3 server in {ends.server.name} not listening after 5 s")
+        proc = ends.client.run(
+            "iperf3",
+            "-J",
+            "-c",
+            str(ends.server_ip),
+            "-p",
+            str(IPERF_PORT),
+            "-t",
+            str(seconds),
+            "-P",
+            str(streams),
+            timeout=seconds + 30,
+            check=False,
+        )
+    finally:
+        server.stop()
+    try:
+        report = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise TopologyError(f"iperf3 gave no JSON (exit {proc.returncode}): {proc.stderr}") from exc
+    if "error" in report:
+        raise TopologyError(f"iperf3 {ends.client.name} -> {ends.server_ip}: {report['error']}")
+    end = report["end"]
+    return Sample(
+        end["sum_received"]["bits_per_second"] / 1e9, int(end["sum_sent"].get("retransmits", 0))
+    )
+
+
+def cpu_by_group() -> dict[int, float]:
+    """CPU time (user + system, s) used so far, summed per process group."""
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        group = int(fields[2])  # field 5 of /proc/PID/stat: the process group
+        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+@dataclass
+class AgentCPU:
+    """CPU used by one configuration's agents during its own runs and during the others'."""
+
+    own: float = 0.0
+    own_wall: float = 0.0
+    other: float = 0.0
+    other_wall: float = 0.0
+
+
+def check_path(ends: Endpoints) -> None:
+    """Fail early and clearly when a configuration does not forward at all."""
+    if not ends.client.ping(ends.server_ip, count=3, wait=2.0):
+        raise TopologyError(f"{ends.client.name} cannot ping {ends.server_ip}")
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+
+
+def load() -> str:
+    """The machine's load average: other work on a 2-CPU box skews every figure."""
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def report(
+    chosen: Sequence[Config], built: dict[str, Endpoints], samples: dict[str, list[Sample]]
+) -> list[str]:
+    """The table. Ratios to a twin are given twice: ratio of the medians, and the median
+    of the per-round ratios ("paired": the twin was measured in the same round, so slow
+    drifts of the machine's load cancel); the target verdict uses the paired one."""
+    median = {name: statistics.median(s.gbps for s in runs) for name, runs in samples.items()}
+    base = median.get("underlay")
+    width = max(len(c.name) for c in chosen)
+    runs_width = max(len(" ".join(f"{s.gbps:.2f}" for s in r)) for r in samples.values())
+    lines = [
+        f"{'configuration':<{width}} {'MTU':>4} {'runs Gbit/s':<{runs_width}} {'median':>7} "
+        f"{'retr':>6} {'/underlay':>9}  to hand-configured twin: ratio of medians, paired "
+        "(target)"
+    ]
+    for cfg in chosen:
+        runs = samples[cfg.name]
+        gbps = median[cfg.name]
+        each = " ".join(f"{s.gbps:.2f}" for s in runs)
+        retr = statistics.median(s.retransmits for s in runs)
+        rel_base = f"{gbps / base:9.3f}" if base else f"{'-':>9}"
+        versus = []
+        for i, twin in enumerate(cfg.twins):
+            if twin not in median:
+                continue
+            pairs = zip(runs, samples[twin], strict=True)
+            paired = statistics.median(a.gbps / b.gbps for a, b in pairs)
+            text = f"/{twin} {gbps / median[twin]:.3f}, {paired:.3f}"
+            if i == 0 and cfg.target is not None:
+                text += f" (>= {cfg.target:.2f}: {'met' if paired >= cfg.target else 'MISSED'})"
+            versus.append(text)
+        lines.append(
+            f"{cfg.name:<{width}} {built[cfg.name].mtu:>4} {each:<{runs_width}} {gbps:7.2f} "
+            f"{retr:6.0f} {rel_base}  {'; '.join(versus) or '-'}"
+        )
+    return lines
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="repeat the sequence R times")
+    parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 -t per run")
+    parser.add_argument("--streams", type=int, default=1, help="iperf3 -P per run")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(BY_NAME),
+        default=DEFAULT_CONFIGS,
+        metavar="NAME",
+        help=f"configurations to run (default: %(default)s; all: {' '.join(BY_NAME)})",
+    )
+    parser.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flanneld argument for the Loden agents, e.g. --agent-arg=--ip-masq",
+    )
+    args = parser.parse_args()
+    if args.rounds < 1 or args.seconds <= 0 or args.streams < 1:
+        parser.error("--rounds, --seconds and --streams must be positive")
+    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: it may start out ignored
+        signal.signal(signum, _interrupt)
+    chosen = [BY_NAME[name] for name in dict.fromkeys(args.configs)]
+    iperf_version = subprocess.run(
+        ["iperf3", "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[:1]
+    print(f"command: {command_line()}; {load()}")
+    print(
+        f"kernel {platform.release()}, {len(os.sched_getaffinity(0))} CPUs, "
+        f"{' '.join(iperf_version)}; TCP, {args.streams} stream(s), {args.seconds:g} s per run, "
+        f"{args.rounds} round(s), agent extra args: {args.agent_arg or 'none'}",
+        flush=True,
+    )
+    lab = Lab(args)
+    samples: dict[str, list[Sample]] = {c.name: [] for c in chosen}
+    built: dict[str, Endpoints] = {}
+    groups: dict[str, list[int]] = {}
+    cpu = {c.name: AgentCPU() for c in chosen}
+    began = time.monotonic()
+    try:
+        for cfg in chosen:
+            t0 = time.monotonic()
+            first = len(lab.agent_groups)
+            built[cfg.name] = ends = cfg.build(lab)
+            groups[cfg.name] = lab.agent_groups[first:]
+            check_path(ends)
+            print(f"  built {cfg.name:<17} in {time.monotonic() - t0:4.1f} s: {ends.note}")
+        for rnd in range(args.rounds):
+            shift = rnd % len(chosen)
+            order = chosen[shift:] + chosen[:shift]
+            for cfg in order:
+                before, t0 = cpu_by_group(), time.monotonic()
+                sample = iperf(built[cfg.name], args.seconds, args.streams)
+                after, wall = cpu_by_group(), time.monotonic() - t0
+                for name, pgids in groups.items():
+                    used = sum(after.get(g, 0.0) - before.get(g, 0.0) for g in pgids)
+                    if name == cfg.name:
+                        cpu[name].own += used
+                        cpu[name].own_wall += wall
+                    else:
+                        cpu[name].other += used
+                        cpu[name].other_wall += wall
+                samples[cfg.name].append(sample)
+                print(
+                    f"  round {rnd + 1}/{args.rounds} {cfg.name:<17} {sample.gbps:6.2f} Gbit/s "
+                    f"(retransmits {sample.retransmits})",
+                    flush=True,
+                )
+    finally:
+        lab.close()
+    print()
+    print(f"pod -> pod TCP throughput, median of {args.rounds} interleaved round(s)")
+    for line in report(chosen, built, samples):
+        print(line)
+    print()
+    print("CPU of each configuration's agents (% of one CPU): during its own runs (its data")
+    print("path for udp), and while the other configurations were measured (idle agents)")
+    for name, pgids in groups.items():
+        if pgids:
+            use = cpu[name]
+            own = 100 * use.own / use.own_wall if use.own_wall else 0.0
+            other = 100 * use.other / use.other_wall if use.other_wall else 0.0
+            print(
+                f"  {name:<17} {len(pgids)} agents: own runs {own:6.1f} %, others' {other:5.1f} %"
+            )
+    print(f"total {time.monotonic() - began:.0f} s, {load()}; command: {command_line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted: everything this run created has been removed", file=sys.stderr)
+        raise SystemExit(130) from None
