@@ -30,7 +30,6 @@ without it flannel's ICMP errors never reach the pod.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,7 @@ from typing import TypeVar
 
 from loden.backend.base import BackendContext, Network, ReconcileReport
 from loden.errors import BackendError, DataplaneError, InterfaceError
-from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route
+from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route, enter_netns
 from loden.model.gojson import as_int
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.udp.engine import WorkerPool, WorkerSpec
@@ -56,19 +55,6 @@ DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28
 NAME_TEMPLATE = "flannel%d"
 MAX_DEFAULT_WORKERS = 4
-_CLONE_NEWNET = 0x40000000
-
-
-def _enter_netns(netns: str) -> None:
-    path = netns if "/" in netns else f"/var/run/netns/{netns}"
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"setns({path}): {os.strerror(code)}")
-    finally:
-        os.close(fd)
 
 
 def _default_workers() -> int:
@@ -157,7 +143,7 @@ class UdpNetwork:
         if self._thread is None:
             netns = self._netns
             self._thread = ThreadPoolExecutor(
-                1, thread_name_prefix=f"udp-{netns}", initializer=_enter_netns, initargs=(netns,)
+                1, thread_name_prefix=f"udp-{netns}", initializer=enter_netns, initargs=(netns,)
             )
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 

@@ -104,7 +104,8 @@ def _error(op: str, obj: str, exc: BaseException) -> DataplaneError:
     return DataplaneError(op, obj, detail, errno=code)
 
 
-def _enter_netns(netns: str) -> None:
+def enter_netns(netns: str) -> None:
+    """Move the calling thread into network namespace ``netns`` (a name or a path)."""
     path = netns if "/" in netns else f"/var/run/netns/{netns}"
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -142,7 +143,7 @@ class Netlink:
 
     def _setup(self) -> None:
         if self.netns is not None:
-            _enter_netns(self.netns)
+            enter_netns(self.netns)
         from pyroute2 import IPRoute
 
         self._rtnl = rtnl.RtnlSocket()
