@@ -19,7 +19,9 @@ hand-configured twin.
 * ``hand-vxlan``: a flannel-style ``flannel.1`` made with ``ip``/``bridge`` (VNI 1, port
   8472, nolearning, MTU 1450, /32 address, permanent neighbour + FDB entry + onlink route);
   ``hand-vxlan-txoff`` is the same plus ``ethtool -K flannel.1 tx off``, which Loden's
-  vxlan backend does (checksum-offload workaround, see src/loden/backend/vxlan.py);
+  vxlan backend does by default (checksum-offload workaround, see
+  src/loden/backend/vxlan.py), so it is ``loden-vxlan``'s twin; ``loden-vxlan-txon``
+  (``"TxChecksumOffload": true``) is ``hand-vxlan``'s;
 * ``loden-<backend>``: real ``flanneld`` agents (one per host) against a real etcd in the
   underlay namespace; pods get their MTU from ``subnet.env`` (FLANNEL_MTU).
 
@@ -304,8 +306,14 @@ CONFIGS: tuple[Config, ...] = (
     Config("hand-vxlan", hand_vxlan(tx_off=False)),
     Config("hand-vxlan-txoff", hand_vxlan(tx_off=True)),
     Config(
-        "loden-vxlan",
+        "loden-vxlan",  # tx checksum offload off, as flannel.1 after the 63 s workaround
         loden_config({"Type": "vxlan"}),
+        ("hand-vxlan-txoff", "hand-vxlan"),
+        0.95,
+    ),
+    Config(
+        "loden-vxlan-txon",
+        loden_config({"Type": "vxlan", "TxChecksumOffload": True}),
         ("hand-vxlan", "hand-vxlan-txoff"),
         0.95,
     ),
@@ -320,6 +328,7 @@ DEFAULT_CONFIGS = [
     "hand-vxlan",
     "hand-vxlan-txoff",
     "loden-vxlan",
+    "loden-vxlan-txon",
     "loden-udp",
 ]
 

@@ -173,26 +173,29 @@ class AgentLoops:
                 await self._apply(changes)
 
     async def _apply(self, changes: list[LeaseEvent]) -> None:
-        async with self._reconcile_lock:
-            for event in changes:
-                self.metrics.lease_events.labels(event.kind.value).inc()
-                log.info(
-                    "peer %s %s (public IP %s)",
-                    event.lease.key,
-                    event.kind.value,
-                    event.lease.attrs.public_ip,
-                )
-            try:
-                report = await self.network.apply(changes)
-            except LodenError as exc:
-                report = ReconcileReport(errors=(str(exc),))
-            self._record(report, "apply")
+        # Not behind _reconcile_lock: a periodic resync must not delay a new peer's
+        # routes. Backends make apply and reconcile safe to overlap (see PeerNetwork).
+        for event in changes:
+            self.metrics.lease_events.labels(event.kind.value).inc()
+            log.info(
+                "peer %s %s (public IP %s)",
+                event.lease.key,
+                event.kind.value,
+                event.lease.attrs.public_ip,
+            )
+        try:
+            report = await self.network.apply(changes)
+        except LodenError as exc:
+            report = ReconcileReport(errors=(str(exc),))
+        self._record(report, "apply")
 
     async def _reconcile(self, why: str) -> None:
         async with self._reconcile_lock:
             began = time.perf_counter()
             try:
-                report = await self.network.reconcile(dict(self.watcher.peers))
+                # The live mapping, read by the backend when its pass starts: a copy made
+                # here could predate events that apply() handles while we wait.
+                report = await self.network.reconcile(self.watcher.peers)
             except LodenError as exc:
                 report = ReconcileReport(errors=(str(exc),))
             self.metrics.reconcile_seconds.observe(time.perf_counter() - began)

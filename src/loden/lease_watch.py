@@ -74,7 +74,9 @@ class LeaseWatcher:
             for key, lease in fresh.items()
             if self._peers.get(key) != lease
         ]
-        self._peers = fresh
+        # In place: ``peers`` is handed out as a live view (see AgentLoops._reconcile).
+        self._peers.clear()
+        self._peers.update(fresh)
         self._by_ip = {}
         for key, lease in fresh.items():
             self._by_ip.setdefault(lease.attrs.public_ip, set()).add(key)

@@ -311,6 +311,20 @@ async def test_vxlan_direct_routing(make_cluster: ClusterFactory) -> None:
     assert f"{far_subnet} via {far_subnet.network_address} dev flannel.1 proto 76 onlink" in routes
 
 
+async def test_vxlan_tx_checksum_offload_option(make_cluster: ClusterFactory) -> None:
+    """``"TxChecksumOffload": true`` keeps tx checksumming (and so TSO) on flannel.1,
+    and the resync holds it there, as it holds "off" by default."""
+    cluster = await make_cluster("vxlan", hosts=2, TxChecksumOffload=True)
+    assert full_mesh(cluster) == []
+    ns = cluster.nodes[0].host.ns
+    assert "tx-checksumming: on" in ns.run("ethtool", "-k", "flannel.1").stdout
+    ns.run("ethtool", "-K", "flannel.1", "tx", "off")
+    report = await cluster.reconcile(0)
+    assert not report.errors, report
+    assert "tx-checksumming: on" in ns.run("ethtool", "-k", "flannel.1").stdout
+    assert full_mesh(cluster) == []
+
+
 async def test_vxlan_incompatible_device_is_recreated(make_topology: TopologyFactory) -> None:
     topo: Topology = make_topology(1)
     ns = topo.hosts[0].ns
@@ -387,3 +401,49 @@ async def test_vxlan_apply_replays_after_device_loss(make_cluster: ClusterFactor
     assert report.added == 6 and not report.errors, report
     assert_vxlan_state(cluster)
     assert full_mesh(cluster) == []
+
+
+async def test_vxlan_apply_during_reconcile_is_not_undone(make_cluster: ClusterFactory) -> None:
+    """A resync reads and diffs without the write lock; an event applied meanwhile is
+    newer than its dump, so the resync must neither undo nor wait for it."""
+    cluster = await make_cluster("vxlan")
+    n0, n1, n2 = cluster.nodes
+    network = n0.network
+    assert isinstance(network, VxlanNetwork)
+    # 1,500 synthetic peers make the read phase long enough to land an event inside it.
+    base = int(IPv4Network("10.200.0.0/16").network_address)
+    synthetic = {}
+    for i in range(1500):
+        mac = f"0a:58:00:{i >> 8:02x}:{i & 255:02x}:01"
+        lease = vxlan_lease(IPv4Network((base + (i << 8), 24)), IPv4Address("192.0.2.9"), mac)
+        synthetic[lease.key] = lease
+    stale_view = {**cluster.peers(0), **synthetic}
+    report = await network.reconcile(stale_view)
+    assert not report.errors, report.errors[:3]
+    newcomer = vxlan_lease(IPv4Network("10.210.7.0/24"), n2.host.ip, "0a:58:0a:0a:0a:0a")
+    resync = asyncio.create_task(network.reconcile(stale_view))
+    try:
+        async with asyncio.timeout(5):  # until the pass has read its peers and is dumping
+            while network._touched_keys is None:
+                await asyncio.sleep(0.0005)
+    except BaseException:
+        resync.cancel()
+        raise
+    report = await network.apply(
+        [LeaseEvent(EventKind.ADDED, newcomer), LeaseEvent(EventKind.REMOVED, n1.lease)]
+    )
+    assert (report.added, report.removed, report.errors) == (3, 3, ()), report
+    assert not resync.done(), "apply waited for the whole resync"
+    report = await resync
+    assert not report.errors, report.errors[:3]
+    neigh, fdb, routes = kernel_vxlan(n0)
+    assert "10.210.7.0/24 via 10.210.7.0 dev flannel.1 proto 76 onlink" in routes
+    assert f"0a:58:0a:0a:0a:0a dst {n2.host.ip} self permanent" in fdb
+    assert not any(str(n1.subnet) in r for r in routes), "resync restored a removed peer"
+    assert not any(mac_of(n1) in f for f in fdb)
+    # The next pass with the current peer set converges with nothing left to do twice.
+    current = {k: v for k, v in stale_view.items() if k != n1.lease.key}
+    current[newcomer.key] = newcomer
+    await network.reconcile(current)
+    report = await network.reconcile(current)
+    assert report.added == report.removed == 0 and not report.errors, report

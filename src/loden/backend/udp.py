@@ -118,6 +118,9 @@ class UdpNetwork:
         self.tun_name = NAME_TEMPLATE
         self.ifindex = 0
         self._peers: dict[str, Lease] = {}
+        #: apply() and reconcile() may overlap (the agent does not serialise them); each
+        #: pushes a table computed from ``_peers``, so they must not interleave.
+        self._lock = asyncio.Lock()
         self._pool = WorkerPool(WorkerSpec(vnet=True, tun_addr=self.tun_addr, port=self._port))
         self._nl: Netlink | None = None
         self._thread: ThreadPoolExecutor | None = None
@@ -234,6 +237,10 @@ class UdpNetwork:
 
     async def apply(self, events: Sequence[LeaseEvent]) -> ReconcileReport:
         """Added sets or replaces a peer, Removed deletes it; one table push per batch."""
+        async with self._lock:
+            return await self._apply(events)
+
+    async def _apply(self, events: Sequence[LeaseEvent]) -> ReconcileReport:
         added = removed = 0
         for event in events:
             key = event.lease.key
@@ -253,6 +260,10 @@ class UdpNetwork:
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         """Exactly these peers; recreate the TUN if it is gone; restart dead workers."""
+        async with self._lock:
+            return await self._reconcile(peers)
+
+    async def _reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         errors: list[str] = []
         try:
             await self._repair()

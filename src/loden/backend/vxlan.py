@@ -32,9 +32,17 @@ adopted (e.g. Go-created, random) MAC across reboots too.
 
 *Checksum offload off* (pain point 5). Some kernels/NICs produce bad outer UDP or inner
 TCP checksums for VXLAN-encapsulated packets when tx checksum offload is on for the
-VXLAN device, which shows up as 63 s (5 retransmits) or 3 s delays for NodePort and
-ClusterIP traffic (flannel PR #1282, kubernetes#89622). Loden turns tx checksumming off
-on ``flannel.<VNI>`` (``ethtool -K flannel.1 tx off``) every time it ensures the device.
+VXLAN device: kernels before 5.7 with iptables ``MASQUERADE --random-fully`` (kube-proxy),
+and public IPs behind NAT on any kernel. It shows up as 63 s (5 retransmits) or 3 s
+delays for NodePort and ClusterIP traffic (flannel PR #1282, flannel #1279,
+kubernetes#89622, calico#3145). Loden turns tx checksumming off on ``flannel.<VNI>``
+(``ethtool -K flannel.1 tx off``) every time it ensures the device. The price is real:
+without checksum offload the kernel cannot use TSO on the device either, so every
+1450-byte segment is encapsulated on its own; on the test machines a TCP stream through
+``flannel.1`` drops to ~0.2x of the same device with offloads on (bench/dataplane.py,
+``hand-vxlan`` vs ``hand-vxlan-txoff``). Clusters on kernels >= 5.7 whose nodes are not
+behind NAT can set ``"TxChecksumOffload": true`` in the Backend config to keep the
+offloads (Go flanneld ignores the key, so mixed clusters can share the config).
 
 *Never interrupt traffic on restart.* Start-up reuses a compatible device as is (no
 down/up, no address flush, MTU and MAC written only if they differ), and reconcile
@@ -86,6 +94,10 @@ class VxlanOptions:
     learning: bool = False
     direct_routing: bool = False
     mtu: int = 0
+    #: Loden extension (Go flanneld ignores unknown Backend keys): keep the kernel's tx
+    #: checksum offload, and with it TSO, on ``flannel.<VNI>``. Off by default, see the
+    #: module docstring for the trade-off.
+    tx_checksum_offload: bool = False
 
     @classmethod
     def from_config(cls, config: NetworkConfig) -> VxlanOptions:
@@ -104,6 +116,7 @@ class VxlanOptions:
             learning=spec.option("Learning", as_bool, False),
             direct_routing=spec.option("DirectRouting", as_bool, False),
             mtu=spec.option("MTU", as_int, 0),
+            tx_checksum_offload=spec.option("TxChecksumOffload", as_bool, False),
         )
 
 
@@ -266,6 +279,17 @@ class VxlanNetwork(PeerNetwork):
             "vxlan: %s (mac %s) ready for subnet %s", self._be.name, self._mac, self._lease.subnet
         )
 
+    async def _base_intact(self) -> bool:
+        link = await self._nl.link_by_index(self._index) if self._index else None
+        return (
+            link is not None
+            and link.name == self._be.name
+            and link.kind == "vxlan"
+            and link.up
+            and link.mac == self._mac
+            and link.mtu == self._be.mtu
+        )
+
     async def _ensure_base(self) -> bool:
         """Device present, compatible, configured; only differences are written."""
         nl, be = self._nl, self._be
@@ -288,7 +312,7 @@ class VxlanNetwork(PeerNetwork):
             await nl.set_link(link.index, mtu=be.mtu)
         await self._ensure_address(link.index)
         await self._best_effort(nl.set_sysctl(f"net/ipv6/conf/{be.name}/accept_ra", "0"))
-        await self._best_effort(nl.disable_tx_checksum(be.name))
+        await self._best_effort(nl.set_tx_checksum(be.name, be.options.tx_checksum_offload))
         if not link.up:
             await nl.set_link(link.index, up=True)
         check = await nl.link_by_index(link.index)

@@ -410,15 +410,20 @@ class Netlink:
 
     async def disable_tx_checksum(self, name: str) -> bool:
         """``ethtool -K <name> tx off`` through the ioctl; True if it was on."""
+        return await self.set_tx_checksum(name, False)
+
+    async def set_tx_checksum(self, name: str, on: bool) -> bool:
+        """``ethtool -K <name> tx on|off`` through the ioctl; True if it changed."""
 
         def run() -> bool:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                if _ethtool(s, name, _ETHTOOL_GTXCSUM) == 0:
+                if bool(_ethtool(s, name, _ETHTOOL_GTXCSUM)) == on:
                     return False
-                _ethtool(s, name, _ETHTOOL_STXCSUM, 0)
+                _ethtool(s, name, _ETHTOOL_STXCSUM, int(on))
                 return True
 
-        return await self._call("disable", f"tx checksum offload on {name}", run)
+        state = "on" if on else "off"
+        return await self._call("set", f"tx checksum offload {state} on {name}", run)
 
 
 def _sysctl_path(key: str) -> Path:
