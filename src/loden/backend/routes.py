@@ -397,15 +397,6 @@ class PeerNetwork:
                     fallback[key] = event.lease
         if not latest:
             return ReconcileReport()
-        if not await self._base_intact():
-            # Rare (the device was deleted from outside): replay everything.
-            peers = dict(self._peers)
-            for key, lease in latest.items():
-                if lease is None:
-                    peers.pop(key, None)
-                else:
-                    peers[key] = lease
-            return await self.reconcile(peers)
         async with self._lock:
             alive = [(key, lease) for key, lease in latest.items() if lease is not None]
             lookups = await self._lookups([*(lease for _, lease in alive), *fallback.values()])
@@ -419,11 +410,14 @@ class PeerNetwork:
                 changes += transition(old or (), new.get(key, ()))
             changes = ordered(changes)
             result = await self._nl.apply(changes)
+            # The base (vxlan device) is only checked when a write failed: a check per
+            # event would cost a round trip on the busy lane. Gone -> replay everything.
+            broken = bool(result.failed) and not await self._base_intact()
             if self._touched_keys is not None:
                 self._touched_keys.update(entry_key(c.entry) for c in changes)
                 self._touched_peers.update(latest)
             for key, lease in latest.items():
-                if key in new:
+                if key in new and not broken:
                     self._entries[key] = new[key]
                 else:
                     self._entries.pop(key, None)
@@ -433,7 +427,13 @@ class PeerNetwork:
                         self._desired = None
                 else:
                     self._peers[key] = lease
-            return report(result, changes, skipped)
+            if not broken:
+                return report(result, changes, skipped)
+            peers = dict(self._peers)
+        log.warning(
+            "%s: writes failed and the device is gone: replaying every peer", self.backend_type
+        )
+        return await self.reconcile(peers)
 
     async def aclose(self) -> None:
         await self._nl.aclose()
