@@ -32,4 +32,4 @@ bench: deps
 	$(PY) bench/dataplane.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/loden/udp/_fastpath*.so

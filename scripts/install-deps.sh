@@ -6,7 +6,14 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client iproute2 iptables nftables iputils-ping iperf3 tcpdump
   conntrack containernetworking-plugins wireguard-tools wireguard-go docker.io busybox-static
-  openssl ethtool util-linux procps python3-venv make)
+  openssl ethtool util-linux procps python3-venv make gcc libc6-dev)
+
+PY=${PYTHON:-python3}
+# The udp data path's C loops (src/loden/udp/_fastpath.c) need Python's headers; a
+# pyenv/python.org build has them, Debian's python3 needs python3-dev.
+if ! "$PY" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+  APT_PACKAGES+=(python3-dev)
+fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -23,12 +30,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.loden-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
+  [ src/loden/udp/_fastpath.c -nt "$stamp" ]; then
   if ! .venv/bin/pip install -q -e '.[dev]' >.venv/pip.log 2>&1; then
     cat .venv/pip.log >&2
     echo "install-deps: pip install failed (log above)" >&2

@@ -10,21 +10,25 @@ dropped; a destination in the Network with no lease gets an ICMP Net Unreachable
 Where the speed comes from: a Python proxy pays per system call, not per byte, so the
 design batches system calls without changing a byte on the wire:
 
-* sender (:mod:`.worker`, :mod:`.gso`): runs of equal-size datagrams to one peer leave
-  in one ``sendmsg`` with a ``UDP_SEGMENT`` cmsg (the kernel cuts them back into
-  separate datagrams). The TUN gives one segment per read with checksums done by the
-  kernel; with the ``tso`` option it gives 64 KB TCP super-packets instead
-  (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``) that are segmented and checksummed in Python,
-  which measured slower here because a Python checksum (``int.from_bytes`` over each
-  segment, 2-3 us) costs more than a read;
+* sender (:mod:`.worker`, :mod:`.gso`): the TUN gives 64 KB TCP super-packets
+  (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``), cut into MSS segments with complete checksums;
+  runs of equal-size datagrams to one peer leave in one ``sendmsg`` with a
+  ``UDP_SEGMENT`` cmsg (the kernel cuts them back into separate datagrams). Segmenting
+  is a C loop (``_fastpath.c``, built by setup.py); without a compiler the Python loop
+  is used and the TUN gives one kernel-checksummed segment per read instead, which is
+  cheaper than a Python checksum (2-3 µs per segment);
 * receiver (:mod:`.gro`): ``UDP_GRO`` returns many datagrams per ``recvmsg``; in-order
-  segments of one TCP flow are glued into one super-packet written with one ``writev``
+  segments of one TCP flow (checked by a C loop when built) are glued into one
+  super-packet written with one ``writev``
   and a virtio-net header (``GSO_TCPV4`` + ``NEEDS_CSUM``), so the kernel's stack runs
   once per 64 KB instead of once per segment;
 * :mod:`.engine`: one worker process per core (processes, not threads: the GIL),
   each with its own multi-queue TUN fd and ``SO_REUSEPORT`` socket, a cBPF program
   spreading inner flows over the sockets (:mod:`.sockets`); peer-table updates reach
   the workers over a control socket without pausing them (:mod:`.peers`).
+
+Measured (bench/dataplane_udp.py, 2 cores): 0.13-0.16 of the underlay's TCP throughput
+with the C loops, 0.055-0.06 without, a naive one-packet-per-call loop 0.024-0.03.
 
 Modules: :mod:`.csum` (ones'-complement sums), :mod:`.packet` (IPv4 rules, TTL, ICMP),
 :mod:`.tun`, :mod:`.sockets`, :mod:`.peers`, :mod:`.gso`, :mod:`.gro`, :mod:`.worker`,

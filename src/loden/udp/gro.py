@@ -26,10 +26,26 @@ IPv4 packet with TTL > 1 (see :func:`loden.udp.packet.header_length`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 from loden.udp.csum import BytesLike, fold, residue
 from loden.udp.packet import dec_ttl
 from loden.udp.tun import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_HDR, VNET_PLAIN
+
+ScanFn = Callable[..., tuple[int, int, int, int, int, int]]
+
+
+def _pick_scan() -> ScanFn | None:
+    try:  # the run-continuation loop in C (setup.py builds it when a compiler is there)
+        from loden.udp._fastpath import gro_scan
+    except ImportError:  # pragma: no cover - depends on the build machine
+        return None
+    return gro_scan
+
+
+#: The C loop when it was built; None makes :class:`Decapsulator` use its Python loop.
+GRO_SCAN: ScanFn | None = _pick_scan()
 
 #: Coalesced super-packets stay below the 16-bit IP total length.
 MAX_SUPER = 65535 - 1500
@@ -86,9 +102,10 @@ class Decapsulator:
         "_total",
         "_hl",
         "_psh",
+        "_scan",
     )
 
-    def __init__(self, *, vnet: bool) -> None:
+    def __init__(self, *, vnet: bool, scan: Any = GRO_SCAN) -> None:
         #: The TUN carries virtio-net headers (then coalescing is possible).
         self.vnet = vnet
         self.writes: list[list[BytesLike]] = []
@@ -105,6 +122,8 @@ class Decapsulator:
         self._total = 0
         self._hl = 0
         self._psh = False
+        #: The C loop for segments that continue the open run (None: the Python one).
+        self._scan: ScanFn | None = scan
 
     def feed(self, data: bytes | bytearray | memoryview, seg: int) -> None:
         """Process ``data``: inner packets of ``seg`` bytes each (the last may be shorter)."""
@@ -125,12 +144,30 @@ class Decapsulator:
         # Bit positions, in the header read as one integer, of the sequence number,
         # total length, IP header and TCP flags (counted from the end of the header).
         s_seq, s_tot, s_ip, s_flags = _shifts(hl)
+        scan = self._scan
         off = 0
         while off < n:
+            if key >= 0 and scan is not None:
+                # The C loop takes every segment that continues the run, then stops at
+                # the first one that does not (handled below by _one) or at the end.
+                first = self._first
+                assert first is not None
+                off, nseq, total, count, closed, psh = scan(
+                    raw, mv, off, n, seg, first, hl, nseq, mss, total, MAX_SUPER, payloads
+                )
+                joined += count
+                if closed:
+                    self._total = total
+                    self._psh = bool(psh)
+                    self._close()
+                    key = -1
+                    continue
+                if off >= n:
+                    break
             end = off + seg
             if end > n:
                 end = n
-            if key >= 0 and end - off >= hl:
+            if key >= 0 and scan is None and end - off >= hl:
                 # Fast path: does this segment continue the open run?
                 x = frombytes(raw[off : off + hl], "big")
                 if x & mask == key and (x >> s_seq) & 0xFFFFFFFF == nseq:
@@ -262,8 +299,10 @@ class Decapsulator:
         return writes
 
 
-def decapsulate(data: BytesLike, seg: int = 0, *, vnet: bool = True) -> list[list[BytesLike]]:
+def decapsulate(
+    data: BytesLike, seg: int = 0, *, vnet: bool = True, scan: Any = GRO_SCAN
+) -> list[list[BytesLike]]:
     """One-shot :class:`Decapsulator` pass over ``data`` (tests and the benchmark)."""
-    dec = Decapsulator(vnet=vnet)
+    dec = Decapsulator(vnet=vnet, scan=scan)
     dec.feed(memoryview(data), seg)
     return dec.flush()

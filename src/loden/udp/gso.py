@@ -65,7 +65,7 @@ def _segment_folds(nbytes: int) -> tuple[int, int, int, int, int, int]:
     return out[0], out[1], out[2], out[3], out[4], out[5]
 
 
-def segment_tcp4(pkt: memoryview, mss: int) -> tuple[list[BytesLike], int, int] | None:
+def segment_tcp4_py(pkt: memoryview, mss: int) -> tuple[list[BytesLike], int, int] | None:
     """Cut a TCP/IPv4 super-packet into wire-ready segments of ``mss`` payload bytes.
 
     ``pkt`` starts at the IP header; its TTL must be > 1 (the caller checks). Returns
@@ -191,6 +191,21 @@ def segment_tcp4(pkt: memoryview, mss: int) -> tuple[list[BytesLike], int, int] 
     )
     append(seg)
     return iov, hl + min(mss, plen), last + 1
+
+
+SegmentFn: TypeAlias = Callable[[memoryview, int], "tuple[list[BytesLike], int, int] | None"]
+
+
+def _pick_segment() -> SegmentFn:
+    try:  # the same loop in C (setup.py builds it when a compiler is there)
+        from loden.udp._fastpath import segment_tcp4 as fast
+    except ImportError:  # pragma: no cover - depends on the build machine
+        return segment_tcp4_py
+    return fast
+
+
+#: What the worker calls: the C loop when it was built, else :func:`segment_tcp4_py`.
+segment_tcp4: SegmentFn = _pick_segment()
 
 
 def prepare_single(pkt: memoryview, flags: int, csum_start: int, csum_offset: int) -> bytearray:
