@@ -1,10 +1,14 @@
-"""Data-plane throughput: iperf3 TCP pod to pod across two hosts, Loden vs hand-made twins.
+"""Data-plane throughput pod to pod across two hosts: every backend, hand-made twins.
 
 Run by hand as root (not part of the test suite)::
 
-    .venv/bin/python bench/dataplane.py [--rounds 3] [--seconds 5] [--streams 1]
+    .venv/bin/python bench/dataplane.py [--rounds 3] [--seconds 5] [--tests tcp1 tcp4 udp64]
         [--configs underlay hand-host-gw loden-host-gw hand-vxlan loden-vxlan ...]
         [--agent-arg=--ip-masq ...]
+
+Tests: iperf3 TCP with 1 and 4 streams (Gbit/s), and 64-byte UDP at an unlimited rate
+(packets/s received); each as a ratio to the underlay measured in the same round, and
+for the agents their CPU seconds per GB moved (for udp that is its data path).
 
 Every configuration gets its own two-host :class:`tests.fixtures.topology.Topology`
 (namespaces only; nothing outside them receives traffic) and one pod per host. All of
@@ -23,7 +27,11 @@ hand-configured twin.
   src/loden/backend/vxlan.py), so it is ``loden-vxlan``'s twin; ``loden-vxlan-txon``
   (``"TxChecksumOffload": true``) is ``hand-vxlan``'s;
 * ``loden-<backend>``: real ``flanneld`` agents (one per host) against a real etcd in the
-  underlay namespace; pods get their MTU from ``subnet.env`` (FLANNEL_MTU).
+  underlay namespace; pods get their MTU from ``subnet.env`` (FLANNEL_MTU). ``loden-udp``
+  is the udp backend (user-space data path), ``loden-wireguard`` runs over wireguard-go;
+* ``naive-udp``: flannel's udp wire format forwarded by the naive single-thread Python
+  loop of bench/dataplane_udp.py (one packet per system call, no offloads): the
+  reference the udp backend is measured against.
 
 A configuration is one row of :data:`CONFIGS`; a new backend (wireguard, ...) is one
 more ``loden_config(...)`` line there.
@@ -292,7 +300,39 @@ def loden_config(backend: dict[str, object]) -> Builder:
     return build
 
 
-#: The configurations, in display order. Add a backend here (e.g. wireguard).
+def naive_udp(lab: Lab) -> Endpoints:
+    """The naive forwarder of bench/dataplane_udp.py on both hosts (TUN flannel0)."""
+    topo = lab.topology()
+    network = overlay_network()
+    subnets = node_subnets(network)
+    forwarder = str(Path(__file__).with_name("dataplane_udp.py"))
+    for i, host in enumerate(topo.hosts):
+        peer = 1 - i
+        proc = host.ns.spawn(
+            sys.executable,
+            forwarder,
+            "--naive-forwarder",
+            "flannel0",
+            str(host.ip),
+            str(subnets[i].network_address),
+            str(network),
+            f"{subnets[peer]}={topo.hosts[peer].ip}",
+        )
+        lab.stack.callback(proc.stop)
+        lab.agent_groups.append(proc.pid)
+    for host in topo.hosts:
+
+        def has_tun(h: Host = host) -> bool:
+            return h.ns.ip("link", "show", "flannel0", check=False).returncode == 0
+
+        if not wait_until(has_tun):
+            raise TopologyError(f"naive forwarder on {host.name} made no flannel0")
+    mtu = topo.mtu - 28
+    pods = [topo.add_pod(h, s, mtu=mtu) for h, s in zip(topo.hosts, subnets, strict=True)]
+    return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, mtu, "select loop, 1 packet/call")
+
+
+#: The configurations, in display order. Add a backend here.
 CONFIGS: tuple[Config, ...] = (
     Config("underlay", build_underlay),
     Config("hand-host-gw", hand_hostgw(forward_rules=False)),
@@ -317,7 +357,9 @@ CONFIGS: tuple[Config, ...] = (
         ("hand-vxlan", "hand-vxlan-txoff"),
         0.95,
     ),
+    Config("naive-udp", naive_udp),
     Config("loden-udp", loden_config({"Type": "udp"})),
+    Config("loden-wireguard", loden_config({"Type": "wireguard"})),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 DEFAULT_CONFIGS = [
@@ -329,8 +371,11 @@ DEFAULT_CONFIGS = [
     "hand-vxlan-txoff",
     "loden-vxlan",
     "loden-vxlan-txon",
+    "naive-udp",
     "loden-udp",
+    "loden-wireguard",
 ]
+TESTS = ("tcp1", "tcp4", "udp64")
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -340,6 +385,13 @@ DEFAULT_CONFIGS = [
 class Sample:
     gbps: float
     retransmits: int
+    #: Bytes the receiver got, and for udp64 the datagrams per second it got.
+    nbytes: int = 0
+    pps: float = 0.0
+
+    def value(self, test: str) -> float:
+        """What the tables compare: Gbit/s for TCP, packets/s for udp64."""
+        return self.pps if test == "udp64" else self.gbps
 
 
 def _listening(ns: Namespace, port: int) -> bool:
@@ -347,9 +399,14 @@ def _listening(ns: Namespace, port: int) -> bool:
     return bool(out.strip())
 
 
-def iperf(ends: Endpoints, seconds: float, streams: int) -> Sample:
-    """One iperf3 TCP run: server in the destination namespace, client in the source."""
+def iperf(ends: Endpoints, seconds: float, test: str) -> Sample:
+    """One iperf3 run (server in the destination namespace, client in the source):
+    ``tcp1``/``tcp4`` TCP with 1/4 streams, ``udp64`` 64-byte UDP at an unlimited rate."""
     server = ends.server.spawn("iperf3", "-s", "-1", "-p", str(IPERF_PORT))
+    if test == "udp64":
+        mode = ["-u", "-l", "64", "-b", "0"]
+    else:
+        mode = ["-P", "4" if test == "tcp4" else "1"]
     try:
         if not wait_until(lambda: _listening(ends.server, IPERF_PORT), timeout=5, interval=0.05):
             raise TopologyError(f"iperf3 server in {ends.server.name} not listening after 5 s")
@@ -362,8 +419,7 @@ def iperf(ends: Endpoints, seconds: float, streams: int) -> Sample:
             str(IPERF_PORT),
             "-t",
             str(seconds),
-            "-P",
-            str(streams),
+            *mode,
             timeout=seconds + 30,
             check=False,
         )
@@ -376,8 +432,15 @@ def iperf(ends: Endpoints, seconds: float, streams: int) -> Sample:
     if "error" in report:
         raise TopologyError(f"iperf3 {ends.client.name} -> {ends.server_ip}: {report['error']}")
     end = report["end"]
+    if test == "udp64":
+        got = end.get("sum_received") or end["sum"]
+        packets = got.get("packets", 0) - got.get("lost_packets", 0)
+        return Sample(got["bits_per_second"] / 1e9, 0, int(got["bytes"]), packets / got["seconds"])
+    got = end["sum_received"]
     return Sample(
-        end["sum_received"]["bits_per_second"] / 1e9, int(end["sum_sent"].get("retransmits", 0))
+        got["bits_per_second"] / 1e9,
+        int(end["sum_sent"].get("retransmits", 0)),
+        int(got["bytes"]),
     )
 
 
@@ -403,6 +466,9 @@ class AgentCPU:
     own_wall: float = 0.0
     other: float = 0.0
     other_wall: float = 0.0
+    #: CPU seconds and bytes moved during its own TCP runs (for CPU per GB).
+    tcp_cpu: float = 0.0
+    tcp_bytes: int = 0
 
 
 def check_path(ends: Endpoints) -> None:
@@ -424,40 +490,52 @@ def load() -> str:
 
 
 def report(
-    chosen: Sequence[Config], built: dict[str, Endpoints], samples: dict[str, list[Sample]]
+    chosen: Sequence[Config],
+    built: dict[str, Endpoints],
+    samples: dict[str, list[Sample]],
+    test: str,
 ) -> list[str]:
-    """The table. Ratios to a twin are given twice: ratio of the medians, and the median
-    of the per-round ratios ("paired": the twin was measured in the same round, so slow
-    drifts of the machine's load cancel); the target verdict uses the paired one."""
-    median = {name: statistics.median(s.gbps for s in runs) for name, runs in samples.items()}
+    """One table per test. Ratios to a twin are given twice: ratio of the medians, and the
+    median of the per-round ratios ("paired": the twin was measured in the same round, so
+    slow drifts of the machine's load cancel); the target verdict uses the paired one."""
+    unit = "kpps" if test == "udp64" else "Gbit/s"
+    scale = 1e-3 if test == "udp64" else 1.0
+
+    def v(sample: Sample) -> float:
+        return sample.value(test) * scale
+
+    median = {name: statistics.median(v(s) for s in runs) for name, runs in samples.items()}
     base = median.get("underlay")
     width = max(len(c.name) for c in chosen)
-    runs_width = max(len(" ".join(f"{s.gbps:.2f}" for s in r)) for r in samples.values())
+    runs_width = max(len(" ".join(f"{v(s):.2f}" for s in r)) for r in samples.values())
     lines = [
-        f"{'configuration':<{width}} {'MTU':>4} {'runs Gbit/s':<{runs_width}} {'median':>7} "
+        f"{'configuration':<{width}} {'MTU':>4} {'runs ' + unit:<{runs_width}} {'median':>7} "
         f"{'retr':>6} {'/underlay':>9}  to hand-configured twin: ratio of medians, paired "
         "(target)"
     ]
     for cfg in chosen:
         runs = samples[cfg.name]
-        gbps = median[cfg.name]
-        each = " ".join(f"{s.gbps:.2f}" for s in runs)
+        value = median[cfg.name]
+        each = " ".join(f"{v(s):.2f}" for s in runs)
         retr = statistics.median(s.retransmits for s in runs)
-        rel_base = f"{gbps / base:9.3f}" if base else f"{'-':>9}"
+        rel_base = f"{value / base:9.3f}" if base else f"{'-':>9}"
         versus = []
         for i, twin in enumerate(cfg.twins):
-            if twin not in median:
+            if twin not in median or not median[twin]:
                 continue
             pairs = zip(runs, samples[twin], strict=True)
-            paired = statistics.median(a.gbps / b.gbps for a, b in pairs)
-            text = f"/{twin} {gbps / median[twin]:.3f}, {paired:.3f}"
-            if i == 0 and cfg.target is not None:
+            paired = statistics.median(v(a) / v(b) for a, b in pairs if v(b))
+            text = f"/{twin} {value / median[twin]:.3f}, {paired:.3f}"
+            if i == 0 and cfg.target is not None and test != "udp64":
                 text += f" (>= {cfg.target:.2f}: {'met' if paired >= cfg.target else 'MISSED'})"
             versus.append(text)
         lines.append(
-            f"{cfg.name:<{width}} {built[cfg.name].mtu:>4} {each:<{runs_width}} {gbps:7.2f} "
+            f"{cfg.name:<{width}} {built[cfg.name].mtu:>4} {each:<{runs_width}} {value:7.2f} "
             f"{retr:6.0f} {rel_base}  {'; '.join(versus) or '-'}"
         )
+    if "naive-udp" in median and "loden-udp" in median and median["naive-udp"]:
+        ratio = median["loden-udp"] / median["naive-udp"]
+        lines.append(f"loden-udp / naive-udp: {ratio:.2f}x")
     return lines
 
 
@@ -472,7 +550,13 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="repeat the sequence R times")
     parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 -t per run")
-    parser.add_argument("--streams", type=int, default=1, help="iperf3 -P per run")
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        choices=TESTS,
+        default=list(TESTS),
+        help="tcp1/tcp4: iperf3 TCP with 1/4 streams; udp64: 64-byte UDP, unlimited rate",
+    )
     parser.add_argument(
         "--configs",
         nargs="+",
@@ -489,8 +573,9 @@ def main() -> int:
         help="extra flanneld argument for the Loden agents, e.g. --agent-arg=--ip-masq",
     )
     args = parser.parse_args()
-    if args.rounds < 1 or args.seconds <= 0 or args.streams < 1:
-        parser.error("--rounds, --seconds and --streams must be positive")
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds and --seconds must be positive")
+    tests = list(dict.fromkeys(args.tests))
     for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: it may start out ignored
         signal.signal(signum, _interrupt)
     chosen = [BY_NAME[name] for name in dict.fromkeys(args.configs)]
@@ -500,12 +585,12 @@ def main() -> int:
     print(f"command: {command_line()}; {load()}")
     print(
         f"kernel {platform.release()}, {len(os.sched_getaffinity(0))} CPUs, "
-        f"{' '.join(iperf_version)}; TCP, {args.streams} stream(s), {args.seconds:g} s per run, "
+        f"{' '.join(iperf_version)}; tests {' '.join(tests)}, {args.seconds:g} s per run, "
         f"{args.rounds} round(s), agent extra args: {args.agent_arg or 'none'}",
         flush=True,
     )
     lab = Lab(args)
-    samples: dict[str, list[Sample]] = {c.name: [] for c in chosen}
+    samples = {t: {c.name: list[Sample]() for c in chosen} for t in tests}
     built: dict[str, Endpoints] = {}
     groups: dict[str, list[int]] = {}
     cpu = {c.name: AgentCPU() for c in chosen}
@@ -522,39 +607,56 @@ def main() -> int:
             shift = rnd % len(chosen)
             order = chosen[shift:] + chosen[:shift]
             for cfg in order:
-                before, t0 = cpu_by_group(), time.monotonic()
-                sample = iperf(built[cfg.name], args.seconds, args.streams)
-                after, wall = cpu_by_group(), time.monotonic() - t0
-                for name, pgids in groups.items():
-                    used = sum(after.get(g, 0.0) - before.get(g, 0.0) for g in pgids)
-                    if name == cfg.name:
-                        cpu[name].own += used
-                        cpu[name].own_wall += wall
-                    else:
-                        cpu[name].other += used
-                        cpu[name].other_wall += wall
-                samples[cfg.name].append(sample)
-                print(
-                    f"  round {rnd + 1}/{args.rounds} {cfg.name:<17} {sample.gbps:6.2f} Gbit/s "
-                    f"(retransmits {sample.retransmits})",
-                    flush=True,
-                )
+                for test in tests:
+                    before, t0 = cpu_by_group(), time.monotonic()
+                    sample = iperf(built[cfg.name], args.seconds, test)
+                    after, wall = cpu_by_group(), time.monotonic() - t0
+                    for name, pgids in groups.items():
+                        used = sum(after.get(g, 0.0) - before.get(g, 0.0) for g in pgids)
+                        if name == cfg.name:
+                            cpu[name].own += used
+                            cpu[name].own_wall += wall
+                            if test != "udp64":
+                                cpu[name].tcp_cpu += used
+                                cpu[name].tcp_bytes += sample.nbytes
+                        else:
+                            cpu[name].other += used
+                            cpu[name].other_wall += wall
+                    samples[test][cfg.name].append(sample)
+                    shown = (
+                        f"{sample.pps / 1000:6.1f} kpps"
+                        if test == "udp64"
+                        else f"{sample.gbps:6.2f} Gbit/s (retransmits {sample.retransmits})"
+                    )
+                    print(
+                        f"  round {rnd + 1}/{args.rounds} {cfg.name:<17} {test:<5} {shown}",
+                        flush=True,
+                    )
     finally:
         lab.close()
     print()
-    print(f"pod -> pod TCP throughput, median of {args.rounds} interleaved round(s)")
-    for line in report(chosen, built, samples):
-        print(line)
-    print()
+    titles = {
+        "tcp1": "pod -> pod TCP, 1 stream, Gbit/s",
+        "tcp4": "pod -> pod TCP, 4 streams, Gbit/s",
+        "udp64": "pod -> pod 64-byte UDP at an unlimited rate, thousand packets/s received",
+    }
+    for test in tests:
+        print(f"{titles[test]}, median of {args.rounds} interleaved round(s)")
+        for line in report(chosen, built, samples[test], test):
+            print(line)
+        print()
     print("CPU of each configuration's agents (% of one CPU): during its own runs (its data")
-    print("path for udp), and while the other configurations were measured (idle agents)")
+    print("path for udp and naive-udp), while the others were measured (idle agents), and")
+    print("CPU seconds per GB moved in its own TCP runs")
     for name, pgids in groups.items():
         if pgids:
             use = cpu[name]
             own = 100 * use.own / use.own_wall if use.own_wall else 0.0
             other = 100 * use.other / use.other_wall if use.other_wall else 0.0
+            per_gb = use.tcp_cpu / (use.tcp_bytes / 1e9) if use.tcp_bytes else 0.0
             print(
-                f"  {name:<17} {len(pgids)} agents: own runs {own:6.1f} %, others' {other:5.1f} %"
+                f"  {name:<17} {len(pgids)} agents: own runs {own:6.1f} %, others' {other:5.1f} %,"
+                f" {per_gb:6.2f} CPU s/GB"
             )
     print(f"total {time.monotonic() - began:.0f} s, {load()}; command: {command_line()}")
     return 0

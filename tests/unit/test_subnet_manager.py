@@ -4,16 +4,18 @@ tests/integration/test_subnet_etcd.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from loden.errors import LeaseRevoked, SubnetsExhausted
+from loden.errors import LeaseRevoked, StoreUnavailable, SubnetsExhausted
 from loden.model.lease import EventKind, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets
 from loden.subnet.manager import EtcdSubnetManager
 from loden.subnet.memory import MemoryStore
+from loden.subnet.store import Listing
 
 CONFIG = b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}'
 
@@ -132,4 +134,38 @@ async def test_watch_skips_garbage_and_keeps_peers() -> None:
     result = await asyncio.wait_for(anext(stream), 5)
     assert result.snapshot is not None  # compaction -> relist
     assert {x.key for x in result.snapshot} == {a.key, "10.5.201.0-24"}
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+class FlakyStore(MemoryStore):
+    """Answers ``list`` only after ``failures`` calls have failed (a quorum loss)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def list(self, *, with_ttl: bool = False) -> Listing:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("etcd cluster is unavailable or misconfigured")
+        return await super().list(with_ttl=with_ttl)
+
+
+async def test_watch_outage_is_one_warning_and_one_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FlakyStore(failures=3)
+    await store.put_config(CONFIG)
+    m = await manager(store)
+    stream = m.watch_leases()
+    with caplog.at_level(logging.DEBUG, logger="loden.subnet.manager"):
+        first = await asyncio.wait_for(anext(stream), 10)
+    assert first.snapshot == ()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("lease watch interrupted: etcd cluster is unavailable")
+    assert (
+        warnings[1].startswith("lease watch resumed after") and "(3 failed attempts)" in warnings[1]
+    )
+    assert m.health.watch_restarts == 3
     await stream.aclose()  # type: ignore[attr-defined]

@@ -347,15 +347,34 @@ class EtcdSubnetManager:
         backoff = 0.1
         snapshot_needed = True
         cursor = 0
+        #: While the store is unreachable: when it started and how many retries failed.
+        #: One warning per outage, one line when it ends; the retries in between are debug
+        #: (a quorum loss used to print a warning every backoff step).
+        outage: tuple[float, int] | None = None
+        loop = asyncio.get_running_loop()
+
+        def recovered() -> None:
+            nonlocal outage
+            if outage is not None:
+                began, failures = outage
+                log.warning(
+                    "lease watch resumed after %.0fs (%d failed attempts)",
+                    loop.time() - began,
+                    failures,
+                )
+                outage = None
+
         while True:
             try:
                 if snapshot_needed:
                     listing = await self._call(self.store.list())
                     cursor = listing.cursor
                     snapshot_needed = False
+                    recovered()
                     yield WatchResult(snapshot=tuple(self._parse_listing(listing.kvs)))
                 async for batch in self._watch_until_relist(cursor):
                     backoff = 0.1
+                    recovered()
                     cursor = batch.cursor
                     events = self._to_events(batch.events)
                     if events:
@@ -368,7 +387,16 @@ class EtcdSubnetManager:
             except StoreUnavailable as exc:
                 self.health.failed(exc)
                 self.health.watch_restarts += 1
-                log.warning("lease watch interrupted: %s; resuming in %.1fs", exc, backoff)
+                if outage is None:
+                    outage = (loop.time(), 1)
+                    log.warning(
+                        "lease watch interrupted: %s; retrying with backoff up to 5s (peer "
+                        "changes are picked up once etcd answers; routes stay as they are)",
+                        exc,
+                    )
+                else:
+                    outage = (outage[0], outage[1] + 1)
+                    log.debug("lease watch still failing: %s; retry in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
