@@ -97,7 +97,7 @@ class Lab:
 
     args: argparse.Namespace
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    #: Process groups of the agents (an agent and, for udp, its worker processes).
+    #: Pids of the agents (counted with their children: udp workers, wireguard-go).
     agent_groups: list[int] = field(default_factory=list)
 
     def topology(self) -> Topology:
@@ -245,17 +245,31 @@ def hand_vxlan(*, tx_off: bool) -> Builder:
     return build
 
 
-def _start_agent(lab: Lab, host: Host, etcd_url: str) -> tuple[Process, Path]:
+#: Run "$@" with this host's own /run/wireguard and /run/flannel (wireguard-go's UAPI
+#: sockets and the key file live there; ``ip netns exec`` gives a private mount
+#: namespace, as tests/integration/test_agent_wireguard.py does).
+PRIVATE_RUN = (
+    'mkdir -p /run/wireguard /run/flannel "$1/wireguard" "$1/flannel"'
+    ' && mount --bind "$1/wireguard" /run/wireguard'
+    ' && mount --bind "$1/flannel" /run/flannel'
+    ' && shift && exec "$@"'
+)
+
+
+def _start_agent(lab: Lab, host: Host, etcd_url: str, private: bool) -> tuple[Process, Path]:
     workdir = host.ns.workdir / "agent"
     workdir.mkdir(exist_ok=True)
     subnet_file = workdir / "subnet.env"
-    proc = host.ns.spawn(
+    argv = [
         FLANNELD,
         f"--etcd-endpoints={etcd_url}",
         f"--subnet-file={subnet_file}",
         f"--state-dir={workdir / 'state'}",
         *lab.args.agent_arg,
-    )
+    ]
+    if private:
+        argv = ["sh", "-c", PRIVATE_RUN, "sh", str(workdir / "run"), *argv]
+    proc = host.ns.spawn(*argv)
     lab.stack.callback(proc.stop)
     lab.agent_groups.append(proc.pid)
     return proc, subnet_file
@@ -280,7 +294,8 @@ def loden_config(backend: dict[str, object]) -> Builder:
         network = overlay_network()
         config = json.dumps({"Network": str(network), "Backend": backend})
         topo.underlay.run(LODEN, "config", "set", config, f"-etcd-endpoints={etcd.client_url}")
-        agents = [_start_agent(lab, host, etcd.client_url) for host in topo.hosts]
+        private = backend.get("Type") == "wireguard"
+        agents = [_start_agent(lab, host, etcd.client_url, private) for host in topo.hosts]
         for (proc, subnet_file), host in zip(agents, topo.hosts, strict=True):
             if not wait_until(subnet_file.exists, timeout=30):
                 raise TopologyError(
@@ -445,16 +460,28 @@ def iperf(ends: Endpoints, seconds: float, test: str) -> Sample:
 
 
 def cpu_by_group() -> dict[int, float]:
-    """CPU time (user + system, s) used so far, summed per process group."""
-    out: dict[int, float] = {}
+    """CPU time (user + system, s) used so far by each process and its descendants, by
+    pid: an agent's total includes children in other sessions (wireguard-go, which is
+    the wireguard data path) as well as its udp worker processes."""
+    own: dict[int, float] = {}
+    parent: dict[int, int] = {}
     tick = os.sysconf("SC_CLK_TCK")
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            pid = int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
             continue
-        group = int(fields[2])  # field 5 of /proc/PID/stat: the process group
-        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        parent[pid] = int(fields[1])  # field 4 of /proc/PID/stat: the parent
+        own[pid] = (int(fields[11]) + int(fields[12])) / tick
+    out: dict[int, float] = {}
+    for pid, used in own.items():
+        seen = 0
+        node = pid
+        while node > 1 and seen < 64:  # every ancestor gets this process's time
+            out[node] = out.get(node, 0.0) + used
+            node = parent.get(node, 0)
+            seen += 1
     return out
 
 

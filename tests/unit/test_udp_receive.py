@@ -154,8 +154,8 @@ def test_corrupted_segments_never_produce_invalid_writes(batch: tuple[bytes, int
 # -- a worker in-process: a SOCK_SEQPACKET pair stands in for the TUN ------------------
 
 
-@pytest.fixture
-def rig() -> Iterator[tuple[Worker, socket.socket, socket.socket]]:
+@pytest.fixture(params=[True, False], ids=["c-loops", "python-loops"])
+def rig(request: pytest.FixtureRequest) -> Iterator[tuple[Worker, socket.socket, socket.socket]]:
     tun_kernel, tun_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     wsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     wsock.bind(("127.0.0.1", 0))
@@ -169,7 +169,9 @@ def rig() -> Iterator[tuple[Worker, socket.socket, socket.socket]]:
         vnet=True,
         tun_addr=IPv4Address("10.9.1.0"),
         port=peer.getsockname()[1],
+        fast=request.param,
     )
+    assert worker.fast == request.param
     os.set_blocking(worker.tun or 0, False)
     worker.set_table(
         PeerTable.build(
@@ -253,3 +255,59 @@ def test_worker_control_swaps_table_and_reports() -> None:
 
 def test_struct_sizes() -> None:
     assert struct.calcsize("<BBHHHH") == len(VNET_PLAIN) == 10
+
+
+def drain(sock: socket.socket) -> list[bytes]:
+    out = []
+    sock.settimeout(0.2)
+    try:
+        while True:
+            out.append(sock.recv(70000))
+    except TimeoutError:
+        return out
+
+
+def test_worker_mixed_traffic_both_ways(
+    rig: tuple[Worker, socket.socket, socket.socket],
+) -> None:
+    """Plain packets, TTL 1, no route and a TCP flow, through the C or the Python loops:
+    the same datagrams and TUN writes, in order, with the same counters."""
+    worker, tun, peer = rig
+    far = bytes([10, 9, 7, 7])
+    frames = [
+        udp_packet(SRC, DST, b"a" * 64, ident=1),
+        udp_packet(SRC, DST, b"b" * 64, ident=2),
+        udp_packet(SRC, DST, b"c" * 30, ident=3),  # shorter: closes the run
+        udp_packet(SRC, DST, b"d" * 64, ident=4, ttl=1),  # dropped
+        udp_packet(SRC, far, b"e" * 8, ident=5),  # no route: ICMP back to the TUN
+        udp_packet(SRC, DST, b"f" * 64, ident=6),
+    ]
+    for f in frames:
+        tun.send(VNET_PLAIN + f)
+    worker.from_tun()
+    sent = drain(peer)
+    assert [g[20:] for g in sent] == [frames[i][20:] for i in (0, 1, 2, 5)]
+    assert all(check_packet(g).ttl == 63 for g in sent)
+    icmp = check_packet(drain(tun)[0][10:])
+    assert icmp.proto == 1 and icmp.dst == SRC
+    stats = worker.stats
+    assert (stats["ttl_drops"], stats["no_route"], stats["tx_datagrams"]) == (1, 1, 4)
+    # Wire -> TUN: a UDP packet, a pure ACK, a flow of 3 segments, a PSH segment, garbage.
+    ack = tcp_packet(DST, SRC, b"", seq=1, ident=9, ttl=62)
+    wire = [
+        udp_packet(DST, SRC, b"u" * 64, ident=7, ttl=62),
+        ack,
+        *flow(3),
+        tcp_packet(SRC, DST, b"p" * 100, seq=5000 + 3 * MSS, flags=TCP_ACK | TCP_PSH, ttl=62),
+        b"\x45" + b"\x00" * 30,
+    ]
+    for w in wire:
+        peer.sendto(w, worker.sock.getsockname())
+    worker.from_wire()
+    got = drain(tun)
+    assert check_packet(got[0][10:]).ttl == 61 and got[0][10 + 20 :] == wire[0][20:]
+    assert got[1][10 + 20 :] == ack[20:]
+    hdr = VNET_HDR.unpack(got[2][:10])
+    assert hdr[1] == VNET_GSO_TCPV4 and len(got[2]) == 10 + 52 + 3 * MSS + 100
+    assert len(got) == 3
+    assert worker.stats["rx_dropped"] == 1

@@ -13,11 +13,39 @@
  * gro_scan(data, mv, off, n, seg, first, hl, nseq, mss, total, max_super, payloads)
  *     -> (off, nseq, total, joined, closed, psh)
  *     the "continues the open run" loop of loden.udp.gro.Decapsulator.feed.
+ * tun_to_wire(tun, sock, vnet_len, groups, port, budget)
+ *     the plain-packet loop of loden.udp.worker.Worker.from_tun (read, route, TTL - 1,
+ *     runs of equal-size datagrams sent with one UDP_SEGMENT sendmsg); hands anything
+ *     else (offloads, no route) back to Python.
+ * wire_to_tun(sock, tun, vnet_len, budget, max_bytes)
+ *     the plain-packet loop of Worker.from_wire (recvmsg with UDP_GRO, validate,
+ *     TTL - 1, one writev per packet); hands back the rest of a batch at the first TCP
+ *     segment with payload, which the Python Decapsulator may coalesce.
+ *
+ * The two loops exist for the per-packet path (small UDP, ACKs, peers that send one
+ * packet per datagram): there every packet costs a wake-up, and the Python loop's
+ * ~5 us of interpreter work per packet, not the system calls, was the limit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
 
 #define TCP_FIN 0x01
 #define TCP_PSH 0x08
@@ -226,11 +254,281 @@ done:
     return result;
 }
 
+
+#define MAX_SEND_BYTES 65507
+#define MAX_SEGMENTS 64
+#define READ_SIZE (65536 + 16)
+
+static uint8_t rx_buf[READ_SIZE];
+static uint8_t run_buf[MAX_SEND_BYTES + 2048];
+
+typedef struct {
+    long tx_datagrams, tx_sends, tx_errors;
+} send_stats;
+
+/* One datagram, or a run of count datagrams of seg bytes (the last may be shorter). */
+static void send_run(int sock, uint32_t ip, uint16_t port, const uint8_t *buf, size_t len,
+                     size_t seg, int count, send_stats *st) {
+    struct sockaddr_in to;
+    memset(&to, 0, sizeof(to));
+    to.sin_family = AF_INET;
+    to.sin_port = htons(port);
+    to.sin_addr.s_addr = htonl(ip);
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    union {
+        char space[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {.msg_name = &to, .msg_namelen = sizeof(to), .msg_iov = &iov,
+                         .msg_iovlen = 1};
+    if (count > 1) {
+        memset(&control, 0, sizeof(control));
+        msg.msg_control = control.space;
+        msg.msg_controllen = sizeof(control.space);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        cm->cmsg_level = SOL_UDP;
+        cm->cmsg_type = UDP_SEGMENT;
+        cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        uint16_t gso = (uint16_t)seg;
+        memcpy(CMSG_DATA(cm), &gso, sizeof(gso));
+    }
+    if (sendmsg(sock, &msg, 0) >= 0) {
+        st->tx_datagrams += count;
+        st->tx_sends += 1;
+        return;
+    }
+    if (count > 1 && (errno == EINVAL || errno == EMSGSIZE || errno == EIO)) {
+        /* The route's MTU is below the segment size (or GSO is refused): one by one. */
+        for (size_t at = 0; at < len; at += seg) {
+            size_t part = len - at < seg ? len - at : seg;
+            send_run(sock, ip, port, buf + at, part, part, 1, st);
+        }
+        return;
+    }
+    st->tx_errors += 1;
+}
+
+/* The peer (public IP) for dst, from Python's [(mask, {network: ip_u32})]; -1 if none. */
+static int64_t lookup(PyObject *groups, uint32_t dst) {
+    Py_ssize_t n = PyList_GET_SIZE(groups);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *group = PyList_GET_ITEM(groups, i);
+        uint32_t mask = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(group, 0));
+        PyObject *key = PyLong_FromUnsignedLong(dst & mask);
+        if (key == NULL) {
+            return -2;
+        }
+        PyObject *hit = PyDict_GetItemWithError(PyTuple_GET_ITEM(group, 1), key);
+        Py_DECREF(key);
+        if (hit != NULL) {
+            return (int64_t)PyLong_AsUnsignedLong(hit);
+        }
+        if (PyErr_Occurred()) {
+            return -2;
+        }
+    }
+    return -1;
+}
+
+static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
+    int tun, sock, port;
+    Py_ssize_t vnet, budget;
+    PyObject *groups;
+    if (!PyArg_ParseTuple(args, "iinO!in", &tun, &sock, &vnet, &PyList_Type, &groups, &port,
+                          &budget)) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(groups); i++) {
+        PyObject *g = PyList_GET_ITEM(groups, i);
+        if (!PyTuple_Check(g) || PyTuple_GET_SIZE(g) != 2 || !PyLong_Check(PyTuple_GET_ITEM(g, 0)) ||
+            !PyDict_Check(PyTuple_GET_ITEM(g, 1))) {
+            PyErr_SetString(PyExc_TypeError, "tun_to_wire: groups must be [(mask, dict)]");
+            return NULL;
+        }
+    }
+    send_stats st = {0, 0, 0};
+    long reads = 0, nbytes = 0, dropped = 0, ttl_drops = 0;
+    int err = 0;
+    PyObject *special = Py_None;
+    Py_INCREF(special);
+    int64_t cur_ip = -1;
+    size_t cur_size = 0, cur_len = 0;
+    int cur_n = 0;
+    for (Py_ssize_t b = 0; b < budget; b++) {
+        ssize_t n = read(tun, rx_buf, READ_SIZE);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                err = errno;
+            }
+            break;
+        }
+        reads++;
+        nbytes += n;
+        if (n < vnet + 20 || rx_buf[vnet] >> 4 != 4) {
+            dropped++;
+            continue;
+        }
+        uint8_t *pkt = rx_buf + vnet;
+        int64_t peer = lookup(groups, be32(pkt + 16));
+        if (peer == -2) {
+            Py_DECREF(special);
+            return NULL;
+        }
+        int offloaded = vnet && (rx_buf[0] & 1 || rx_buf[1]);
+        if (peer < 0 || offloaded) {
+            /* No route (ICMP reply) or work for the offload path: Python does it. */
+            Py_DECREF(special);
+            special = PyBytes_FromStringAndSize((const char *)rx_buf, n);
+            if (special == NULL) {
+                return NULL;
+            }
+            break;
+        }
+        if (pkt[8] <= 1) {
+            ttl_drops++;
+            continue;
+        }
+        pkt[8] -= 1;
+        uint32_t check = be16(pkt + 10) + 0x0100;
+        check = (check & 0xFFFF) + (check >> 16);
+        if (check == 0xFFFF) {
+            check = 0;
+        }
+        put16(pkt + 10, check);
+        size_t size = (size_t)(n - vnet);
+        if ((int64_t)peer == cur_ip && cur_n < MAX_SEGMENTS && size <= cur_size) {
+            memcpy(run_buf + cur_len, pkt, size);
+            cur_len += size;
+            cur_n++;
+            if (size < cur_size || (size_t)(cur_n + 1) * cur_size > MAX_SEND_BYTES) {
+                send_run(sock, (uint32_t)cur_ip, (uint16_t)port, run_buf, cur_len, cur_size,
+                         cur_n, &st);
+                cur_n = 0;
+                cur_ip = -1;
+            }
+            continue;
+        }
+        if (cur_n) {
+            send_run(sock, (uint32_t)cur_ip, (uint16_t)port, run_buf, cur_len, cur_size, cur_n,
+                     &st);
+        }
+        memcpy(run_buf, pkt, size);
+        cur_ip = peer;
+        cur_size = size;
+        cur_len = size;
+        cur_n = 1;
+    }
+    if (cur_n) {
+        send_run(sock, (uint32_t)cur_ip, (uint16_t)port, run_buf, cur_len, cur_size, cur_n, &st);
+    }
+    return Py_BuildValue("(llllllliN)", reads, nbytes, dropped, ttl_drops, st.tx_datagrams,
+                         st.tx_sends, st.tx_errors, err, special);
+}
+
+static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
+    int sock, tun;
+    Py_ssize_t vnet, budget, max_bytes;
+    if (!PyArg_ParseTuple(args, "iinnn", &sock, &tun, &vnet, &budget, &max_bytes)) {
+        return NULL;
+    }
+    if (vnet < 0 || vnet > 16) {
+        PyErr_SetString(PyExc_ValueError, "wire_to_tun: virtio header length out of range");
+        return NULL;
+    }
+    static const uint8_t zeros[16] = {0};
+    long calls = 0, total = 0, packets = 0, dropped = 0, writes = 0, write_errors = 0;
+    int err = 0;
+    PyObject *rest = Py_None;
+    Py_INCREF(rest);
+    union {
+        char space[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    for (Py_ssize_t b = 0; b < budget && err == 0 && rest == Py_None; b++) {
+        struct iovec iov = {.iov_base = rx_buf, .iov_len = 65536};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                             .msg_controllen = sizeof(control.space)};
+        ssize_t n = recvmsg(sock, &msg, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                dropped++;
+            }
+            break;
+        }
+        calls++;
+        total += n;
+        Py_ssize_t seg = 0;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO) {
+                int value;
+                memcpy(&value, CMSG_DATA(cm), sizeof(value));
+                seg = value;
+            }
+        }
+        if (n == 0) {
+            dropped++;
+            continue;
+        }
+        if (seg <= 0 || seg > n) {
+            seg = n;
+        }
+        for (Py_ssize_t off = 0; off < n; off += seg) {
+            Py_ssize_t end = off + seg < n ? off + seg : n;
+            uint8_t *p = rx_buf + off;
+            Py_ssize_t len = end - off;
+            Py_ssize_t ihl = (p[0] & 0x0F) << 2;
+            Py_ssize_t tot = len >= 20 ? (Py_ssize_t)be16(p + 2) : 0;
+            if (len < 20 || p[0] >> 4 != 4 || ihl < 20 || ihl > len || tot < ihl || tot > len ||
+                p[8] <= 1 || add_words(p, ihl) % 0xFFFF != 0) {
+                dropped++;
+                continue;
+            }
+            if (p[9] == 6 && tot >= ihl + 20 && tot > ihl + ((p[ihl + 12] >> 4) << 2)) {
+                /* A TCP segment with payload: it may join a run, and everything after it
+                 * must stay behind it. The rest of the batch goes to Python. */
+                Py_DECREF(rest);
+                rest = Py_BuildValue("(y#n)", (const char *)p, (Py_ssize_t)(n - off), seg);
+                if (rest == NULL) {
+                    return NULL;
+                }
+                break;
+            }
+            packets++;
+            p[8] -= 1;
+            uint32_t check = be16(p + 10) + 0x0100;
+            check = (check & 0xFFFF) + (check >> 16);
+            if (check == 0xFFFF) {
+                check = 0;
+            }
+            put16(p + 10, check);
+            struct iovec out[2] = {{.iov_base = (void *)zeros, .iov_len = (size_t)vnet},
+                                   {.iov_base = p, .iov_len = (size_t)tot}};
+            if (writev(tun, vnet ? out : out + 1, vnet ? 2 : 1) < 0) {
+                if (errno == EBADFD || errno == ENODEV || errno == EIO) {
+                    err = errno;
+                    break;
+                }
+                write_errors++;
+            }
+            writes++;
+        }
+        if (total >= max_bytes) {
+            break;
+        }
+    }
+    return Py_BuildValue("(lllllliN)", calls, total, packets, dropped, writes, write_errors, err,
+                         rest);
+}
+
 static PyMethodDef methods[] = {
     {"segment_tcp4", segment_tcp4, METH_VARARGS,
      "Cut a TCP/IPv4 super-packet into wire-ready segments (see gso.segment_tcp4_py)."},
     {"gro_scan", gro_scan, METH_VARARGS,
      "Append the payloads of the segments that continue an open run (see gro.py)."},
+    {"tun_to_wire", tun_to_wire, METH_VARARGS,
+     "Forward plain packets from the TUN to their peers (see worker.Worker.from_tun)."},
+    {"wire_to_tun", wire_to_tun, METH_VARARGS,
+     "Write plain packets from the wire to the TUN (see worker.Worker.from_wire)."},
     {NULL, NULL, 0, NULL},
 };
 

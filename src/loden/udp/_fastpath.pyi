@@ -18,3 +18,15 @@ def gro_scan(
     payloads: list[BytesLike],
     /,
 ) -> tuple[int, int, int, int, int, int]: ...
+def tun_to_wire(
+    tun: int,
+    sock: int,
+    vnet_len: int,
+    groups: list[tuple[int, dict[int, int]]],
+    port: int,
+    budget: int,
+    /,
+) -> tuple[int, int, int, int, int, int, int, int, bytes | None]: ...
+def wire_to_tun(
+    sock: int, tun: int, vnet_len: int, budget: int, max_bytes: int, /
+) -> tuple[int, int, int, int, int, int, int, tuple[bytes, int] | None]: ...

@@ -31,6 +31,9 @@ class PeerTable:
     port: int
     groups: tuple[tuple[int, dict[int, tuple[str, int]]], ...] = ()
     entries: tuple[tuple[IPv4Network, IPv4Address], ...] = field(default=(), compare=False)
+    #: The same groups for the C loop (``_fastpath.tun_to_wire``): network -> public IP
+    #: as an int (the port is ``port`` for every peer).
+    cgroups: list[tuple[int, dict[int, int]]] = field(default_factory=list, compare=False)
 
     @classmethod
     def build(cls, entries: Iterable[tuple[IPv4Network, IPv4Address]], port: int) -> PeerTable:
@@ -45,7 +48,13 @@ class PeerTable:
             ((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF, groups[plen])
             for plen in sorted(groups, reverse=True)
         )
-        return cls(port=port, groups=ordered, entries=tuple(sorted(by_net.items())))
+        cgroups = [
+            (mask, {net: int(IPv4Address(addr[0])) for net, addr in nets.items()})
+            for mask, nets in ordered
+        ]
+        return cls(
+            port=port, groups=ordered, entries=tuple(sorted(by_net.items())), cgroups=cgroups
+        )
 
     def lookup(self, dst: int) -> tuple[str, int] | None:
         """The peer for destination address ``dst`` (an int), or None."""

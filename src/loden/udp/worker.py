@@ -52,6 +52,11 @@ from loden.udp.peers import PeerTable
 from loden.udp.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from loden.udp.tun import VNET_GSO_TCPV4, VNET_HDR, VNET_HDR_LEN, VNET_PLAIN
 
+try:  # the plain-packet loops in C (setup.py builds them when a compiler is there)
+    from loden.udp import _fastpath
+except ImportError:  # pragma: no cover - depends on the build machine
+    _fastpath = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 #: Packets (TUN reads or socket receives) handled per wake-up before polling again.
@@ -94,8 +99,11 @@ class Worker:
         tun_addr: IPv4Address,
         port: int,
         ctl: socket.socket | None = None,
+        fast: bool = True,
     ) -> None:
         self.tun = tun
+        #: Use the C loops for plain packets (``fast=False``: the Python ones, for tests).
+        self.fast = fast and _fastpath is not None
         self.sock = sock
         self.ctl = ctl
         self.vnet = vnet
@@ -119,6 +127,9 @@ class Worker:
         """
         tun = self.tun
         if tun is None:
+            return
+        if self.fast:
+            self._from_tun_c(tun)
             return
         read = os.read
         groups = self.table.groups
@@ -194,6 +205,44 @@ class Worker:
         stats["tun_bytes"] += nbytes
         stats["bad_from_tun"] += dropped
 
+    def _from_tun_c(self, tun: int) -> None:
+        """:meth:`from_tun` with the C loop; frames it hands back are done here."""
+        assert _fastpath is not None
+        stats = self.stats
+        vnet = VNET_HDR_LEN if self.vnet else 0
+        budget = BUDGET
+        while budget > 0:
+            table = self.table
+            reads, nbytes, dropped, ttl_drops, dgrams, sends, errors, err, special = (
+                _fastpath.tun_to_wire(
+                    tun, self.sock.fileno(), vnet, table.cgroups, table.port, budget
+                )
+            )
+            stats["tun_reads"] += reads
+            stats["tun_bytes"] += nbytes
+            stats["bad_from_tun"] += dropped
+            stats["ttl_drops"] += ttl_drops
+            stats["tx_datagrams"] += dgrams
+            stats["tx_sends"] += sends
+            stats["tx_errors"] += errors
+            if err:
+                self._tun_lost(OSError(err, os.strerror(err)))
+                return
+            if special is None:
+                return
+            budget -= reads
+            self._special_from_tun(special, vnet)
+
+    def _special_from_tun(self, frame: bytes, off: int) -> None:
+        """A frame the C loop does not forward: no route, or work for the offload path."""
+        peer = self.table.lookup(int.from_bytes(frame[off + 16 : off + 20], "big"))
+        if peer is None:
+            self._unreachable(memoryview(frame)[off:])
+        elif frame[off + 8] <= 1:
+            self.stats["ttl_drops"] += 1
+        else:
+            self._from_tun_offloaded(frame, peer)
+
     def _from_tun_offloaded(self, frame: bytes, peer: Addr) -> None:
         """A packet with a virtio header asking for work: finish or segment, then send."""
         flags, gso_type, _hl, gso_size, cstart, coff = VNET_HDR.unpack_from(frame)
@@ -253,7 +302,35 @@ class Worker:
         dec = self.dec
         stats = self.stats
         calls = total = 0
-        for _ in range(BUDGET):
+        budget = BUDGET
+        if self.fast and self.tun is not None:
+            assert _fastpath is not None
+            calls, total, packets, dropped, written, failed, err, rest = _fastpath.wire_to_tun(
+                self.sock.fileno(),
+                self.tun,
+                VNET_HDR_LEN if self.vnet else 0,
+                BUDGET,
+                RX_BATCH_BYTES,
+            )
+            stats["rx_packets"] += packets
+            stats["rx_dropped"] += dropped
+            stats["tun_writes"] += written
+            stats["tun_write_errors"] += failed
+            if err:
+                stats["rx_calls"] += calls
+                stats["rx_bytes"] += total
+                self._tun_lost(OSError(err, os.strerror(err)))
+                return
+            if rest is None:
+                stats["rx_calls"] += calls
+                stats["rx_bytes"] += total
+                return
+            # A TCP segment with payload: it and the rest of its batch (and of this
+            # wake-up) go through the Decapsulator, which may glue them into runs.
+            data, seg = rest
+            dec.feed(memoryview(data), seg)
+            budget -= calls
+        for _ in range(budget):
             try:
                 data, anc, _flags, _addr = recvmsg(65536, _ANC_SPACE, socket.MSG_DONTWAIT)
             except BlockingIOError:
