@@ -30,8 +30,9 @@ hand-configured twin.
   underlay namespace; pods get their MTU from ``subnet.env`` (FLANNEL_MTU). ``loden-udp``
   is the udp backend (user-space data path), ``loden-wireguard`` runs over wireguard-go;
 * ``naive-udp``: flannel's udp wire format forwarded by the naive single-thread Python
-  loop of bench/dataplane_udp.py (one packet per system call, no offloads): the
-  reference the udp backend is measured against.
+  loop of bench/dataplane_udp.py (one packet per system call, no offloads);
+  ``cproxy-udp``: the same design in C (bench/c_proxy.c, flannel's C proxy's design,
+  compiled with gcc at start): the two references the udp backend is measured against.
 
 A configuration is one row of :data:`CONFIGS`; a new backend (wireguard, ...) is one
 more ``loden_config(...)`` line there.
@@ -347,6 +348,42 @@ def naive_udp(lab: Lab) -> Endpoints:
     return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, mtu, "select loop, 1 packet/call")
 
 
+def cproxy_udp(lab: Lab) -> Endpoints:
+    """bench/c_proxy.c (flannel's C proxy design, one packet per system call) on both
+    hosts, compiled here with gcc."""
+    topo = lab.topology()
+    network = overlay_network()
+    subnets = node_subnets(network)
+    binary = topo.hosts[0].ns.workdir / "c_proxy"
+    source = Path(__file__).with_name("c_proxy.c")
+    built = subprocess.run(
+        ["gcc", "-O2", "-Wall", "-o", str(binary), str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode:
+        raise TopologyError(f"cannot compile {source}: {built.stderr.strip()}")
+    mtu = topo.mtu - 28
+    for i, host in enumerate(topo.hosts):
+        peer = 1 - i
+        proc = host.ns.spawn(
+            str(binary), "flannel0", str(host.ip), "8285", f"{subnets[peer]}={topo.hosts[peer].ip}"
+        )
+        lab.stack.callback(proc.stop)
+        lab.agent_groups.append(proc.pid)
+        def ready(p: Process = proc) -> bool:
+            return "ready" in p.output()
+
+        if not wait_until(ready):
+            raise TopologyError(f"c_proxy on {host.name} did not start: {proc.output()[-500:]}")
+        host.ns.ip("addr", "add", f"{subnets[i].network_address}/32", "dev", "flannel0")
+        host.ns.ip("link", "set", "flannel0", "mtu", str(mtu), "up")
+        host.ns.ip("route", "add", str(network), "dev", "flannel0")
+    pods = [topo.add_pod(h, s, mtu=mtu) for h, s in zip(topo.hosts, subnets, strict=True)]
+    return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, mtu, "C poll loop, 1 packet/call")
+
+
 #: The configurations, in display order. Add a backend here.
 CONFIGS: tuple[Config, ...] = (
     Config("underlay", build_underlay),
@@ -373,7 +410,8 @@ CONFIGS: tuple[Config, ...] = (
         0.95,
     ),
     Config("naive-udp", naive_udp),
-    Config("loden-udp", loden_config({"Type": "udp"})),
+    Config("cproxy-udp", cproxy_udp),
+    Config("loden-udp", loden_config({"Type": "udp"}), ("cproxy-udp", "naive-udp")),
     Config("loden-wireguard", loden_config({"Type": "wireguard"})),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
@@ -387,6 +425,7 @@ DEFAULT_CONFIGS = [
     "loden-vxlan",
     "loden-vxlan-txon",
     "naive-udp",
+    "cproxy-udp",
     "loden-udp",
     "loden-wireguard",
 ]

@@ -311,3 +311,55 @@ def test_worker_mixed_traffic_both_ways(
     assert hdr[1] == VNET_GSO_TCPV4 and len(got[2]) == 10 + 52 + 3 * MSS + 100
     assert len(got) == 3
     assert worker.stats["rx_dropped"] == 1
+
+
+def test_worker_run_loop_serves_until_control_closes(
+    rig: tuple[Worker, socket.socket, socket.socket],
+) -> None:
+    """The event loop (C ``serve`` or the Python one) forwards both ways, hands a no-route
+    frame back for an ICMP reply, applies a control message, and exits on EOF."""
+    import threading
+
+    worker, tun, peer = rig
+    ctl_agent, ctl_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker.ctl = ctl_worker
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        tun.send(VNET_PLAIN + udp_packet(SRC, DST, b"a" * 64, ident=1))
+        assert peer.recv(2000)[20:] == udp_packet(SRC, DST, b"a" * 64, ident=1)[20:]
+        tun.send(VNET_PLAIN + udp_packet(SRC, bytes([10, 9, 7, 7]), b"x"))
+        assert check_packet(tun.recv(2000)[10:]).proto == 1
+        peer.sendto(udp_packet(DST, SRC, b"b" * 64, ttl=9), worker.sock.getsockname())
+        assert check_packet(tun.recv(2000)[10:]).ttl == 8
+        peer.sendto(b"".join(flow(2)), worker.sock.getsockname())  # one datagram, 2 packets
+        frame = tun.recv(70000)
+        assert check_packet(frame[10:]).ttl == 61
+        ctl_agent.send(b"S")
+        assert ctl_agent.recv(65536).startswith(b"S{")
+    finally:
+        ctl_agent.close()
+        runner.join(5)
+        ctl_worker.close()
+    assert not runner.is_alive()
+    assert worker.stats["no_route"] == 1 and worker.stats["tx_datagrams"] >= 1
+
+
+def test_worker_finishes_partial_checksums(
+    rig: tuple[Worker, socket.socket, socket.socket],
+) -> None:
+    """A pod's UDP with checksum offload reaches the TUN as NEEDS_CSUM with the
+    pseudo-header sum in the field: the datagram on the wire carries the full checksum."""
+    from loden.udp.csum import fold, pseudo_header
+
+    worker, tun, peer = rig
+    sent = []
+    for i, size in enumerate((64, 64, 31)):
+        pkt = bytearray(udp_packet(SRC, DST, os.urandom(size), ident=i))
+        pkt[26:28] = fold(pseudo_header(SRC, DST, 17, len(pkt) - 20)).to_bytes(2, "big")
+        tun.send(VNET_HDR.pack(VNET_F_NEEDS_CSUM, 0, 0, 0, 20, 6) + bytes(pkt))
+        sent.append(udp_packet(SRC, DST, bytes(pkt[28:]), ident=i))
+    worker.from_tun()
+    got = drain(peer)
+    assert [check_packet(g).ttl for g in got] == [63, 63, 63]
+    assert [g[20:] for g in got] == [s[20:] for s in sent]

@@ -17,6 +17,9 @@
  *     the plain-packet loop of loden.udp.worker.Worker.from_tun (read, route, TTL - 1,
  *     runs of equal-size datagrams sent with one UDP_SEGMENT sendmsg); hands anything
  *     else (offloads, no route) back to Python.
+ * serve(epfd, ctl, tun, sock, vnet_len, groups, port, budget, max_bytes)
+ *     the worker's epoll loop around the two passes below, back to Python only for
+ *     control messages and the cases the passes hand back.
  * wire_to_tun(sock, tun, vnet_len, budget, max_bytes)
  *     the plain-packet loop of Worker.from_wire (recvmsg with UDP_GRO, validate,
  *     TTL - 1, one writev per packet); hands back the rest of a batch at the first TCP
@@ -33,6 +36,7 @@
 #include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -330,27 +334,40 @@ static int64_t lookup(PyObject *groups, uint32_t dst) {
     return -1;
 }
 
-static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
-    int tun, sock, port;
-    Py_ssize_t vnet, budget;
-    PyObject *groups;
-    if (!PyArg_ParseTuple(args, "iinO!in", &tun, &sock, &vnet, &PyList_Type, &groups, &port,
-                          &budget)) {
-        return NULL;
+/* Counters of the plain-packet loops, in the order Python's worker names them. */
+typedef struct {
+    long tun_reads, tun_bytes, bad_from_tun, ttl_drops;
+    long rx_calls, rx_bytes, rx_packets, rx_dropped, tun_writes, tun_write_errors;
+    send_stats tx;
+} counters;
+
+static PyObject *counters_tuple(const counters *c) {
+    return Py_BuildValue("(lllllllllllll)", c->tun_reads, c->tun_bytes, c->bad_from_tun,
+                         c->ttl_drops, c->tx.tx_datagrams, c->tx.tx_sends, c->tx.tx_errors,
+                         c->rx_calls, c->rx_bytes, c->rx_packets, c->rx_dropped, c->tun_writes,
+                         c->tun_write_errors);
+}
+
+static int check_groups(PyObject *groups) {
+    if (!PyList_Check(groups)) {
+        PyErr_SetString(PyExc_TypeError, "groups must be a list of (mask, dict)");
+        return -1;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(groups); i++) {
         PyObject *g = PyList_GET_ITEM(groups, i);
         if (!PyTuple_Check(g) || PyTuple_GET_SIZE(g) != 2 || !PyLong_Check(PyTuple_GET_ITEM(g, 0)) ||
             !PyDict_Check(PyTuple_GET_ITEM(g, 1))) {
-            PyErr_SetString(PyExc_TypeError, "tun_to_wire: groups must be [(mask, dict)]");
-            return NULL;
+            PyErr_SetString(PyExc_TypeError, "groups must be a list of (mask, dict)");
+            return -1;
         }
     }
-    send_stats st = {0, 0, 0};
-    long reads = 0, nbytes = 0, dropped = 0, ttl_drops = 0;
-    int err = 0;
-    PyObject *special = Py_None;
-    Py_INCREF(special);
+    return 0;
+}
+
+/* TUN -> wire for up to budget reads. Returns 0, or -1 with a Python error set. A frame
+ * for Python (no route, offloads) ends the pass in *special; a read error in *err. */
+static int tun_pass(int tun, int sock, Py_ssize_t vnet, PyObject *groups, int port,
+                    Py_ssize_t budget, counters *c, PyObject **special, int *err) {
     int64_t cur_ip = -1;
     size_t cur_size = 0, cur_len = 0;
     int cur_n = 0;
@@ -358,35 +375,46 @@ static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
         ssize_t n = read(tun, rx_buf, READ_SIZE);
         if (n < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-                err = errno;
+                *err = errno;
             }
             break;
         }
-        reads++;
-        nbytes += n;
+        c->tun_reads++;
+        c->tun_bytes += n;
         if (n < vnet + 20 || rx_buf[vnet] >> 4 != 4) {
-            dropped++;
+            c->bad_from_tun++;
             continue;
         }
         uint8_t *pkt = rx_buf + vnet;
         int64_t peer = lookup(groups, be32(pkt + 16));
         if (peer == -2) {
-            Py_DECREF(special);
-            return NULL;
+            return -1;
         }
-        int offloaded = vnet && (rx_buf[0] & 1 || rx_buf[1]);
-        if (peer < 0 || offloaded) {
-            /* No route (ICMP reply) or work for the offload path: Python does it. */
-            Py_DECREF(special);
-            special = PyBytes_FromStringAndSize((const char *)rx_buf, n);
-            if (special == NULL) {
-                return NULL;
+        if (peer >= 0 && pkt[8] <= 1) {
+            c->ttl_drops++;
+            continue;
+        }
+        if (peer < 0 || (vnet && rx_buf[1])) {
+            /* No route (an ICMP reply) or a GSO super-packet: Python does it. */
+            *special = PyBytes_FromStringAndSize((const char *)rx_buf, n);
+            if (*special == NULL) {
+                return -1;
             }
             break;
         }
-        if (pkt[8] <= 1) {
-            ttl_drops++;
-            continue;
+        size_t size = (size_t)(n - vnet);
+        if (vnet && rx_buf[0] & 1) {
+            /* NEEDS_CSUM (a pod's UDP/TCP with checksum offload): finish it, as
+             * packet.finish_partial_checksum; the field holds the pseudo-header sum. */
+            size_t start = (size_t)rx_buf[6] | ((size_t)rx_buf[7] << 8);
+            size_t offset = (size_t)rx_buf[8] | ((size_t)rx_buf[9] << 8);
+            if (start < size && start + offset + 2 <= size) {
+                uint32_t value = canonical(add_words(pkt + start, (Py_ssize_t)(size - start)));
+                if (value == 0 && offset == 6) {
+                    value = 0xFFFF;
+                }
+                put16(pkt + start + offset, value);
+            }
         }
         pkt[8] -= 1;
         uint32_t check = be16(pkt + 10) + 0x0100;
@@ -395,14 +423,13 @@ static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
             check = 0;
         }
         put16(pkt + 10, check);
-        size_t size = (size_t)(n - vnet);
-        if ((int64_t)peer == cur_ip && cur_n < MAX_SEGMENTS && size <= cur_size) {
+        if (peer == cur_ip && cur_n < MAX_SEGMENTS && size <= cur_size) {
             memcpy(run_buf + cur_len, pkt, size);
             cur_len += size;
             cur_n++;
             if (size < cur_size || (size_t)(cur_n + 1) * cur_size > MAX_SEND_BYTES) {
                 send_run(sock, (uint32_t)cur_ip, (uint16_t)port, run_buf, cur_len, cur_size,
-                         cur_n, &st);
+                         cur_n, &c->tx);
                 cur_n = 0;
                 cur_ip = -1;
             }
@@ -410,7 +437,7 @@ static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
         }
         if (cur_n) {
             send_run(sock, (uint32_t)cur_ip, (uint16_t)port, run_buf, cur_len, cur_size, cur_n,
-                     &st);
+                     &c->tx);
         }
         memcpy(run_buf, pkt, size);
         cur_ip = peer;
@@ -419,43 +446,36 @@ static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
         cur_n = 1;
     }
     if (cur_n) {
-        send_run(sock, (uint32_t)cur_ip, (uint16_t)port, run_buf, cur_len, cur_size, cur_n, &st);
+        send_run(sock, (uint32_t)cur_ip, (uint16_t)port, run_buf, cur_len, cur_size, cur_n,
+                 &c->tx);
     }
-    return Py_BuildValue("(llllllliN)", reads, nbytes, dropped, ttl_drops, st.tx_datagrams,
-                         st.tx_sends, st.tx_errors, err, special);
+    return 0;
 }
 
-static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
-    int sock, tun;
-    Py_ssize_t vnet, budget, max_bytes;
-    if (!PyArg_ParseTuple(args, "iinnn", &sock, &tun, &vnet, &budget, &max_bytes)) {
-        return NULL;
-    }
-    if (vnet < 0 || vnet > 16) {
-        PyErr_SetString(PyExc_ValueError, "wire_to_tun: virtio header length out of range");
-        return NULL;
-    }
+/* wire -> TUN for up to budget receives. Returns 0, or -1 with a Python error set. The
+ * rest of a batch from its first TCP segment with payload ends the pass in *rest; a TUN
+ * that is gone in *err. */
+static int wire_pass(int sock, int tun, Py_ssize_t vnet, Py_ssize_t budget, Py_ssize_t max_bytes,
+                     counters *c, PyObject **rest, int *err) {
     static const uint8_t zeros[16] = {0};
-    long calls = 0, total = 0, packets = 0, dropped = 0, writes = 0, write_errors = 0;
-    int err = 0;
-    PyObject *rest = Py_None;
-    Py_INCREF(rest);
     union {
         char space[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } control;
-    for (Py_ssize_t b = 0; b < budget && err == 0 && rest == Py_None; b++) {
+    long total = 0;
+    for (Py_ssize_t b = 0; b < budget && *err == 0 && *rest == NULL; b++) {
         struct iovec iov = {.iov_base = rx_buf, .iov_len = 65536};
         struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
                              .msg_controllen = sizeof(control.space)};
         ssize_t n = recvmsg(sock, &msg, MSG_DONTWAIT);
         if (n < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-                dropped++;
+                c->rx_dropped++;
             }
             break;
         }
-        calls++;
+        c->rx_calls++;
+        c->rx_bytes += n;
         total += n;
         Py_ssize_t seg = 0;
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
@@ -466,7 +486,7 @@ static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
             }
         }
         if (n == 0) {
-            dropped++;
+            c->rx_dropped++;
             continue;
         }
         if (seg <= 0 || seg > n) {
@@ -480,20 +500,19 @@ static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
             Py_ssize_t tot = len >= 20 ? (Py_ssize_t)be16(p + 2) : 0;
             if (len < 20 || p[0] >> 4 != 4 || ihl < 20 || ihl > len || tot < ihl || tot > len ||
                 p[8] <= 1 || add_words(p, ihl) % 0xFFFF != 0) {
-                dropped++;
+                c->rx_dropped++;
                 continue;
             }
             if (p[9] == 6 && tot >= ihl + 20 && tot > ihl + ((p[ihl + 12] >> 4) << 2)) {
                 /* A TCP segment with payload: it may join a run, and everything after it
                  * must stay behind it. The rest of the batch goes to Python. */
-                Py_DECREF(rest);
-                rest = Py_BuildValue("(y#n)", (const char *)p, (Py_ssize_t)(n - off), seg);
-                if (rest == NULL) {
-                    return NULL;
+                *rest = Py_BuildValue("(y#n)", (const char *)p, (Py_ssize_t)(n - off), seg);
+                if (*rest == NULL) {
+                    return -1;
                 }
                 break;
             }
-            packets++;
+            c->rx_packets++;
             p[8] -= 1;
             uint32_t check = be16(p + 10) + 0x0100;
             check = (check & 0xFFFF) + (check >> 16);
@@ -505,19 +524,127 @@ static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
                                    {.iov_base = p, .iov_len = (size_t)tot}};
             if (writev(tun, vnet ? out : out + 1, vnet ? 2 : 1) < 0) {
                 if (errno == EBADFD || errno == ENODEV || errno == EIO) {
-                    err = errno;
+                    *err = errno;
                     break;
                 }
-                write_errors++;
+                c->tun_write_errors++;
             }
-            writes++;
+            c->tun_writes++;
         }
         if (total >= max_bytes) {
             break;
         }
     }
-    return Py_BuildValue("(lllllliN)", calls, total, packets, dropped, writes, write_errors, err,
-                         rest);
+    return 0;
+}
+
+static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
+    int tun, sock, port;
+    Py_ssize_t vnet, budget;
+    PyObject *groups;
+    if (!PyArg_ParseTuple(args, "iinOin", &tun, &sock, &vnet, &groups, &port, &budget)) {
+        return NULL;
+    }
+    if (check_groups(groups) < 0) {
+        return NULL;
+    }
+    counters c = {0};
+    PyObject *special = NULL;
+    int err = 0;
+    if (tun_pass(tun, sock, vnet, groups, port, budget, &c, &special, &err) < 0) {
+        return NULL;
+    }
+    return Py_BuildValue("(NiN)", counters_tuple(&c), err, special ? special : Py_NewRef(Py_None));
+}
+
+static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
+    int sock, tun;
+    Py_ssize_t vnet, budget, max_bytes;
+    if (!PyArg_ParseTuple(args, "iinnn", &sock, &tun, &vnet, &budget, &max_bytes)) {
+        return NULL;
+    }
+    if (vnet < 0 || vnet > 16) {
+        PyErr_SetString(PyExc_ValueError, "wire_to_tun: virtio header length out of range");
+        return NULL;
+    }
+    counters c = {0};
+    PyObject *rest = NULL;
+    int err = 0;
+    if (wire_pass(sock, tun, vnet, budget, max_bytes, &c, &rest, &err) < 0) {
+        return NULL;
+    }
+    return Py_BuildValue("(NiN)", counters_tuple(&c), err, rest ? rest : Py_NewRef(Py_None));
+}
+
+enum { SERVE_CONTROL = 0, SERVE_SPECIAL = 1, SERVE_REST = 2, SERVE_TUN_LOST = 3 };
+
+/* The worker's event loop for plain traffic: returns to Python only for what it must
+ * decide (a control message, a frame with no route or offloads, a batch with TCP data
+ * to coalesce, a TUN that is gone), with the counters accumulated until then. */
+static PyObject *serve(PyObject *self, PyObject *args) {
+    int epfd, ctl, tun, sock, port;
+    Py_ssize_t vnet, budget, max_bytes;
+    PyObject *groups;
+    if (!PyArg_ParseTuple(args, "iiiinOinn", &epfd, &ctl, &tun, &sock, &vnet, &groups, &port,
+                          &budget, &max_bytes)) {
+        return NULL;
+    }
+    if (check_groups(groups) < 0) {
+        return NULL;
+    }
+    if (vnet < 0 || vnet > 16) {
+        PyErr_SetString(PyExc_ValueError, "serve: virtio header length out of range");
+        return NULL;
+    }
+    counters c = {0};
+    struct epoll_event events[8];
+    for (;;) {
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(epfd, events, 8, -1);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0) {
+                    return NULL;
+                }
+                continue;
+            }
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        for (int i = 0; i < n; i++) {  /* control first: a new peer table before packets */
+            if (events[i].data.fd == ctl) {
+                return Py_BuildValue("(NiO)", counters_tuple(&c), SERVE_CONTROL, Py_None);
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            int fd = events[i].data.fd, err = 0;
+            if (fd == sock) {
+                PyObject *rest = NULL;
+                if (wire_pass(sock, tun, vnet, budget, max_bytes, &c, &rest, &err) < 0) {
+                    return NULL;
+                }
+                if (rest != NULL) {
+                    return Py_BuildValue("(NiN)", counters_tuple(&c), SERVE_REST, rest);
+                }
+            } else if (fd == tun) {
+                if (events[i].events & (EPOLLERR | EPOLLHUP) && !(events[i].events & EPOLLIN)) {
+                    err = EBADFD;
+                } else {
+                    PyObject *special = NULL;
+                    if (tun_pass(tun, sock, vnet, groups, port, budget, &c, &special, &err) < 0) {
+                        return NULL;
+                    }
+                    if (special != NULL) {
+                        return Py_BuildValue("(NiN)", counters_tuple(&c), SERVE_SPECIAL, special);
+                    }
+                }
+            }
+            if (err) {
+                return Py_BuildValue("(Nii)", counters_tuple(&c), SERVE_TUN_LOST, err);
+            }
+        }
+    }
 }
 
 static PyMethodDef methods[] = {
@@ -529,6 +656,8 @@ static PyMethodDef methods[] = {
      "Forward plain packets from the TUN to their peers (see worker.Worker.from_tun)."},
     {"wire_to_tun", wire_to_tun, METH_VARARGS,
      "Write plain packets from the wire to the TUN (see worker.Worker.from_wire)."},
+    {"serve", serve, METH_VARARGS,
+     "The worker's event loop for plain traffic (see worker.Worker.run)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -66,6 +66,24 @@ RX_BATCH_BYTES = 1 << 19
 READ_SIZE = 65536 + VNET_HDR_LEN
 _ANC_SPACE = socket.CMSG_SPACE(4)
 
+#: The counters the C loops return, in their order (see _fastpath.pyi).
+C_COUNTERS = (
+    "tun_reads",
+    "tun_bytes",
+    "bad_from_tun",
+    "ttl_drops",
+    "tx_datagrams",
+    "tx_sends",
+    "tx_errors",
+    "rx_calls",
+    "rx_bytes",
+    "rx_packets",
+    "rx_dropped",
+    "tun_writes",
+    "tun_write_errors",
+)
+SERVE_CONTROL, SERVE_SPECIAL, SERVE_REST, SERVE_TUN_LOST = range(4)
+
 COUNTERS = (
     "tun_reads",
     "tun_bytes",
@@ -205,32 +223,29 @@ class Worker:
         stats["tun_bytes"] += nbytes
         stats["bad_from_tun"] += dropped
 
+    def _add(self, counts: tuple[int, ...]) -> None:
+        stats = self.stats
+        for name, value in zip(C_COUNTERS, counts, strict=True):
+            if value:
+                stats[name] += value
+
     def _from_tun_c(self, tun: int) -> None:
         """:meth:`from_tun` with the C loop; frames it hands back are done here."""
         assert _fastpath is not None
-        stats = self.stats
-        vnet = VNET_HDR_LEN if self.vnet else 0
         budget = BUDGET
+        vnet = VNET_HDR_LEN if self.vnet else 0
         while budget > 0:
             table = self.table
-            reads, nbytes, dropped, ttl_drops, dgrams, sends, errors, err, special = (
-                _fastpath.tun_to_wire(
-                    tun, self.sock.fileno(), vnet, table.cgroups, table.port, budget
-                )
+            counts, err, special = _fastpath.tun_to_wire(
+                tun, self.sock.fileno(), vnet, table.cgroups, table.port, budget
             )
-            stats["tun_reads"] += reads
-            stats["tun_bytes"] += nbytes
-            stats["bad_from_tun"] += dropped
-            stats["ttl_drops"] += ttl_drops
-            stats["tx_datagrams"] += dgrams
-            stats["tx_sends"] += sends
-            stats["tx_errors"] += errors
+            self._add(counts)
             if err:
                 self._tun_lost(OSError(err, os.strerror(err)))
                 return
             if special is None:
                 return
-            budget -= reads
+            budget -= counts[0]
             self._special_from_tun(special, vnet)
 
     def _special_from_tun(self, frame: bytes, off: int) -> None:
@@ -298,38 +313,37 @@ class Worker:
 
     def from_wire(self) -> None:
         """Drain the socket (bounded), coalesce, and write the result to the TUN."""
-        recvmsg = self.sock.recvmsg
-        dec = self.dec
-        stats = self.stats
-        calls = total = 0
-        budget = BUDGET
         if self.fast and self.tun is not None:
             assert _fastpath is not None
-            calls, total, packets, dropped, written, failed, err, rest = _fastpath.wire_to_tun(
+            counts, err, rest = _fastpath.wire_to_tun(
                 self.sock.fileno(),
                 self.tun,
                 VNET_HDR_LEN if self.vnet else 0,
                 BUDGET,
                 RX_BATCH_BYTES,
             )
-            stats["rx_packets"] += packets
-            stats["rx_dropped"] += dropped
-            stats["tun_writes"] += written
-            stats["tun_write_errors"] += failed
+            self._add(counts)
             if err:
-                stats["rx_calls"] += calls
-                stats["rx_bytes"] += total
                 self._tun_lost(OSError(err, os.strerror(err)))
                 return
             if rest is None:
-                stats["rx_calls"] += calls
-                stats["rx_bytes"] += total
                 return
-            # A TCP segment with payload: it and the rest of its batch (and of this
-            # wake-up) go through the Decapsulator, which may glue them into runs.
-            data, seg = rest
-            dec.feed(memoryview(data), seg)
-            budget -= calls
+            self._wire_rest(rest, BUDGET - counts[7])
+            return
+        self._from_wire_python(BUDGET)
+
+    def _wire_rest(self, rest: tuple[bytes, int], budget: int) -> None:
+        """A batch the C loop handed back at a TCP segment with payload: it, and what is
+        left of this wake-up, go through the Decapsulator (which may glue segments)."""
+        data, seg = rest
+        self.dec.feed(memoryview(data), seg)
+        self._from_wire_python(budget)
+
+    def _from_wire_python(self, budget: int) -> None:
+        recvmsg = self.sock.recvmsg
+        dec = self.dec
+        stats = self.stats
+        calls = total = 0
         for _ in range(budget):
             try:
                 data, anc, _flags, _addr = recvmsg(65536, _ANC_SPACE, socket.MSG_DONTWAIT)
@@ -444,6 +458,10 @@ class Worker:
             ep.register(self.tun, select.EPOLLIN)
         self.ctl.setblocking(False)
         while True:
+            if self.fast and self.tun is not None:
+                if not self._serve_c(ep, ctl_fd, sock_fd, self.tun):
+                    return
+                continue
             try:
                 events = ep.poll()
             except InterruptedError:
@@ -451,9 +469,8 @@ class Worker:
             # Control first, all of it: a peer table queued before these packets
             # arrived must be in place before they are routed.
             if any(fd == ctl_fd for fd, _ in events):
-                while self._ctl_pending():
-                    if not self.control():
-                        return
+                if not self._control_all():
+                    return
             for fd, mask in events:
                 if fd == sock_fd:
                     self.from_wire()
@@ -462,6 +479,43 @@ class Worker:
                         self._tun_lost(OSError(errno.EBADFD, "TUN device gone"))
                     else:
                         self.from_tun()
+
+    def _serve_c(self, ep: select.epoll, ctl_fd: int, sock_fd: int, tun: int) -> bool:
+        """One return of the C event loop (plain traffic stays in C, with no Python per
+        packet or per wake-up); False when the worker must exit."""
+        assert _fastpath is not None
+        vnet = VNET_HDR_LEN if self.vnet else 0
+        table = self.table
+        counts, kind, payload = _fastpath.serve(
+            ep.fileno(),
+            ctl_fd,
+            tun,
+            sock_fd,
+            vnet,
+            table.cgroups,
+            table.port,
+            BUDGET,
+            RX_BATCH_BYTES,
+        )
+        self._add(counts)
+        if kind == SERVE_CONTROL:
+            return self._control_all()
+        if kind == SERVE_SPECIAL:
+            assert isinstance(payload, bytes)
+            self._special_from_tun(payload, vnet)
+        elif kind == SERVE_REST:
+            assert isinstance(payload, tuple)
+            self._wire_rest(payload, BUDGET)
+        elif kind == SERVE_TUN_LOST:
+            assert isinstance(payload, int)
+            self._tun_lost(OSError(payload, os.strerror(payload)))
+        return True
+
+    def _control_all(self) -> bool:
+        while self._ctl_pending():
+            if not self.control():
+                return False
+        return True
 
     def _ctl_pending(self) -> bool:
         assert self.ctl is not None
