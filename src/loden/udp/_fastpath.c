@@ -73,6 +73,17 @@ static inline void put32(uint8_t *p, uint32_t v) {
     p[3] = (uint8_t)v;
 }
 
+/* TTL - 1 with the header checksum patched as RFC 1624 (packet.dec_ttl); TTL > 1. */
+static inline void dec_ttl(uint8_t *ip) {
+    ip[8] -= 1;
+    uint32_t check = be16(ip + 10) + 0x0100;
+    check = (check & 0xFFFF) + (check >> 16);
+    if (check == 0xFFFF) {
+        check = 0;
+    }
+    put16(ip + 10, check);
+}
+
 /* Sum of big-endian 16-bit words; an odd last byte is padded with a zero byte. */
 static uint64_t add_words(const uint8_t *p, Py_ssize_t n) {
     uint64_t s = 0;
@@ -416,13 +427,7 @@ static int tun_pass(int tun, int sock, Py_ssize_t vnet, PyObject *groups, int po
                 put16(pkt + start + offset, value);
             }
         }
-        pkt[8] -= 1;
-        uint32_t check = be16(pkt + 10) + 0x0100;
-        check = (check & 0xFFFF) + (check >> 16);
-        if (check == 0xFFFF) {
-            check = 0;
-        }
-        put16(pkt + 10, check);
+        dec_ttl(pkt);
         if (peer == cur_ip && cur_n < MAX_SEGMENTS && size <= cur_size) {
             memcpy(run_buf + cur_len, pkt, size);
             cur_len += size;
@@ -513,13 +518,7 @@ static int wire_pass(int sock, int tun, Py_ssize_t vnet, Py_ssize_t budget, Py_s
                 break;
             }
             c->rx_packets++;
-            p[8] -= 1;
-            uint32_t check = be16(p + 10) + 0x0100;
-            check = (check & 0xFFFF) + (check >> 16);
-            if (check == 0xFFFF) {
-                check = 0;
-            }
-            put16(p + 10, check);
+            dec_ttl(p);
             struct iovec out[2] = {{.iov_base = (void *)zeros, .iov_len = (size_t)vnet},
                                    {.iov_base = p, .iov_len = (size_t)tot}};
             if (writev(tun, vnet ? out : out + 1, vnet ? 2 : 1) < 0) {
