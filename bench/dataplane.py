@@ -372,6 +372,7 @@ def cproxy_udp(lab: Lab) -> Endpoints:
         )
         lab.stack.callback(proc.stop)
         lab.agent_groups.append(proc.pid)
+
         def ready(p: Process = proc) -> bool:
             return "ready" in p.output()
 

@@ -363,3 +363,60 @@ def test_worker_finishes_partial_checksums(
     got = drain(peer)
     assert [check_packet(g).ttl for g in got] == [63, 63, 63]
     assert [g[20:] for g in got] == [s[20:] for s in sent]
+
+
+def test_worker_big_plain_frames_never_overrun_a_run(
+    rig: tuple[Worker, socket.socket, socket.socket],
+) -> None:
+    """Two 40 KB plain packets to one peer cannot share a 64 KB UDP_SEGMENT send."""
+    worker, tun, peer = rig
+    big = [udp_packet(SRC, DST, os.urandom(40000), ident=i) for i in range(3)]
+    tun.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    for b in big:
+        tun.send(VNET_PLAIN + b)
+    worker.from_tun()
+    got = drain(peer)
+    assert [g[20:] for g in got] == [b[20:] for b in big]
+    assert worker.stats["tx_sends"] == 3
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=1600), min_size=1, max_size=8))
+def test_worker_loops_survive_arbitrary_input(frames: list[bytes]) -> None:
+    """Garbage from the TUN and from the wire: no crash, and what reaches the TUN is
+    well formed (the C loops parse untrusted datagrams)."""
+    tun_kernel, tun_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    wsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wsock.bind(("127.0.0.1", 0))
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    worker = Worker(
+        tun=tun_worker.fileno(),
+        sock=wsock,
+        vnet=True,
+        tun_addr=IPv4Address("10.9.1.0"),
+        port=peer.getsockname()[1],
+    )
+    os.set_blocking(tun_worker.fileno(), False)
+    worker.set_table(PeerTable.build([(IPv4Network("10.9.0.0/16"), IPv4Address("127.0.0.1"))], 1))
+    try:
+        for f in frames:
+            tun_kernel.send(f)
+            peer.sendto(f, wsock.getsockname())
+        worker.from_tun()
+        worker.from_wire()
+        tun_kernel.setblocking(False)
+        while True:
+            try:
+                frame = tun_kernel.recv(70000)
+            except BlockingIOError:
+                break
+            hdr = VNET_HDR.unpack(frame[:10])
+            pkt = frame[10:]
+            assert header_length(pkt) >= 20 and pkt[8] >= 1
+            if hdr[1] != VNET_GSO_TCPV4:
+                assert (pkt[2] << 8 | pkt[3]) == len(pkt)
+    finally:
+        for s in (tun_kernel, tun_worker, wsock, peer):
+            s.close()

@@ -359,6 +359,15 @@ static PyObject *counters_tuple(const counters *c) {
                          c->tun_write_errors);
 }
 
+/* The virtio-net header is absent (0) or 10/12 bytes (TUNSETVNETHDRSZ). */
+static int check_vnet(Py_ssize_t vnet) {
+    if (vnet != 0 && (vnet < 10 || vnet > 16)) {
+        PyErr_SetString(PyExc_ValueError, "virtio header length must be 0 or 10..16");
+        return -1;
+    }
+    return 0;
+}
+
 static int check_groups(PyObject *groups) {
     if (!PyList_Check(groups)) {
         PyErr_SetString(PyExc_TypeError, "groups must be a list of (mask, dict)");
@@ -428,7 +437,8 @@ static int tun_pass(int tun, int sock, Py_ssize_t vnet, PyObject *groups, int po
             }
         }
         dec_ttl(pkt);
-        if (peer == cur_ip && cur_n < MAX_SEGMENTS && size <= cur_size) {
+        if (peer == cur_ip && cur_n < MAX_SEGMENTS && size <= cur_size &&
+            cur_len + size <= MAX_SEND_BYTES) {
             memcpy(run_buf + cur_len, pkt, size);
             cur_len += size;
             cur_n++;
@@ -544,7 +554,7 @@ static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iinOin", &tun, &sock, &vnet, &groups, &port, &budget)) {
         return NULL;
     }
-    if (check_groups(groups) < 0) {
+    if (check_groups(groups) < 0 || check_vnet(vnet) < 0) {
         return NULL;
     }
     counters c = {0};
@@ -562,8 +572,7 @@ static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iinnn", &sock, &tun, &vnet, &budget, &max_bytes)) {
         return NULL;
     }
-    if (vnet < 0 || vnet > 16) {
-        PyErr_SetString(PyExc_ValueError, "wire_to_tun: virtio header length out of range");
+    if (check_vnet(vnet) < 0) {
         return NULL;
     }
     counters c = {0};
@@ -588,11 +597,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
                           &budget, &max_bytes)) {
         return NULL;
     }
-    if (check_groups(groups) < 0) {
-        return NULL;
-    }
-    if (vnet < 0 || vnet > 16) {
-        PyErr_SetString(PyExc_ValueError, "serve: virtio header length out of range");
+    if (check_groups(groups) < 0 || check_vnet(vnet) < 0) {
         return NULL;
     }
     counters c = {0};
