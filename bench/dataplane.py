@@ -22,6 +22,8 @@ hand-configured twin.
   ``hand-host-gw-fwd`` adds the FORWARD accept rules flanneld installs by default;
 * ``hand-vxlan``: a flannel-style ``flannel.1`` made with ``ip``/``bridge`` (VNI 1, port
   8472, nolearning, MTU 1450, /32 address, permanent neighbour + FDB entry + onlink route);
+  ``-fwd`` variants add the FORWARD accept rules flanneld installs by default (Loden's
+  agents install them too, and they cost a few % here);
   ``hand-vxlan-txoff`` is the same plus ``ethtool -K flannel.1 tx off``, which Loden's
   vxlan backend does by default (checksum-offload workaround, see
   src/loden/backend/vxlan.py), so it is ``loden-vxlan``'s twin; ``loden-vxlan-txon``
@@ -152,19 +154,24 @@ def hand_hostgw(*, forward_rules: bool) -> Builder:
         h0.ns.ip("route", "add", str(subnets[1]), "via", str(h1.ip), "dev", "eth0")
         h1.ns.ip("route", "add", str(subnets[0]), "via", str(h0.ip), "dev", "eth0")
         note = "ip route via peer eth0"
-        if forward_rules:  # what flanneld --iptables-forward-rules (default on) installs
-            for host in topo.hosts:
-                for rule in (
-                    ["-N", "FLANNEL-FWD"],
-                    ["-A", "FLANNEL-FWD", "-s", str(network), "-j", "ACCEPT"],
-                    ["-A", "FLANNEL-FWD", "-d", str(network), "-j", "ACCEPT"],
-                    ["-A", "FORWARD", "-j", "FLANNEL-FWD"],
-                ):
-                    host.ns.run("iptables", *rule)
-            note += " + FLANNEL-FWD accept rules in FORWARD (iptables)"
+        if forward_rules:
+            note += add_forward_rules(topo.hosts, network)
         return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, topo.mtu, note)
 
     return build
+
+
+def add_forward_rules(hosts: Sequence[Host], network: IPv4Network) -> str:
+    """What flanneld --iptables-forward-rules (default on) installs; the note to show."""
+    for host in hosts:
+        for rule in (
+            ["-N", "FLANNEL-FWD"],
+            ["-A", "FLANNEL-FWD", "-s", str(network), "-j", "ACCEPT"],
+            ["-A", "FLANNEL-FWD", "-d", str(network), "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-j", "FLANNEL-FWD"],
+        ):
+            host.ns.run("iptables", *rule)
+    return " + FLANNEL-FWD accept rules in FORWARD (iptables)"
 
 
 def offloads(host: Host, dev: str = "flannel.1") -> str:
@@ -183,10 +190,11 @@ def _vtep_mac(index: int) -> str:
     return f"0a:58:0a:00:00:{index + 1:02x}"
 
 
-def hand_vxlan(*, tx_off: bool) -> Builder:
+def hand_vxlan(*, tx_off: bool, forward_rules: bool = False) -> Builder:
     def build(lab: Lab) -> Endpoints:
         topo = lab.topology()
-        subnets = node_subnets(overlay_network())
+        network = overlay_network()
+        subnets = node_subnets(network)
         hosts: list[Host] = topo.hosts
         for i, host in enumerate(hosts):
             ns = host.ns
@@ -241,6 +249,8 @@ def hand_vxlan(*, tx_off: bool) -> Builder:
             ns.ip("route", "add", str(subnets[j]), "via", peer_gw, "dev", "flannel.1", "onlink")
         pods = [topo.add_pod(h, s, mtu=VXLAN_MTU) for h, s in zip(hosts, subnets, strict=True)]
         note = f"flannel.1 by ip/bridge, {offloads(hosts[0])}"
+        if forward_rules:
+            note += add_forward_rules(hosts, network)
         return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, VXLAN_MTU, note)
 
     return build
@@ -397,17 +407,19 @@ CONFIGS: tuple[Config, ...] = (
         0.95,
     ),
     Config("hand-vxlan", hand_vxlan(tx_off=False)),
+    Config("hand-vxlan-fwd", hand_vxlan(tx_off=False, forward_rules=True)),
     Config("hand-vxlan-txoff", hand_vxlan(tx_off=True)),
+    Config("hand-vxlan-txoff-fwd", hand_vxlan(tx_off=True, forward_rules=True)),
     Config(
         "loden-vxlan",  # tx checksum offload off, as flannel.1 after the 63 s workaround
         loden_config({"Type": "vxlan"}),
-        ("hand-vxlan-txoff", "hand-vxlan"),
+        ("hand-vxlan-txoff", "hand-vxlan-txoff-fwd", "hand-vxlan"),
         0.95,
     ),
     Config(
         "loden-vxlan-txon",
         loden_config({"Type": "vxlan", "TxChecksumOffload": True}),
-        ("hand-vxlan", "hand-vxlan-txoff"),
+        ("hand-vxlan", "hand-vxlan-fwd", "hand-vxlan-txoff"),
         0.95,
     ),
     Config("naive-udp", naive_udp),
@@ -422,7 +434,9 @@ DEFAULT_CONFIGS = [
     "hand-host-gw-fwd",
     "loden-host-gw",
     "hand-vxlan",
+    "hand-vxlan-fwd",
     "hand-vxlan-txoff",
+    "hand-vxlan-txoff-fwd",
     "loden-vxlan",
     "loden-vxlan-txon",
     "naive-udp",
