@@ -9,7 +9,8 @@ from ipaddress import IPv4Network, IPv6Network
 import pytest
 
 from loden.traffic import Networks, open_traffic_manager
-from loden.traffic.iptables import IptablesManager, forward_chain, masq_chain
+from loden.traffic.iptables import IptablesManager
+from loden.traffic.iptables_rules import forward_chain, masq_chain
 from tests.fixtures.topology import Namespace
 from tests.fixtures.traffic import bare_netns, listed, runner_in
 

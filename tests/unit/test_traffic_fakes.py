@@ -11,7 +11,8 @@ import pytest
 from loden.errors import CommandError, TrafficRulesError
 from loden.traffic import Networks, open_traffic_manager
 from loden.traffic.commands import CommandResult
-from loden.traffic.iptables import IptablesManager, forward_chain, masq_chain
+from loden.traffic.iptables import IptablesManager
+from loden.traffic.iptables_rules import forward_chain, masq_chain
 from loden.traffic.nftables import NftablesManager
 from loden.traffic.nftables import masq_chain as nft_masq_chain
 

@@ -8,17 +8,12 @@ from ipaddress import IPv4Network, IPv6Network
 import pytest
 
 from loden.errors import TrafficRulesError
-from loden.traffic.iptables import (
-    Rule,
+from loden.traffic.iptables import Xtables, other_backend_report, parse_version
+from loden.traffic.iptables_rules import Rule, forward_chain, masq_chain, quote_tokens
+from loden.traffic.iptables_save import (
     SavedTable,
-    Xtables,
     diff_chain,
-    forward_chain,
-    masq_chain,
-    other_backend_report,
     parse_save,
-    parse_version,
-    quote_tokens,
     removal_payload,
     restore_payload,
     stale_rules,

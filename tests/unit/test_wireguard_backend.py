@@ -12,11 +12,11 @@ import pytest
 
 from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface
-from loden.backend.wireguard import (
+from loden.backend.wireguard import WireguardBackend
+from loden.backend.wireguard_peers import (
     DevicePlan,
     Mode,
     PeerRules,
-    WireguardBackend,
     WireguardOptions,
     desired_peers,
     lease_peers,

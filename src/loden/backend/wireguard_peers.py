@@ -1,0 +1,311 @@
+"""wireguard backend, the part without I/O: options, lease data and the peers they ask for.
+
+Kept apart from :mod:`loden.backend.wireguard` (devices, wireguard-go, netlink) so the
+rules that decide who peers with whom, over which endpoint, are tested without a kernel,
+and ``reconcile`` and ``apply`` share one computation of the target.
+
+*One peer per key.* Two leases with the same public key (a node that got a new subnet
+while its old lease lives on) become one peer whose AllowedIPs hold both subnets, as
+WireGuard allows one peer per key.
+
+*Modes.* ``separate``: IPv4 peers on ``flannel-wg``, IPv6 peers on ``flannel-wg-v6``
+(port ``ListenPortV6``). ``ipv4``/``ipv6``/``auto``: one device, one peer per node
+with both subnets, the endpoint picked by family (``auto``: IPv4 unless the peer's
+IPv4 is RFC 1918 and both sides have non-ULA IPv6).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from loden.errors import NetworkConfigError
+from loden.kernel.wireguard import PeerConfig, decode_key, endpoint_text
+from loden.model.config import NetworkConfig
+from loden.model.gojson import GoJSONError, GoObject, as_int, as_str
+from loden.model.lease import Lease
+
+DEFAULT_PORT = 51820
+DEFAULT_PORT_V6 = 51821
+_RFC1918 = (
+    IPv4Network("10.0.0.0/8"),
+    IPv4Network("172.16.0.0/12"),
+    IPv4Network("192.168.0.0/16"),
+)
+_ULA = IPv6Network("fc00::/7")
+
+
+class Mode(enum.Enum):
+    SEPARATE = "separate"
+    AUTO = "auto"
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+
+@dataclass(frozen=True, slots=True)
+class WireguardOptions:
+    """The ``Backend`` options of a wireguard network config, validated."""
+
+    listen_port: int = DEFAULT_PORT
+    listen_port_v6: int = DEFAULT_PORT_V6
+    mtu: int = 0
+    psk: str | None = None
+    keepalive: int = 0
+    mode: Mode = Mode.SEPARATE
+
+    @classmethod
+    def from_config(cls, config: NetworkConfig) -> WireguardOptions:
+        """:raises NetworkConfigError: an option has the wrong type or an invalid value."""
+        spec = config.backend
+        port = _port(spec.option("ListenPort", as_int, DEFAULT_PORT), "ListenPort", DEFAULT_PORT)
+        port6 = _port(
+            spec.option("ListenPortV6", as_int, DEFAULT_PORT_V6), "ListenPortV6", DEFAULT_PORT_V6
+        )
+        mtu = spec.option("MTU", as_int, 0)
+        if mtu < 0:
+            raise NetworkConfigError(
+                f"Backend.MTU {mtu} is negative: leave it out (external MTU) or give the"
+                " underlay MTU, e.g. 1500",
+                field="Backend.MTU",
+                value=mtu,
+            )
+        psk = spec.option("PSK", as_str, "")
+        if psk and decode_key(psk) is None:
+            # The value is a secret: never echo it.
+            raise NetworkConfigError(
+                "Backend.PSK is not a base64 WireGuard key: use 44 characters as printed"
+                " by `wg genpsk`",
+                field="Backend.PSK",
+            )
+        keepalive = spec.option("PersistentKeepaliveInterval", as_int, 0)
+        if not 0 <= keepalive <= 65535:
+            raise NetworkConfigError(
+                f"Backend.PersistentKeepaliveInterval {keepalive} is out of range: use"
+                " 0 (off) to 65535 seconds, e.g. 25",
+                field="Backend.PersistentKeepaliveInterval",
+                value=keepalive,
+            )
+        raw_mode = spec.option("Mode", as_str, Mode.SEPARATE.value)
+        try:
+            mode = Mode(raw_mode)
+        except ValueError:
+            raise NetworkConfigError(
+                f"no valid Mode configured: Backend.Mode is {raw_mode!r}; use"
+                ' "separate" (the default), "auto", "ipv4" or "ipv6"',
+                field="Backend.Mode",
+                value=raw_mode,
+            ) from None
+        return cls(port, port6, mtu, psk.strip() or None, keepalive, mode)
+
+
+def _port(value: int, name: str, default: int) -> int:
+    if not 0 < value < 65536:
+        raise NetworkConfigError(
+            f"Backend.{name} {value} is not a UDP port: use 1..65535 (default {default})",
+            field=f"Backend.{name}",
+            value=value,
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePlan:
+    """One device: its role (``v4``/``v6`` in separate mode, ``main`` otherwise)."""
+
+    role: str
+    name: str
+    port: int
+    v4: bool
+    v6: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRules:
+    """Everything :func:`lease_peers` needs besides the lease."""
+
+    mode: Mode
+    enable_ipv4: bool
+    enable_ipv6: bool
+    #: Listen ports of the devices that carry IPv4 / IPv6 (the "Port 0" fallback).
+    port4: int
+    port6: int
+    own_v4: IPv4Address | None = None
+    own_v6: IPv6Address | None = None
+    psk: str | None = None
+    keepalive: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerData:
+    public_key: str
+    port: int
+
+
+@functools.lru_cache(maxsize=16384)
+def parse_peer_data(raw: str | None) -> PeerData | str:
+    """``{"PublicKey":…,"Port":…}`` (Go JSON, keys case-insensitive, Port optional),
+    or a one-line reason it is unusable."""
+    if raw is None:
+        return "no wireguard data in the lease"
+    try:
+        obj = GoObject.parse(raw)
+        key = obj.get("PublicKey", as_str, "")
+        port = obj.get("Port", as_int, 0)
+    except GoJSONError as exc:
+        return f"its wireguard data {_shown(raw)} does not parse ({exc})"
+    if decode_key(key) is None:
+        return f"its PublicKey {_shown(key)} is not a base64 WireGuard key"
+    if not 0 <= port < 65536:
+        return f"its Port {port} is not a UDP port"
+    return PeerData(key.strip(), port)
+
+
+def _shown(text: str) -> str:
+    """``repr`` of lease text, cut short: a hostile lease must not flood the log."""
+    return repr(text if len(text) <= 200 else text[:200] + "...")
+
+
+def _private4(ip: IPv4Address) -> bool:
+    return any(ip in net for net in _RFC1918)
+
+
+def select_mode(
+    peer4: IPv4Address,
+    peer6: IPv6Address | None,
+    own4: IPv4Address | None,
+    own6: IPv6Address | None,
+) -> Mode:
+    """flannel's ``auto`` endpoint choice (``selectMode``): IPv4 unless the peer's IPv4
+    is private and both sides have non-ULA IPv6."""
+    if peer6 is None:
+        return Mode.IPV4
+    if not _private4(peer4) and own4 is not None:
+        return Mode.IPV4
+    if peer6 not in _ULA and own6 is not None and own6 not in _ULA:
+        return Mode.IPV6
+    return Mode.IPV4
+
+
+def lease_peers(lease: Lease, rules: PeerRules) -> dict[str, PeerConfig] | str:
+    """The peer(s) one lease asks for, by device role, or a reason it gets none."""
+    attrs = lease.attrs
+    v4: PeerData | str | None = None
+    v6: PeerData | str | None = None
+    if rules.enable_ipv4 and attrs.backend_data is not None:
+        v4 = parse_peer_data(attrs.backend_data)
+    if (
+        rules.enable_ipv6
+        and lease.ipv6_subnet is not None
+        and attrs.backend_v6_data is not None
+        and attrs.public_ipv6 is not None
+    ):
+        v6 = parse_peer_data(attrs.backend_v6_data)
+    where = f"wireguard: peer {lease.key} ({attrs.public_ip})"
+    for data in (v4, v6):
+        if isinstance(data, str):
+            return f"{where}: {data}; skipped until its lease is fixed"
+    if not isinstance(v4, PeerData) and not isinstance(v6, PeerData):
+        return f"{where}: its lease has no wireguard data for an enabled address family"
+    psk, keepalive = rules.psk, rules.keepalive
+
+    def ep4(data: PeerData | None) -> str:
+        return endpoint_text(attrs.public_ip, (data.port if data else 0) or rules.port4)
+
+    def ep6(data: PeerData | None) -> str:
+        return endpoint_text(attrs.public_ipv6, (data.port if data else 0) or rules.port6)
+
+    if rules.mode is Mode.SEPARATE:
+        out: dict[str, PeerConfig] = {}
+        if isinstance(v4, PeerData):
+            out["v4"] = PeerConfig.make(v4.public_key, ep4(v4), [lease.subnet], psk, keepalive)
+        if isinstance(v6, PeerData) and lease.ipv6_subnet is not None:
+            out["v6"] = PeerConfig.make(v6.public_key, ep6(v6), [lease.ipv6_subnet], psk, keepalive)
+        return out
+    subnets: list[IPv4Network | IPv6Network] = []
+    if isinstance(v4, PeerData):
+        subnets.append(lease.subnet)
+    if isinstance(v6, PeerData) and lease.ipv6_subnet is not None:
+        subnets.append(lease.ipv6_subnet)
+    main = v6 if isinstance(v6, PeerData) else v4
+    assert isinstance(main, PeerData)
+    mode: Mode = rules.mode
+    if mode is Mode.AUTO:
+        mode = select_mode(attrs.public_ip, attrs.public_ipv6, rules.own_v4, rules.own_v6)
+    if mode is Mode.IPV6:
+        if attrs.public_ipv6 is None:
+            return f"{where}: Mode ipv6 needs its PublicIPv6, which the lease does not have"
+        endpoint = ep6(v6 if isinstance(v6, PeerData) else None)
+    else:
+        endpoint = ep4(v4 if isinstance(v4, PeerData) else None)
+    return {"main": PeerConfig.make(main.public_key, endpoint, subnets, psk, keepalive)}
+
+
+def desired_peers(
+    leases: Iterable[Lease], rules: PeerRules, own_key: str
+) -> tuple[dict[str, dict[str, PeerConfig]], list[str], list[str]]:
+    """Per device role, the peers keyed by public key; plus skipped leases (one reason
+    each) and warnings.
+
+    Leases sharing a public key merge into one peer (AllowedIPs united; the endpoint of
+    the most recently renewed lease wins). A lease carrying our own key (our own old
+    lease after a subnet change) is skipped with a warning: WireGuard cannot peer
+    with itself."""
+    out: dict[str, dict[str, PeerConfig]] = {}
+    skipped: list[str] = []
+    warnings: list[str] = []
+    ordered = sorted(leases, key=lambda lease: (lease.expiration or 0.0, lease.key))
+    for lease in ordered:
+        result = lease_peers(lease, rules)
+        if isinstance(result, str):
+            skipped.append(result)
+            continue
+        for role, peer in result.items():
+            if peer.public_key == own_key:
+                warnings.append(
+                    f"wireguard: lease {lease.key} publishes this node's own public key"
+                    " (an old lease of this node, or a copied key file): skipped"
+                )
+                continue
+            table = out.setdefault(role, {})
+            old = table.get(peer.public_key)
+            if old is not None:
+                if old.endpoint != peer.endpoint:
+                    warnings.append(
+                        f"wireguard: public key {peer.public_key} is published with endpoints"
+                        f" {old.endpoint} and {peer.endpoint} (a copied key file?): using"
+                        f" {peer.endpoint} from lease {lease.key}"
+                    )
+                peer = PeerConfig.make(
+                    peer.public_key,
+                    peer.endpoint,
+                    old.allowed_ips + peer.allowed_ips,
+                    peer.preshared_key,
+                    peer.keepalive,
+                )
+            table[peer.public_key] = peer
+    return out, skipped, warnings
+
+
+def peer_changes(
+    want: Mapping[str, PeerConfig], have: Mapping[str, PeerConfig]
+) -> tuple[list[PeerConfig], list[str]]:
+    """(peers to write, public keys to remove) that turn ``have`` into ``want``."""
+    upserts = [peer for key, peer in want.items() if have.get(key) != peer]
+    removes = [key for key in have if key not in want]
+    return upserts, removes
+
+
+__all__ = [
+    "DevicePlan",
+    "Mode",
+    "PeerRules",
+    "WireguardOptions",
+    "desired_peers",
+    "lease_peers",
+    "parse_peer_data",
+    "peer_changes",
+    "select_mode",
+]
