@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,7 +56,7 @@ PACKETS = st.one_of(
 
 
 @contextmanager
-def worker_rig() -> Iterator[tuple[Worker, socket.socket, socket.socket]]:
+def worker_rig(fast: bool) -> Iterator[tuple[Worker, socket.socket, socket.socket]]:
     tun_kernel, tun_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     wsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     wsock.bind(("127.0.0.1", 0))
@@ -67,6 +68,7 @@ def worker_rig() -> Iterator[tuple[Worker, socket.socket, socket.socket]]:
         vnet=True,
         tun_addr=IPv4Address("10.9.1.0"),
         port=peer.getsockname()[1],
+        fast=fast,
     )
     os.set_blocking(worker.tun or 0, False)
     for s in (tun_kernel, peer, wsock):
@@ -95,12 +97,17 @@ def well_formed(pkt: bytes) -> bool:
     return header_length(pkt) >= 20 and (pkt[2] << 8 | pkt[3]) == len(pkt) and pkt[8] >= 1
 
 
+#: The C loops (when built) and the Python ones parse the same untrusted input.
+LOOPS = pytest.mark.parametrize("fast", [True, False], ids=["c-loops", "python-loops"])
+
+
+@LOOPS
 @settings(max_examples=200, deadline=None)
 @given(st.lists(PACKETS, min_size=1, max_size=12))
 def test_any_datagram_from_the_underlay_reaches_pods_only_well_formed(
-    datagrams: list[bytes],
+    fast: bool, datagrams: list[bytes]
 ) -> None:
-    with worker_rig() as (worker, tun, peer):
+    with worker_rig(fast) as (worker, tun, peer):
         target = worker.sock.getsockname()
         for data in datagrams:
             peer.sendto(data, target)
@@ -112,6 +119,7 @@ def test_any_datagram_from_the_underlay_reaches_pods_only_well_formed(
             assert hdr[1] in (0, 1), hdr  # plain, or a TCPv4 super-packet
 
 
+@LOOPS
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
@@ -124,9 +132,9 @@ def test_any_datagram_from_the_underlay_reaches_pods_only_well_formed(
     )
 )
 def test_any_frame_from_the_tun_leaves_only_towards_a_known_peer(
-    frames: list[tuple[bytes, bytes]],
+    fast: bool, frames: list[tuple[bytes, bytes]]
 ) -> None:
-    with worker_rig() as (worker, tun, peer):
+    with worker_rig(fast) as (worker, tun, peer):
         for vnet, pkt in frames:
             tun.send(vnet + pkt)
         worker.from_tun()

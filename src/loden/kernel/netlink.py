@@ -440,10 +440,6 @@ class Netlink:
 
         await self._call("write", f"sysctl {key}={value}", write)
 
-    async def disable_tx_checksum(self, name: str) -> bool:
-        """``ethtool -K <name> tx off`` through the ioctl; True if it was on."""
-        return await self.set_tx_checksum(name, False)
-
     async def set_tx_checksum(self, name: str, on: bool) -> bool:
         """``ethtool -K <name> tx on|off`` through the ioctl; True if it changed."""
 
