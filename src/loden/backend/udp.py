@@ -42,8 +42,8 @@ from loden.errors import BackendError, DataplaneError, InterfaceError
 from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route, enter_netns
 from loden.model.gojson import as_int
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from loden.udp import gso
 from loden.udp.engine import WorkerPool, WorkerSpec
+from loden.udp.native import native
 from loden.udp.peers import PeerTable
 from loden.udp.sockets import open_sockets
 from loden.udp.tun import TunOptions, open_queue, open_tun
@@ -81,7 +81,7 @@ class UdpBackend:
         # the C loop ~2.8x a per-packet read (0.155 vs 0.06 of the underlay here); with
         # the Python loop per-packet reads win. Benchmarks force either ("1"/"0").
         tso = ctx.extra.get("udp_tso", "")
-        self.tso = tso in ("1", "true") if tso else gso.segment_tcp4 is not gso.segment_tcp4_py
+        self.tso = tso in ("1", "true") if tso else native is not None
         if ctx.ext.iface_addr is None or ctx.ext.ext_addr is None:
             raise InterfaceError(
                 f"udp backend needs an IPv4 address on {ctx.ext.name} to bind port {self.port}"

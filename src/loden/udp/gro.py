@@ -30,22 +30,15 @@ from collections.abc import Callable
 from typing import Any
 
 from loden.udp.csum import BytesLike, fold, residue
+from loden.udp.native import native
 from loden.udp.packet import dec_ttl
 from loden.udp.tun import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_HDR, VNET_PLAIN
 
 ScanFn = Callable[..., tuple[int, int, int, int, int, int]]
 
 
-def _pick_scan() -> ScanFn | None:
-    try:  # the run-continuation loop in C (setup.py builds it when a compiler is there)
-        from loden.udp._fastpath import gro_scan
-    except ImportError:  # pragma: no cover - depends on the build machine
-        return None
-    return gro_scan
-
-
 #: The C loop when it was built; None makes :class:`Decapsulator` use its Python loop.
-GRO_SCAN: ScanFn | None = _pick_scan()
+GRO_SCAN: ScanFn | None = native.gro_scan if native is not None else None
 
 #: Coalesced super-packets stay below the 16-bit IP total length.
 MAX_SUPER = 65535 - 1500

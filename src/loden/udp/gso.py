@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TypeAlias
 
 from loden.udp.csum import BytesLike, residue
+from loden.udp.native import native
 from loden.udp.packet import dec_ttl, finish_partial_checksum
 
 #: One peer address as ``sendmsg`` wants it.
@@ -196,16 +197,8 @@ def segment_tcp4_py(pkt: memoryview, mss: int) -> tuple[list[BytesLike], int, in
 SegmentFn: TypeAlias = Callable[[memoryview, int], "tuple[list[BytesLike], int, int] | None"]
 
 
-def _pick_segment() -> SegmentFn:
-    try:  # the same loop in C (setup.py builds it when a compiler is there)
-        from loden.udp._fastpath import segment_tcp4 as fast
-    except ImportError:  # pragma: no cover - depends on the build machine
-        return segment_tcp4_py
-    return fast
-
-
 #: What the worker calls: the C loop when it was built, else :func:`segment_tcp4_py`.
-segment_tcp4: SegmentFn = _pick_segment()
+segment_tcp4: SegmentFn = native.segment_tcp4 if native is not None else segment_tcp4_py
 
 
 def prepare_single(pkt: memoryview, flags: int, csum_start: int, csum_offset: int) -> bytearray:

@@ -47,15 +47,11 @@ from loden.udp.gso import (
     prepare_single,
     segment_tcp4,
 )
+from loden.udp.native import native
 from loden.udp.packet import net_unreachable
 from loden.udp.peers import PeerTable
 from loden.udp.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from loden.udp.tun import VNET_GSO_TCPV4, VNET_HDR, VNET_HDR_LEN, VNET_PLAIN
-
-try:  # the plain-packet loops in C (setup.py builds them when a compiler is there)
-    from loden.udp import _fastpath
-except ImportError:  # pragma: no cover - depends on the build machine
-    _fastpath = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +117,7 @@ class Worker:
     ) -> None:
         self.tun = tun
         #: Use the C loops for plain packets (``fast=False``: the Python ones, for tests).
-        self.fast = fast and _fastpath is not None
+        self.fast = fast and native is not None
         self.sock = sock
         self.ctl = ctl
         self.vnet = vnet
@@ -231,12 +227,12 @@ class Worker:
 
     def _from_tun_c(self, tun: int) -> None:
         """:meth:`from_tun` with the C loop; frames it hands back are done here."""
-        assert _fastpath is not None
+        assert native is not None
         budget = BUDGET
         vnet = VNET_HDR_LEN if self.vnet else 0
         while budget > 0:
             table = self.table
-            counts, err, special = _fastpath.tun_to_wire(
+            counts, err, special = native.tun_to_wire(
                 tun, self.sock.fileno(), vnet, table.cgroups, table.port, budget
             )
             self._add(counts)
@@ -314,8 +310,8 @@ class Worker:
     def from_wire(self) -> None:
         """Drain the socket (bounded), coalesce, and write the result to the TUN."""
         if self.fast and self.tun is not None:
-            assert _fastpath is not None
-            counts, err, rest = _fastpath.wire_to_tun(
+            assert native is not None
+            counts, err, rest = native.wire_to_tun(
                 self.sock.fileno(),
                 self.tun,
                 VNET_HDR_LEN if self.vnet else 0,
@@ -483,10 +479,10 @@ class Worker:
     def _serve_c(self, ep: select.epoll, ctl_fd: int, sock_fd: int, tun: int) -> bool:
         """One return of the C event loop (plain traffic stays in C, with no Python per
         packet or per wake-up); False when the worker must exit."""
-        assert _fastpath is not None
+        assert native is not None
         vnet = VNET_HDR_LEN if self.vnet else 0
         table = self.table
-        counts, kind, payload = _fastpath.serve(
+        counts, kind, payload = native.serve(
             ep.fileno(),
             ctl_fd,
             tun,
