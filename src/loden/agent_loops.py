@@ -30,7 +30,8 @@ from loden.lease_watch import LeaseWatcher
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 from loden.settings import AgentSettings
-from loden.subnet.manager import EtcdSubnetManager, WatchResult
+from loden.subnet.base import WatchResult
+from loden.subnet.manager import EtcdSubnetManager
 from loden.traffic.base import Networks, TrafficManager
 from loden.traffic.commands import run_command
 

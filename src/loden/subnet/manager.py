@@ -40,6 +40,7 @@ from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.model.net import parse_subnet_key, subnet_key
 from loden.model.subnet_env import PreviousSubnets
 from loden.subnet import allocator
+from loden.subnet.base import WatchResult
 from loden.subnet.store import LeaseStore, StoredKV, StoreEvent, StoreEventKind, WatchBatch
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,6 @@ log = logging.getLogger(__name__)
 #: progresses; the cap only guards against a store that keeps changing under us.
 MAX_CLAIM_ATTEMPTS = 200
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class WatchResult:
-    """Either a full snapshot (after start or a relist) or incremental events."""
-
-    snapshot: tuple[Lease, ...] | None = None
-    events: tuple[LeaseEvent, ...] = ()
 
 
 @dataclass(slots=True)
