@@ -4,7 +4,10 @@
 * ``watch``: read store snapshots/events into a queue;
 * ``peers``: queued results -> LeaseWatcher -> ``network.apply``/``reconcile`` (a backlog
   is handled as one batch);
-* ``reconcile``: every ``--resync-period`` s a full level-triggered pass;
+* ``reconcile``: a full level-triggered pass every ``--resync-period`` s, or every
+  ``--full-resync-period`` s while ``kernel`` repairs drift as the kernel reports it;
+* ``kernel``: the backend's netlink notifications (owned entries restored at once; a
+  full pass when notifications were lost);
 * ``rules``: every ``--iptables-resync`` s re-check masquerade/forward rules;
 * ``probe``: ask the store every 2 s so /healthz knows whether it answers;
 * ``config``: notice a changed network config and tell the operator what to do.
@@ -17,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from loden.backend.base import Network, ReconcileReport
+from loden.backend.base import KernelWatcher, Network, ReconcileReport
 from loden.errors import (
     ConfigNotFound,
     LeaseRevoked,
@@ -71,6 +74,8 @@ class AgentLoops:
                 group.create_task(self._watch_loop(), name="watch")
                 group.create_task(self._peers_loop(), name="peers")
                 group.create_task(self._reconcile_loop(), name="reconcile")
+                if self._kernel_events():
+                    group.create_task(self._kernel_loop(), name="kernel")
                 group.create_task(self._rules_loop(), name="rules")
                 group.create_task(self._probe_loop(), name="probe")
                 group.create_task(self._config_loop(), name="config")
@@ -219,11 +224,30 @@ class AgentLoops:
         else:
             self.health.reconcile_failures = 0
 
+    def _kernel_events(self) -> bool:
+        return self.settings.kernel_events and isinstance(self.network, KernelWatcher)
+
     async def _reconcile_loop(self) -> None:
         await self._synced.wait()
+        period = self.settings.resync_seconds
+        if self._kernel_events():
+            period = self.settings.full_resync_seconds
         while True:
-            await asyncio.sleep(self.settings.resync_seconds)
+            await asyncio.sleep(period)
             await self._reconcile("resync")
+
+    async def _kernel_loop(self) -> None:
+        """Started before the first snapshot, so nothing between it and the snapshot's
+        reconcile goes unseen; until then a resync request waits for that reconcile."""
+        assert isinstance(self.network, KernelWatcher)
+        async for drift in self.network.watch_kernel():
+            if drift.report is not None:
+                self.metrics.kernel_repairs.inc(drift.report.added)
+                self._record(drift.report, "kernel notification")
+            elif drift.resync is not None and self._synced.is_set():
+                log.warning("%s", drift.resync)
+                self.metrics.kernel_resyncs.inc()
+                await self._reconcile("kernel resync")
 
     # -- rules, probe, config --------------------------------------------------------------
 

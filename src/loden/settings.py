@@ -128,7 +128,25 @@ AGENT_FLAGS: tuple[Flag, ...] = (
     Flag("vmodule", "", "comma-separated list of pattern=N settings for file-filtered logging"),
     Flag("log_backtrace_at", "", "when logging hits line file:N, emit a stack trace"),
     # Loden additions.
-    Flag("resync-period", 10, "Loden: seconds between full data-plane reconciles", kind="int"),
+    Flag(
+        "resync-period",
+        10,
+        "Loden: seconds between full data-plane reconciles without -kernel-events",
+        kind="int",
+    ),
+    Flag(
+        "kernel-events",
+        True,
+        "Loden: repair owned routes, neighbours and FDB entries as soon as the kernel "
+        "reports them changed; the full reconcile then runs every -full-resync-period",
+        kind="bool",
+    ),
+    Flag(
+        "full-resync-period",
+        300,
+        "Loden: seconds between full data-plane reconciles with -kernel-events",
+        kind="int",
+    ),
     Flag(
         "state-dir",
         "/var/lib/loden",
@@ -220,6 +238,8 @@ class AgentSettings:
     healthz_ip: str
     healthz_port: int
     resync_seconds: int
+    kernel_events: bool
+    full_resync_seconds: int
     state_dir: Path
     verbosity: int
     log_format: str
@@ -241,7 +261,7 @@ class AgentSettings:
             raise UsageError(f"invalid -etcd-api {v['etcd-api']!r}: use auto, v3 or v2")
         if v["log-format"] not in ("text", "json"):
             raise UsageError(f"invalid -log-format {v['log-format']!r}: use text or json")
-        for name in ("iptables-resync", "resync-period", "subnet-lease-ttl"):
+        for name in ("iptables-resync", "resync-period", "full-resync-period", "subnet-lease-ttl"):
             if v[name] <= 0:
                 raise UsageError(f"invalid -{name} {v[name]}: must be a positive number")
         if not 0 <= v["healthz-port"] <= 65535:
@@ -293,6 +313,8 @@ class AgentSettings:
             healthz_ip=v["healthz-ip"],
             healthz_port=v["healthz-port"],
             resync_seconds=v["resync-period"],
+            kernel_events=v["kernel-events"],
+            full_resync_seconds=v["full-resync-period"],
             state_dir=Path(v["state-dir"]),
             verbosity=v["v"],
             log_format=v["log-format"],

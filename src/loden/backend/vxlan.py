@@ -302,7 +302,7 @@ class VxlanNetwork(PeerNetwork):
                 self._index,
                 link.index,
             )
-            self._entries.clear()
+            self._forget_entries()
         self._index = link.index
         if self._mac and link.mac != self._mac:
             await nl.set_link(link.index, mac=self._mac)
@@ -347,6 +347,9 @@ class VxlanNetwork(PeerNetwork):
 
     def _needs_lookup(self) -> bool:
         return self._be.options.direct_routing
+
+    def _watched_links(self) -> set[int]:
+        return {self._ext.index, self._index}
 
     def _entries_for(
         self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]

@@ -39,9 +39,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_address
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loden.errors import DataplaneError
+from loden.errors import DataplaneError, NotificationsLost
 from loden.kernel import rtnl
-from loden.kernel.rtnl import AF_BRIDGE
+from loden.kernel.rtnl import AF_BRIDGE, EntryChange, KernelChange, LinkChange
 from loden.kernel.types import (
     RT_TABLE_MAIN,
     RTPROT_BOOT,
@@ -68,12 +68,17 @@ __all__ = [
     "Address",
     "BatchResult",
     "Change",
+    "EntryChange",
     "FdbEntry",
     "IPAddress",
     "IPNetwork",
+    "KernelChange",
+    "KernelMonitor",
     "Link",
+    "LinkChange",
     "Neighbour",
     "Netlink",
+    "NotificationsLost",
     "Route",
     "RouteLookup",
     "VxlanSpec",
@@ -387,6 +392,19 @@ class Netlink:
         what = f"routes to {len(targets)} destinations"
         return await self._call("lookup", what, lookup, lane=True)
 
+    async def monitor(
+        self, *, rcvbuf: int = 4 << 20, skip_protocol: int | None = RTPROT_LODEN
+    ) -> KernelMonitor:
+        """Subscribe to the namespace's link, neighbour and route change notifications.
+
+        ``rcvbuf`` bounds how many notifications the kernel queues for us; past it they
+        are dropped and :meth:`KernelMonitor.read` raises :class:`NotificationsLost`.
+        """
+        sock = await self._call(
+            "open", "netlink notification socket", rtnl.RtnlMonitor, rcvbuf, skip_protocol
+        )
+        return KernelMonitor(sock)
+
     async def apply(self, changes: Sequence[Change], *, missing_ok: bool = True) -> BatchResult:
         """Program ``changes`` in order, batched; per-entry failures are collected.
 
@@ -452,6 +470,42 @@ class Netlink:
 
         state = "on" if on else "off"
         return await self._call("set", f"tx checksum offload {state} on {name}", run)
+
+
+class KernelMonitor:
+    """Change notifications of one namespace, read on the event loop (non-blocking)."""
+
+    def __init__(self, sock: rtnl.RtnlMonitor) -> None:
+        self._sock = sock
+        self._ready = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def read(self) -> list[KernelChange]:
+        """Wait for notifications and return all that are queued.
+
+        :raises NotificationsLost: some were dropped (the socket stays usable).
+        :raises DataplaneError: the socket failed otherwise.
+        """
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.fileno(), self._ready.set)
+        while True:
+            self._ready.clear()
+            try:
+                changes = self._sock.read()
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    raise NotificationsLost() from exc
+                raise _error("read", "netlink notifications", exc) from exc
+            if changes:
+                return changes
+            await self._ready.wait()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop = None
+        self._sock.close()
 
 
 def _sysctl_path(key: str) -> Path:

@@ -401,3 +401,103 @@ def _error(msg: bytes, flags: int) -> NetlinkFailure | None:
         if raw:
             text = raw.rstrip(b"\0").decode("utf-8", "replace")
     return NetlinkFailure(code, text)
+
+
+# -- change notifications (multicast groups) -------------------------------------------
+
+RTM_NEWLINK: Final = 16
+RTM_DELLINK: Final = 17
+RTMGRP_LINK: Final = 0x1
+RTMGRP_NEIGH: Final = 0x4
+RTMGRP_IPV4_ROUTE: Final = 0x40
+RTMGRP_IPV6_ROUTE: Final = 0x400
+IFF_UP: Final = 0x1
+_IFINFOMSG = struct.Struct("=BxHiII")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkChange:
+    """A link was created, changed (``up`` is its admin state) or deleted."""
+
+    index: int
+    up: bool
+    deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EntryChange:
+    """A route, neighbour or FDB entry was added/replaced or (``deleted``) removed."""
+
+    entry: Entry
+    deleted: bool
+
+
+KernelChange = LinkChange | EntryChange
+
+
+class RtnlMonitor:
+    """A non-blocking socket subscribed to the link, neighbour and route groups.
+
+    ``skip_protocol``: RTM_NEWROUTE notifications of routes with this protocol are
+    dropped before decoding (the agent's own writes: a cold start at 5,000 vxlan peers
+    echoes 5,000 of them). Deletions are always decoded.
+    """
+
+    def __init__(self, rcvbuf: int, skip_protocol: int | None = None) -> None:
+        groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, 0
+        )
+        try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.bind((0, groups))
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._skip = skip_protocol
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def read(self) -> list[KernelChange]:
+        """Every notification queued now (empty when none).
+
+        :raises OSError: ENOBUFS when the kernel dropped notifications because the
+            receive buffer was full: the caller must assume anything changed.
+        """
+        out: list[KernelChange] = []
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return out
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, _seq, _pid = _HDR.unpack_from(data, offset)
+                if length < 16:
+                    break
+                change = self._decode(data[offset : offset + length], kind)
+                if change is not None:
+                    out.append(change)
+                offset += (length + 3) & ~3
+
+    def _decode(self, msg: bytes, kind: int) -> KernelChange | None:
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(msg, 16)
+            return LinkChange(index, bool(flags & IFF_UP), kind == RTM_DELLINK)
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            if kind == RTM_NEWROUTE and msg[16 + 5] == self._skip:  # rtm_protocol
+                return None
+            route = decode_route(msg)
+            return None if route is None else EntryChange(route, kind == RTM_DELROUTE)
+        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            neigh = decode_neigh(msg)
+            return None if neigh is None else EntryChange(neigh, kind == RTM_DELNEIGH)
+        return None
