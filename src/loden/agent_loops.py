@@ -240,14 +240,25 @@ class AgentLoops:
         """Started before the first snapshot, so nothing between it and the snapshot's
         reconcile goes unseen; until then a resync request waits for that reconcile."""
         assert isinstance(self.network, KernelWatcher)
-        async for drift in self.network.watch_kernel():
-            if drift.report is not None:
-                self.metrics.kernel_repairs.inc(drift.report.added)
-                self._record(drift.report, "kernel notification")
-            elif drift.resync is not None and self._synced.is_set():
-                log.warning("%s", drift.resync)
-                self.metrics.kernel_resyncs.inc()
-                await self._reconcile("kernel resync")
+        while True:
+            try:
+                async for drift in self.network.watch_kernel():
+                    if drift.report is not None:
+                        self.metrics.kernel_repairs.inc(drift.report.added)
+                        self._record(drift.report, "kernel notification")
+                    elif drift.resync is not None and self._synced.is_set():
+                        log.warning("%s", drift.resync)
+                        self.metrics.kernel_resyncs.inc()
+                        await self._reconcile("kernel resync")
+            except LodenError as exc:
+                log.error(
+                    "kernel notifications failed: %s (listening again in 10s; drift is "
+                    "repaired by the full reconcile meanwhile)",
+                    exc,
+                )
+                await asyncio.sleep(10.0)
+                if self._synced.is_set():
+                    await self._reconcile("kernel resync")
 
     # -- rules, probe, config --------------------------------------------------------------
 
