@@ -41,9 +41,9 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from loden import __version__
@@ -76,6 +76,7 @@ from loden.cni.types import (
     version_reply,
 )
 from loden.errors import ParseError
+from loden.files import replace_file
 
 ABOUT = (
     f"CNI Plugin flannel version loden-{__version__} "
@@ -278,27 +279,8 @@ def save_delegate_config(data_dir: str, container_id: str, data: bytes) -> str:
 
     :raises OSError: the directory or file cannot be written.
     """
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
     path = os.path.join(data_dir, container_id)
-    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{container_id}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(Path(path), data, mode=0o600, dir_mode=0o700)
     return path
 
 
