@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from loden.errors import ConfigError, DataplaneError
 from loden.files import replace_file
+from loden.kernel.netns import netns_argv
 
 log = logging.getLogger(__name__)
 
@@ -417,10 +418,6 @@ class Uapi:
 # -- the process -----------------------------------------------------------------------
 
 
-def _netns_path(netns: str) -> str:
-    return netns if "/" in netns else f"/var/run/netns/{netns}"
-
-
 class WireguardGo:
     """One ``wireguard-go -f <name>`` child serving the TUN device ``name``.
 
@@ -458,7 +455,7 @@ class WireguardGo:
             )
         argv = [binary, "-f", self.name]
         if self.netns is not None:
-            argv = ["nsenter", f"--net={_netns_path(self.netns)}", "--", *argv]
+            argv = netns_argv(self.netns, argv)
         setpriv = shutil.which("setpriv")
         if setpriv is not None:
             argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
