@@ -29,6 +29,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from loden.errors import NetworkConfigError, ParseError
+from loden.model import gojson
+from loden.model.gojson import GoObject, go_type_name
 
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
@@ -36,87 +38,23 @@ DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
 Network = IPv4Network | IPv6Network
 JsonObject = dict[str, Any]
 
-_MISSING: Any = object()
-
-
 # --------------------------------------------------------------------------------------
-# Go-like JSON decoding.
-
-
-class _Pairs(list[tuple[str, Any]]):
-    """A JSON object kept as its ordered key/value pairs (duplicates included)."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"invalid character {name[0]!r} looking for beginning of value")
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text} out of range of float64")
-    return value
+# Go-like JSON decoding (loden.model.gojson), worded as Go's decoder words its errors.
 
 
 def decode_json(data: bytes | str) -> Any:
-    """Decode JSON text; objects become :class:`_Pairs` (see :func:`plain`).
+    """Decode JSON text (objects kept as pairs: see :mod:`loden.model.gojson`).
 
     Invalid UTF-8 is replaced (Go does the same inside strings); ``NaN`` and
     ``Infinity`` are rejected as Go rejects them.
 
     :raises ParseError: the text is not JSON.
     """
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     try:
-        return json.loads(
-            text,
-            object_pairs_hook=_Pairs,
-            parse_constant=_reject_constant,
-            parse_float=_parse_float,
-        )
-    except json.JSONDecodeError as exc:
-        raise ParseError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    except ValueError as exc:
-        raise ParseError(str(exc)) from exc
-    except RecursionError as exc:
-        raise ParseError("exceeded max depth") from exc
-
-
-def plain(value: Any) -> Any:
-    """Turn decoded pairs into dicts with Go map semantics (exact keys, last wins)."""
-    if isinstance(value, _Pairs):
-        out: JsonObject = {}
-        for key, item in value:
-            out[key] = plain(item)
-        return out
-    if isinstance(value, list):
-        return [plain(item) for item in value]
-    return value
-
-
-def go_type_name(value: Any) -> str:
-    """The JSON type name Go's decoder uses in its error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def struct_field(obj: _Pairs, name: str) -> Any:
-    """The value Go would store in struct field ``name``: last case-insensitive match."""
-    wanted = name.casefold()
-    found: Any = _MISSING
-    for key, value in obj:
-        if key.casefold() == wanted:
-            found = value
-    return found
+        return gojson.decode(data, invalid_utf8="replace")
+    except gojson.GoJSONSyntaxError as exc:
+        where = f" at line {exc.line} column {exc.column}" if exc.line is not None else ""
+        raise ParseError(f"{exc.reason}{where}") from exc
 
 
 def _type_error(value: Any, struct: str, field: str, go_type: str) -> NetworkConfigError:
@@ -128,42 +66,44 @@ def _type_error(value: Any, struct: str, field: str, go_type: str) -> NetworkCon
     )
 
 
-def _string_field(obj: _Pairs, name: str, default: str, struct: str = "NetConf") -> str:
-    value = struct_field(obj, name)
-    if value is _MISSING or value is None:
+def _string_field(obj: GoObject, name: str, default: str, struct: str = "NetConf") -> str:
+    value = obj.field(name)
+    if value is None:
         return default
     if not isinstance(value, str):
         raise _type_error(value, struct, name, "string")
     return value
 
 
-def _map_field(obj: _Pairs, name: str, struct: str = "NetConf") -> JsonObject | None:
-    value = struct_field(obj, name)
-    if value is _MISSING or value is None:
+def _map_field(obj: GoObject, name: str, struct: str = "NetConf") -> JsonObject | None:
+    value = obj.field(name)
+    if value is None:
         return None
-    if not isinstance(value, _Pairs):
+    if not gojson.is_object(value):
         raise _type_error(value, struct, name, "map[string]interface {}")
     try:
-        result = plain(value)
+        result = gojson.map_plain(value)
     except RecursionError as exc:
         raise NetworkConfigError(f"{struct}.{name}: nested too deeply", field=name) from exc
     assert isinstance(result, dict)
     return result
 
 
-def decode_object(data: bytes | str, what: str) -> _Pairs:
+def decode_object(data: bytes | str, what: str) -> GoObject:
     """Decode ``data`` and insist on a JSON object (``null`` counts as an empty one).
 
     :raises ParseError: not JSON, or JSON of another type.
     """
     value = decode_json(data)
     if value is None:
-        return _Pairs()
-    if not isinstance(value, _Pairs):
+        return GoObject([])
+    if not gojson.is_object(value):
         raise ParseError(
             f"json: cannot unmarshal {go_type_name(value)} into Go value of type {what}"
         )
-    return value
+    obj = GoObject.from_value(value, field=what)
+    assert obj is not None
+    return obj
 
 
 # --------------------------------------------------------------------------------------
@@ -192,12 +132,12 @@ def parse_netconf(data: bytes | str) -> FlannelNetConf:
     """
     obj = decode_object(data, "main.NetConf")
     for name in ("capabilities", "dns", "prevResult"):
-        value = struct_field(obj, name)
-        if value is not _MISSING and value is not None and not isinstance(value, _Pairs):
+        value = obj.field(name)
+        if value is not None and not gojson.is_object(value):
             raise _type_error(value, "NetConf", name, "object")
-    capabilities = struct_field(obj, "capabilities")
-    if isinstance(capabilities, _Pairs):
-        for key, value in capabilities:
+    capabilities = GoObject.from_value(obj.field("capabilities"), field="capabilities")
+    if capabilities is not None:
+        for key, value in capabilities.items():
             if not isinstance(value, bool):
                 raise _type_error(value, "NetConf", f"capabilities.{key}", "bool")
     return FlannelNetConf(
@@ -218,8 +158,8 @@ def config_name(data: bytes | str) -> str:
     :raises ParseError: not a JSON object, or ``name`` is not a string.
     """
     obj = decode_object(data, "struct { Name string }")
-    value = struct_field(obj, "name")
-    if value is _MISSING or value is None:
+    value = obj.field("name")
+    if value is None:
         return ""
     if not isinstance(value, str):
         raise ParseError(
@@ -235,8 +175,8 @@ def config_version(data: bytes | str) -> str:
     :raises ParseError: not a JSON object, or ``cniVersion`` is not a string.
     """
     obj = decode_object(data, "struct { CNIVersion string }")
-    value = struct_field(obj, "cniVersion")
-    if value is _MISSING or value is None or value == "":
+    value = obj.field("cniVersion")
+    if value is None or value == "":
         return "0.1.0"
     if not isinstance(value, str):
         raise ParseError(
@@ -574,18 +514,6 @@ def marshal(value: Any) -> bytes:
     :raises ParseError: the value is nested too deeply to encode.
     """
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return gojson.marshal(value).encode("utf-8")
     except RecursionError as exc:
         raise ParseError("the delegate config is nested too deeply to encode") from exc
-    for char, escape in (
-        ("<", "\\u003c"),
-        (">", "\\u003e"),
-        ("&", "\\u0026"),
-        ("\u2028", "\\u2028"),
-        ("\u2029", "\\u2029"),
-    ):
-        text = text.replace(char, escape)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape in the input
-        return json.dumps(value, separators=(",", ":")).encode("ascii")

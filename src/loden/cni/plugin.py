@@ -57,7 +57,6 @@ from loden.cni.netconf import (
     marshal,
     parse_netconf,
     parse_subnet_env,
-    struct_field,
 )
 from loden.cni.types import (
     CURRENT_VERSION,
@@ -124,7 +123,7 @@ class Outcome:
 def reply_version(stdin: bytes) -> str:
     """The ``cniVersion`` to put in an error reply: the config's if it has one, else ours."""
     try:
-        version = struct_field(decode_object(stdin, "types.NetConf"), "cniVersion")
+        version = decode_object(stdin, "types.NetConf").field("cniVersion")
     except ParseError:
         return CURRENT_VERSION
     return version if isinstance(version, str) and version else CURRENT_VERSION
@@ -328,7 +327,7 @@ def _error_from_reply(stdout: bytes, stderr_text: str, returncode: int) -> CniFa
             ERR_INTERNAL,
             f"netplugin failed but error parsing its diagnostic message {json.dumps(text)}: {exc}",
         )
-    code, msg, details = (struct_field(obj, name) for name in ("code", "msg", "details"))
+    code, msg, details = (obj.field(name) for name in ("code", "msg", "details"))
     if isinstance(code, bool) or not isinstance(code, int) or code <= 0:
         code = ERR_INTERNAL  # a reply without a usable code still is an error
     return CniFailure(
