@@ -47,17 +47,16 @@ from pathlib import Path
 from typing import TextIO
 
 from loden import __version__
+from loden.cni.delegate import build_delegate
 from loden.cni.netconf import (
     FlannelNetConf,
-    FlannelSubnetEnv,
-    build_delegate,
     config_name,
     config_version,
     decode_object,
     marshal,
     parse_netconf,
-    parse_subnet_env,
 )
+from loden.cni.subnet_env import FlannelSubnetEnv, parse_subnet_env
 from loden.cni.types import (
     CURRENT_VERSION,
     ERR_DECODING_FAILURE,
