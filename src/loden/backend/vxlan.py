@@ -64,6 +64,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from loden.backend.base import BackendContext, Network
 from loden.backend.routes import Entry, PeerNetwork
 from loden.errors import BackendError, DataplaneError
+from loden.files import replace_file
 from loden.kernel.netlink import (
     RTPROT_BOOT,
     FdbEntry,
@@ -194,9 +195,7 @@ class VxlanBackend:
     def _store_mac(self, mac: str) -> None:
         try:
             if self._stored_mac() != mac:
-                tmp = self._mac_file.with_suffix(".tmp")
-                tmp.write_text(mac + "\n")
-                tmp.replace(self._mac_file)
+                replace_file(self._mac_file, f"{mac}\n".encode(), parents=False)
         except OSError as exc:
             log.warning("cannot store the VTEP MAC in %s: %s", self._mac_file, exc)
 
