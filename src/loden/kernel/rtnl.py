@@ -525,6 +525,7 @@ NLM_F_EXCL: Final = 0x200
 IFLA_ADDRESS: Final = 1
 IFLA_IFNAME: Final = 3
 IFLA_MTU: Final = 4
+IFLA_TXQLEN: Final = 13
 IFLA_LINKINFO: Final = 18
 IFLA_INFO_KIND: Final = 1
 IFLA_INFO_DATA: Final = 2
@@ -561,9 +562,16 @@ def link_dump_request() -> tuple[int, bytes]:
 
 
 def link_set_request(
-    index: int, *, up: bool | None = None, mtu: int | None = None, mac: str | None = None
+    index: int,
+    *,
+    up: bool | None = None,
+    mtu: int | None = None,
+    mac: str | None = None,
+    txqlen: int | None = None,
 ) -> tuple[int, int, bytes]:
     body = _ifinfo(index, IFF_UP if up else 0, IFF_UP if up is not None else 0)
+    if txqlen is not None:
+        body += _attr(IFLA_TXQLEN, _U32.pack(txqlen))
     if mtu is not None:
         body += _attr(IFLA_MTU, _U32.pack(mtu))
     if mac is not None:
@@ -593,6 +601,7 @@ def vxlan_create_request(
         data += _attr(IFLA_VXLAN_GBP, b"")
     info = _attr(IFLA_INFO_KIND, b"vxlan") + _attr(IFLA_INFO_DATA | 0x8000, data)
     body = _ifinfo() + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    body += _attr(IFLA_TXQLEN, _U32.pack(0))  # as Go flanneld's (see Netlink.create_vxlan)
     if mtu is not None:
         body += _attr(IFLA_MTU, _U32.pack(mtu))
     if mac is not None:
@@ -642,6 +651,7 @@ def decode_link(msg: bytes) -> Link:
         mac=mac_text(mac) if mac else None,
         up=bool(flags & IFF_UP),
         vxlan=vxlan,
+        txqlen=_u(a[IFLA_TXQLEN]) if IFLA_TXQLEN in a else None,
     )
 
 
