@@ -59,7 +59,6 @@ replayed on the next reconcile (flannel recreates it but does not replay: spec �
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -184,9 +183,9 @@ def peer_mac(lease: Lease) -> str | None:
     return None if lease.attrs.backend_data is None else _mac_of(lease.attrs.backend_data)
 
 
-@functools.lru_cache(maxsize=16384)
 def _mac_of(backend_data: str) -> str | None:
-    # Cached: parsing costs ~9 µs and a resync of 5,000 peers sees the same texts again.
+    # Not cached: PeerNetwork computes each lease's entries once (~9 µs of parsing), and a
+    # cache of 5,000 texts held ~0.7 MB for nothing (issue 14).
     try:
         return normalise_mac(GoObject.parse(backend_data).get("VtepMAC", as_str, ""))
     except GoJSONError:
