@@ -9,7 +9,7 @@ Every figure comes from the kernel, /proc and the agent's /metrics, never from i
 Each backend runs once per ``--modes`` entry, side by side in one table: ``old`` is the
 agent with ``-kernel-events=false -resync-period=10`` (drift found by a full dump and
 diff every 10 s), ``new`` the default (drift repaired from netlink notifications, a full
-pass every ``-full-resync-period``, 300 s).
+pass every ``-resync-period``, by default 300 s).
 
 For each backend: a one-host :class:`tests.fixtures.topology.Topology` on a random
 172.x/16 underlay (so every synthetic peer public IP is on-link; no traffic is sent to
@@ -100,7 +100,7 @@ TARGETS = {
 #: Agent flags per mode; the period of its full pass (None: too rare to measure here).
 MODES: dict[str, tuple[list[str], float | None]] = {
     "old": (["--kernel-events=false", "--resync-period=10"], 10.0),
-    "new": (["--kernel-events=true", "--full-resync-period=300"], None),
+    "new": (["--kernel-events=true", "--resync-period=300"], None),
 }
 
 _CLONE_NEWNET = 0x40000000

@@ -4,8 +4,8 @@
 * ``watch``: read store snapshots/events into a queue;
 * ``peers``: queued results -> LeaseWatcher -> ``network.apply``/``reconcile`` (a backlog
   is handled as one batch);
-* ``reconcile``: a full level-triggered pass every ``--resync-period`` s, or every
-  ``--full-resync-period`` s while ``kernel`` repairs drift as the kernel reports it;
+* ``reconcile``: a full level-triggered pass every ``--resync-period`` s (a safety net
+  while ``kernel`` repairs drift as the kernel reports it);
 * ``kernel``: the backend's netlink notifications (owned entries restored at once; a
   full pass when notifications were lost);
 * ``rules``: every ``--iptables-resync`` s re-check masquerade/forward rules;
@@ -232,11 +232,8 @@ class AgentLoops:
 
     async def _reconcile_loop(self) -> None:
         await self._synced.wait()
-        period = self.settings.resync_seconds
-        if self._kernel_events():
-            period = self.settings.full_resync_seconds
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(self.settings.resync_seconds)
             await self._reconcile("resync")
 
     async def _kernel_loop(self) -> None:
@@ -343,7 +340,8 @@ class AgentLoops:
         warned_raw = self.config.raw
         warned_bad = ""
         while True:
-            await asyncio.sleep(3 * self.settings.resync_seconds)
+            # Not tied to the data-plane resync, which may be minutes apart.
+            await asyncio.sleep(3 * min(self.settings.resync_seconds, 10))
             try:
                 config = await self.manager.get_network_config()
             except StoreUnavailable as exc:

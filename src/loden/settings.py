@@ -130,22 +130,17 @@ AGENT_FLAGS: tuple[Flag, ...] = (
     # Loden additions.
     Flag(
         "resync-period",
-        10,
-        "Loden: seconds between full data-plane reconciles without -kernel-events",
+        300,
+        "Loden: seconds between full data-plane reconciles (dump and diff). A safety net "
+        "while -kernel-events repairs drift as it happens; 10 was the default before",
         kind="int",
     ),
     Flag(
         "kernel-events",
         True,
         "Loden: repair owned routes, neighbours and FDB entries as soon as the kernel "
-        "reports them changed; the full reconcile then runs every -full-resync-period",
+        "reports them changed (netlink notifications); false: only -resync-period finds drift",
         kind="bool",
-    ),
-    Flag(
-        "full-resync-period",
-        300,
-        "Loden: seconds between full data-plane reconciles with -kernel-events",
-        kind="int",
     ),
     Flag(
         "state-dir",
@@ -239,7 +234,6 @@ class AgentSettings:
     healthz_port: int
     resync_seconds: int
     kernel_events: bool
-    full_resync_seconds: int
     state_dir: Path
     verbosity: int
     log_format: str
@@ -261,7 +255,7 @@ class AgentSettings:
             raise UsageError(f"invalid -etcd-api {v['etcd-api']!r}: use auto, v3 or v2")
         if v["log-format"] not in ("text", "json"):
             raise UsageError(f"invalid -log-format {v['log-format']!r}: use text or json")
-        for name in ("iptables-resync", "resync-period", "full-resync-period", "subnet-lease-ttl"):
+        for name in ("iptables-resync", "resync-period", "subnet-lease-ttl"):
             if v[name] <= 0:
                 raise UsageError(f"invalid -{name} {v[name]}: must be a positive number")
         if not 0 <= v["healthz-port"] <= 65535:
@@ -314,7 +308,6 @@ class AgentSettings:
             healthz_port=v["healthz-port"],
             resync_seconds=v["resync-period"],
             kernel_events=v["kernel-events"],
-            full_resync_seconds=v["full-resync-period"],
             state_dir=Path(v["state-dir"]),
             verbosity=v["v"],
             log_format=v["log-format"],
