@@ -19,8 +19,9 @@ import pytest
 from loden.backend.base import KernelDrift, KernelWatcher
 from loden.backend.routes import PeerNetwork
 from loden.backend.vxlan import VxlanNetwork
+from loden.model.lease import EventKind, LeaseEvent
 from tests.fixtures.topology import TopologyFactory
-from tests.integration.dataplane_support import Cluster, Node, full_mesh
+from tests.integration.dataplane_support import Cluster, Node, full_mesh, vxlan_lease
 
 pytestmark = pytest.mark.root
 
@@ -238,3 +239,35 @@ async def test_device_loss_asks_for_a_full_reconcile(make_cluster: ClusterFactor
         assert report.added == 3 and not report.errors
     assert "deleted" in watch.resyncs[0]
     assert full_mesh(cluster) == []
+
+
+async def test_peers_applied_later_are_repaired_and_removed_ones_are_not(
+    make_cluster: ClusterFactory,
+) -> None:
+    cluster = await make_cluster("vxlan")
+    n0, n1 = cluster.nodes
+    ns = n0.host.ns
+    assert isinstance(n0.network, VxlanNetwork)
+    extra = vxlan_lease(
+        IPv4Network((int(cluster.network.network_address) + (150 << 8), 24)),
+        n1.host.ip + 100,
+        "0a:58:00:00:01:50",
+    )
+
+    def extra_route() -> bool:
+        out = ns.ip("route", "show", "exact", str(extra.subnet), "proto", "76").stdout
+        return "via" in out
+
+    async with Watch(n0.network) as watch:
+        # The index of wanted entries exists once a first repair needed it.
+        await ns.arun("ip", "route", "del", str(n1.subnet))
+        assert await until(lambda: vxlan_entries(n0, n1)()[0]) is not None
+        report = await n0.network.apply([LeaseEvent(EventKind.ADDED, extra)])
+        assert report.added == 3 and not report.errors
+        await ns.arun("ip", "route", "del", str(extra.subnet))
+        assert await until(extra_route) is not None
+        report = await n0.network.apply([LeaseEvent(EventKind.REMOVED, extra)])
+        assert report.removed == 3 and not report.errors
+        await asyncio.sleep(0.5)
+        assert not extra_route()
+    assert watch.resyncs == [] and watch.repaired == 2
