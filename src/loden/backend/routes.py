@@ -501,9 +501,10 @@ class PeerNetwork:
 
     # -- kernel notifications -------------------------------------------------------------
 
-    async def watch_kernel(self, *, rcvbuf: int = 4 << 20) -> AsyncIterator[KernelDrift]:
+    async def watch_kernel(self, *, rcvbuf: int = 16 << 20) -> AsyncIterator[KernelDrift]:
         """See :class:`loden.backend.base.KernelWatcher`; ``rcvbuf``: the notification
-        socket's receive buffer (4 MiB holds a cold start's echo of ~5,000 entries).
+        socket's receive buffer (16 MiB holds the echo of a 15,000-entry cold start, in
+        case the event loop is busy meanwhile: each one costs ~1 KiB while queued).
 
         Level-triggered still: a notification only says *where* to look; the repair
         writes the wanted entry whatever the event was (an idempotent replace), and a

@@ -357,15 +357,18 @@ class Netlink:
         return await self._call("lookup", what, lookup, lane=True)
 
     async def monitor(
-        self, *, rcvbuf: int = 4 << 20, skip_protocol: int | None = RTPROT_LODEN
+        self, *, rcvbuf: int = 16 << 20, skip_protocol: int | None = RTPROT_LODEN
     ) -> KernelMonitor:
-        """Subscribe to the namespace's link, neighbour and route change notifications.
+        """Subscribe to the namespace's link, neighbour and route change notifications;
+        echoes of this handle's own writes are left out (see :class:`rtnl.RtnlMonitor`).
 
-        ``rcvbuf`` bounds how many notifications the kernel queues for us; past it they
-        are dropped and :meth:`KernelMonitor.read` raises :class:`NotificationsLost`.
+        ``rcvbuf`` bounds how many notifications the kernel queues for us (kernel memory,
+        used only while they wait); past it they are dropped and
+        :meth:`KernelMonitor.read` raises :class:`NotificationsLost`.
         """
+        own = frozenset(s.portid for s in (self._rtnl, self._wrtnl) if s is not None)
         sock = await self._call(
-            "open", "netlink notification socket", rtnl.RtnlMonitor, rcvbuf, skip_protocol
+            "open", "netlink notification socket", rtnl.RtnlMonitor, rcvbuf, skip_protocol, own
         )
         return KernelMonitor(sock)
 
