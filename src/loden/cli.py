@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from loden import __version__
+from loden import __version__, memory
 from loden.errors import LodenError, UsageError
 from loden.flags import HelpRequested
 from loden.settings import AgentSettings, agent_flagset
@@ -103,25 +102,8 @@ def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
         settings.etcd.api,
         settings.subnet_file,
     )
-    _tune_malloc()
+    memory.tune_malloc()
     return asyncio.run(_run_agent(settings))
-
-
-def _tune_malloc() -> None:
-    """glibc malloc settings for a long-running, mostly idle agent (issue 14).
-
-    One arena: the netlink worker threads would otherwise each get their own, and
-    memory freed there is rarely given back. A fixed mmap threshold: glibc raises it
-    after every large free, so the 1 MiB netlink receive buffers would move into the
-    heap and fragment it. Without glibc (musl) this does nothing.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-8, 1)  # M_ARENA_MAX
-    mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
 
 
 async def _run_agent(settings: AgentSettings) -> int:
