@@ -39,7 +39,8 @@ from typing import TypeVar
 
 from loden.backend.base import BackendContext, Network, ReconcileReport
 from loden.errors import BackendError, DataplaneError, InterfaceError
-from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route, enter_netns
+from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route
+from loden.kernel.netns import enter_netns
 from loden.model.gojson import as_int
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.udp.engine import WorkerPool, WorkerSpec

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 from loden.errors import DataplaneError
 from loden.kernel import rtnl
+from loden.kernel.netns import enter_netns
 from loden.kernel.rtnl import AF_BRIDGE
 from loden.kernel.types import (
     RT_TABLE_MAIN,
@@ -82,7 +83,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
 _SIOCETHTOOL = 0x8946
 _ETHTOOL_GTXCSUM = 0x16
@@ -102,19 +102,6 @@ def _error(op: str, obj: str, exc: BaseException) -> DataplaneError:
     elif isinstance(code, int) and code > 0:
         detail = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
     return DataplaneError(op, obj, detail, errno=code)
-
-
-def enter_netns(netns: str) -> None:
-    """Move the calling thread into network namespace ``netns`` (a name or a path)."""
-    path = netns if "/" in netns else f"/var/run/netns/{netns}"
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"setns({path}): {os.strerror(code)}")
-    finally:
-        os.close(fd)
 
 
 class Netlink:

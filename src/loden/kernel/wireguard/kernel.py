@@ -31,6 +31,7 @@ from ipaddress import ip_network
 from pathlib import Path
 
 from loden.errors import DataplaneError
+from loden.kernel.netns import netns_argv
 from loden.kernel.wireguard.uapi import DeviceState, PeerConfig, PeerStatus, SetRequest
 
 KIND = "wireguard"
@@ -42,13 +43,6 @@ _TIMEOUT = 10.0
 def unsupported(exc: DataplaneError) -> bool:
     """Does this failure to create a ``wireguard`` link mean the kernel has none?"""
     return exc.errno in UNSUPPORTED
-
-
-def _netns_prefix(netns: str | None) -> list[str]:
-    if netns is None:
-        return []
-    path = netns if "/" in netns else f"/var/run/netns/{netns}"
-    return ["nsenter", f"--net={path}", "--"]
 
 
 def set_argv(name: str, request: SetRequest, current: Sequence[str], keydir: Path) -> list[str]:
@@ -152,7 +146,7 @@ class KernelWireguard:
                 "wg is not installed: install wireguard-tools (apt install"
                 " wireguard-tools), it configures kernel WireGuard devices",
             )
-        argv = [*_netns_prefix(self.netns), *args]
+        argv = list(args) if self.netns is None else netns_argv(self.netns, args)
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
-import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from loden.errors import ConfigError
+from loden.files import replace_file
 
 KEY_LEN = 32
 
@@ -98,23 +97,7 @@ def write_key_file(path: Path, key: str) -> None:
     :raises ConfigError: the directory or file cannot be written.
     """
     try:
-        missing = [p for p in reversed(path.parents) if not p.exists()]
-        for directory in missing:
-            directory.mkdir(mode=0o755, exist_ok=True)
-            directory.chmod(0o755)  # mkdir's mode is subject to the umask
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
-        try:
-            os.fchmod(fd, 0o400)
-            os.write(fd, key.encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        replace_file(path, key.encode("ascii"), mode=0o400, dir_mode=0o755)
     except OSError as exc:
         raise ConfigError(
             f"cannot write the wireguard key file {path}: {exc.strerror or exc};"

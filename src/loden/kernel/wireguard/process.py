@@ -19,13 +19,10 @@ import shutil
 import signal
 
 from loden.errors import DataplaneError
+from loden.kernel.netns import netns_argv
 from loden.kernel.wireguard.uapi import DeviceState, SetRequest, Uapi
 
 log = logging.getLogger(__name__)
-
-
-def _netns_path(netns: str) -> str:
-    return netns if "/" in netns else f"/var/run/netns/{netns}"
 
 
 class WireguardGo:
@@ -80,7 +77,7 @@ class WireguardGo:
             )
         argv = [binary, "-f", self.name]
         if self.netns is not None:
-            argv = ["nsenter", f"--net={_netns_path(self.netns)}", "--", *argv]
+            argv = netns_argv(self.netns, argv)
         setpriv = shutil.which("setpriv")
         if setpriv is not None:
             argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
