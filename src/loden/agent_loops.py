@@ -205,6 +205,7 @@ class AgentLoops:
 
     def _record(self, report: ReconcileReport, why: str) -> None:
         self.metrics.peers.set(len(self.watcher.peers))
+        self.health.note_reconcile(why, report.errors)
         if report.added or report.removed:
             self.metrics.reconcile_changes.inc(report.added + report.removed)
             log.info(
