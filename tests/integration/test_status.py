@@ -37,7 +37,8 @@ def status_json(node: AgentNode) -> tuple[int, dict[str, Any]]:
 
 def test_status_of_a_healthy_vxlan_node(vxlan_pair: AgentCluster) -> None:
     node, peer = vxlan_pair.nodes
-    code, report = 1, {}
+    code = 1
+    report: dict[str, Any] = {}
     for _ in range(20):  # the first reconcile after the peer's lease may still run
         code, report = status_json(node)
         if code == 0:
