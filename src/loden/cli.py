@@ -193,6 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(0)
         logging.getLogger().setLevel(logging.ERROR)
         return status_cli.main(rest)
+    if command == "doctor":
+        from loden.doctor import run as doctor
+
+        setup_logging(0)
+        logging.getLogger().setLevel(logging.ERROR)
+        return doctor.main(rest)
     if command in ("lab", "demo"):
         from loden.lab import cli as lab_cli
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.topology import Topology, TopologyFactory
-from tests.integration.agent_support import LODEN, AgentCluster, AgentNode
+from tests.integration.agent_support import LODEN, AgentCluster, AgentNode, wait_for_peer_routes
 
 pytestmark = pytest.mark.root
 
@@ -21,6 +21,7 @@ def vxlan_pair(make_topology: TopologyFactory) -> Iterator[AgentCluster]:
     cluster = AgentCluster(topo, {"Type": "vxlan"})
     try:
         cluster.start_all()
+        wait_for_peer_routes(cluster)
         yield cluster
     finally:
         cluster.close()

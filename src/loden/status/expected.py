@@ -72,7 +72,7 @@ def describe(entry: Entry, names: dict[int, str]) -> str:
     return f"fdb {entry.lladdr} dst {entry.dst} dev {dev}"
 
 
-def _vxlan_device(config: NetworkConfig) -> str:
+def vxlan_device(config: NetworkConfig) -> str:
     return f"flannel.{VxlanOptions.from_config(config).vni}"
 
 
@@ -170,7 +170,7 @@ async def kernel_diff(
         return KernelDiff(backend, name or None, names=names)
     device: Link | None = None
     if backend == "vxlan":
-        name = _vxlan_device(config)
+        name = vxlan_device(config)
         device = next((link for link in links if link.name == name), None)
         if device is None:
             return KernelDiff(backend, name, f"device {name} is missing", names=names)
