@@ -370,6 +370,10 @@ class KubeApiProcess:
     die_with_parent: bool = True
     python: str = sys.executable
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    tokens: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    """More static tokens: token -> (user, groups)."""
+    rules: dict[str, list[JsonObject]] = field(default_factory=dict)
+    """RBAC rules from the start: ``user:NAME``/``group:NAME`` -> PolicyRules."""
     popen: subprocess.Popen[bytes] | None = None
     client: KubeApiClient | None = None
 
@@ -396,8 +400,16 @@ class KubeApiProcess:
         if not self.ca_file.exists():
             pki.make_pki(self.pki_dir, [a for a in addresses if a.version == 4])
         tokens = self.workdir / "tokens.csv"
-        tokens.write_text(f'{self.admin_token},{ADMIN_USER},admin,"{",".join(ADMIN_GROUPS)}"\n')
+        rows: list[tuple[str, str, tuple[str, ...]]] = [
+            (self.admin_token, ADMIN_USER, ADMIN_GROUPS)
+        ]
+        rows += [(token, user, groups) for token, (user, groups) in self.tokens.items()]
+        tokens.write_text(
+            "".join(f'{token},{user},{user},"{",".join(groups)}"\n' for token, user, groups in rows)
+        )
         tokens.chmod(0o600)
+        rules_file = self.workdir / "rules.json"
+        rules_file.write_text(json.dumps(self.rules, indent=2) + "\n")
         port = self.port if self.port is not None else (6443 if self.netns else 0)
         argv = [
             self.python,
@@ -409,6 +421,7 @@ class KubeApiProcess:
             f"--tls-private-key-file={self.pki_dir / 'server-key.pem'}",
             f"--client-ca-file={self.ca_file}",
             f"--token-auth-file={tokens}",
+            f"--rules-file={rules_file}",
             f"--anonymous-auth={'true' if self.anonymous else 'false'}",
             f"--bookmark-interval={self.bookmark_interval}",
             f"--history-limit={self.history_limit}",
@@ -421,26 +434,40 @@ class KubeApiProcess:
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         return argv
 
+    @property
+    def ready_file(self) -> Path:
+        return self.workdir / "ready"
+
     def start(self, *, timeout: float = 20.0) -> KubeApiClient:
         """Start and wait until ``/readyz`` answers; returns the admin client.
 
         :raises KubeApiError: the server exited or did not answer within ``timeout``.
         """
-        ready = self.workdir / "ready"
-        ready.unlink(missing_ok=True)
+        self.ready_file.unlink(missing_ok=True)
         argv = self.argv()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
+        popen = self.popen
+        try:
+            return self.connect(timeout=timeout, alive=lambda: popen.poll() is None)
+        except KubeApiError:
+            self.stop()
+            raise
+
+    def connect(self, *, timeout: float, alive: Callable[[], bool]) -> KubeApiClient:
+        """Wait for the ready file and ``/readyz``; sets and returns :attr:`client`.
+
+        :raises KubeApiError: ``alive()`` turned false or ``timeout`` passed.
+        """
         deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                self.stop()
+        while not self.ready_file.exists():
+            if not alive() or time.monotonic() > deadline:
                 raise KubeApiError(f"the API server double did not start:\n{self.log_tail()}")
             time.sleep(0.05)
-        host, _, port = ready.read_text().strip().rpartition(":")
+        host, _, port = self.ready_file.read_text().strip().rpartition(":")
         self.client = KubeApiClient(
             host, int(port), self.ca_file, self.admin_token, netns=self.netns
         )
@@ -448,8 +475,7 @@ class KubeApiProcess:
             with contextlib.suppress(KubeApiError):
                 if self.client.raw("GET", "/readyz").status_code == 200:
                     return self.client
-            if time.monotonic() > deadline:
-                self.stop()
+            if not alive() or time.monotonic() > deadline:
                 raise KubeApiError(f"the API server double does not answer:\n{self.log_tail()}")
             time.sleep(0.05)
 
