@@ -187,3 +187,18 @@ def test_runs_inside_a_network_namespace(tmp_path: Path) -> None:
             assert out.stdout.strip() == "n1"
         finally:
             server.stop()
+
+
+def test_bulk_create_is_many_posts(kubeapi: KubeApiClient) -> None:
+    from loden.kubeapi.control import node_body
+
+    bodies = [node_body(f"n{i:04d}", f"10.{i // 256}.{i % 256}.0/24") for i in range(1200)]
+    start = kubeapi.state()["resourceVersion"]
+    rv = kubeapi.bulk_create("nodes", bodies)
+    assert rv == start + 1200, "one version per object"
+    listed = kubeapi.list_objects("nodes", limit="500")
+    assert listed["metadata"]["remainingItemCount"] == 700
+    assert listed["items"][0]["spec"]["podCIDRs"] == ["10.0.0.0/24"]
+    with pytest.raises(KubeApiError) as error:
+        kubeapi.bulk_create("nodes", [node_body("n0000", "10.9.9.0/24")])
+    assert error.value.status == 409

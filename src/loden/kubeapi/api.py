@@ -502,37 +502,47 @@ class Api:
         return bool(values)
 
     def create(self, request: Request, target: Target) -> Response:
-        kind = target.kind
         if target.name:
             raise method_not_allowed()
         body = self._body(request)
+        dry_run = self._dry_run(request)
+        stored = self.create_object(target.kind, target.namespace, body, dry_run=dry_run)
+        return json_response(201, stored if dry_run else self.external(target.kind, stored))
+
+    def create_object(
+        self, kind: Kind, namespace: str, body: JsonObject, *, dry_run: bool = False
+    ) -> JsonObject:
+        """A POST's work: type check, metadata, defaults, validation, then the write.
+
+        :raises ApiError: 400, 404 (namespace), 409 AlreadyExists, 422.
+        """
         self._check_type(kind, body)
         meta = body.setdefault("metadata", {})
         check_metadata(body)
         if kind.namespaced:
             given = meta.get("namespace")
-            if given and given != target.namespace:
+            if given and given != namespace:
                 raise bad_request(
                     "the namespace of the provided object does not match the namespace sent on "
                     "the request"
                 )
-            if not target.namespace:
+            if not namespace:
                 raise not_found_path()
-            if self.store.get(("namespaces", "", target.namespace)) is None:
-                raise not_found("namespaces", target.namespace)
-        new_metadata(kind, body, target.namespace)
+            if self.store.get(("namespaces", "", namespace)) is None:
+                raise not_found("namespaces", namespace)
+        new_metadata(kind, body, namespace)
         kind.prepare_create(body)
         kind.normalize(body)
         require_valid(kind, body, None)
-        key = target.key(body["metadata"]["name"])
-        if self.store.get(key) is not None:
+        key = (kind.resource, namespace if kind.namespaced else "", body["metadata"]["name"])
+        if key in self.store.objects:
             raise already_exists(kind.resource, key[2])
-        if self._dry_run(request):
-            return json_response(201, body)
+        if dry_run:
+            return body
         self.store.commit(key, body)
         stored = self.store.get(key)
         assert stored is not None
-        return json_response(201, self.external(kind, stored))
+        return stored
 
     def _write(
         self, request: Request, target: Target, new: JsonObject, old: JsonObject
