@@ -115,7 +115,7 @@ class KubeClient:
         if code == 403:
             raise StoreForbidden(
                 f"the Kubernetes API forbids {verb} on {resource} (403: {message}); grant the "
-                f'verb "{verb}" on resource "{resource}" to this service account in its '
+                f'verb "{verb}" on resource "{resource}" to the agent\'s service account in its '
                 "ClusterRole (`loden kube manifest` shows the rules flannel needs)",
                 verb=verb,
                 resource=resource,
