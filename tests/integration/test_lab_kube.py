@@ -9,6 +9,8 @@ condition, and every agent request made as the DaemonSet's service account, neve
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,3 +81,20 @@ def test_kube_lab_per_backend(lab: Callable[[], str], backend: str) -> None:
     conflist = json.loads(node_exec(name, "node1", "cat", "/etc/cni/net.d/10-flannel.conflist"))
     assert conflist["plugins"][0]["type"] == "flannel"
     assert not Path(sa, "token").exists(), "the token is private to the node"
+
+    if backend == "vxlan" and shutil.which("kubectl"):
+        # kubectl with the lab's admin kubeconfig, from the underlay: a deleted Node's
+        # route leaves its peers.
+        config = str(kube.admin_kubeconfig(state.plan))
+        cache = f"--cache-dir={kube.admin_kubeconfig(state.plan).parent / 'kubectl-cache'}"
+        kubectl = ["kubectl", f"--kubeconfig={config}", cache, "--request-timeout=10s"]
+        listed = node_exec(name, "underlay", *kubectl, "get", "nodes", "-o", "name")
+        assert listed.split() == ["node/node1", "node/node2", "node/node3"]
+        gone = str(kube.pod_cidr(state.plan, "node3"))
+        assert gone in node_exec(name, "node1", "ip", "route")
+        node_exec(name, "underlay", *kubectl, "delete", "node", "node3")
+        deadline = time.monotonic() + 15
+        while gone in node_exec(name, "node1", "ip", "route"):
+            assert time.monotonic() < deadline, "node3's route stayed on node1"
+            time.sleep(0.3)
+        assert str(kube.pod_cidr(state.plan, "node2")) in node_exec(name, "node1", "ip", "route")

@@ -40,6 +40,7 @@ import logging
 import secrets
 import sys
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 from loden.errors import LodenError
@@ -173,9 +174,16 @@ def start_api(state: LabState, *, timeout: float = 30.0) -> KubeApiClient:
         )
     )
     try:
-        return server.connect(timeout=timeout, alive=lambda: popen.poll() is None)
+        client = server.connect(timeout=timeout, alive=lambda: popen.poll() is None)
     except KubeApiError as exc:
         raise LodenError(f"the lab's API server did not start: {exc}") from exc
+    client.write_kubeconfig(admin_kubeconfig(plan), user="kubernetes-admin")
+    return client
+
+
+def admin_kubeconfig(plan: LabPlan) -> Path:
+    """For kubectl run in the underlay (``loden lab exec underlay -- kubectl ...``)."""
+    return plan.workdir / "kube" / "admin.kubeconfig"
 
 
 def register(state: LabState, client: KubeApiClient) -> dict[str, str]:
