@@ -202,3 +202,14 @@ def test_bulk_create_is_many_posts(kubeapi: KubeApiClient) -> None:
     with pytest.raises(KubeApiError) as error:
         kubeapi.bulk_create("nodes", [node_body("n0000", "10.9.9.0/24")])
     assert error.value.status == 409
+
+
+def test_insecure_port_is_plain_http_and_admin(kubeapi_server: KubeApiFactory) -> None:
+    server = kubeapi_server(insecure=True)
+    assert server.client is not None and server.client.url.startswith("http://")
+    response = httpx.post(
+        f"{server.client.url}/api/v1/nodes", json={"metadata": {"name": "n1"}}, timeout=10
+    )
+    assert response.status_code == 201, "no credentials needed"
+    posts = [r for r in server.client.requests_log() if r["method"] == "POST"]
+    assert [(r["path"], r["user"]) for r in posts] == [("/api/v1/nodes", "system:admin")]

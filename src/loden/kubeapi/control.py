@@ -411,6 +411,9 @@ class KubeApiProcess:
     """More static tokens: token -> (user, groups)."""
     rules: dict[str, list[JsonObject]] = field(default_factory=dict)
     """RBAC rules from the start: ``user:NAME``/``group:NAME`` -> PolicyRules."""
+    insecure: bool = False
+    """Plain HTTP where every client is admin (the old insecure port, ``--kube-api-url
+    http://...`` without credentials)."""
     popen: subprocess.Popen[bytes] | None = None
     client: KubeApiClient | None = None
 
@@ -464,6 +467,8 @@ class KubeApiProcess:
             f"--history-limit={self.history_limit}",
             f"--ready-file={self.workdir / 'ready'}",
         ]
+        if self.insecure:
+            argv.append("--insecure")
         if self.netns:
             argv = in_net(self.netns, argv)
         setpriv = shutil.which("setpriv")
@@ -506,7 +511,12 @@ class KubeApiProcess:
             time.sleep(0.05)
         host, _, port = self.ready_file.read_text().strip().rpartition(":")
         self.client = KubeApiClient(
-            host, int(port), self.ca_file, self.admin_token, netns=self.netns
+            host,
+            int(port),
+            None if self.insecure else self.ca_file,
+            self.admin_token,
+            netns=self.netns,
+            scheme="http" if self.insecure else "https",
         )
         while True:
             with contextlib.suppress(KubeApiError):

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loden.kubeapi.api import Api, ApiSettings, dumps, json_response
+from loden.kubeapi.api import Api, ApiSettings, json_response
 from loden.kubeapi.auth import ADMIN_GROUP, Attributes, Authenticator, Authorizer, User
 from loden.kubeapi.http import HttpServer, Request, Response, StreamResponse
-from loden.kubeapi.resources import INITIAL_NAMESPACES, KINDS, NAMESPACES, new_metadata
+from loden.kubeapi.resources import INITIAL_NAMESPACES, KINDS, new_metadata
 from loden.kubeapi.status import ApiError, bad_request, forbidden, not_found_path
 from loden.kubeapi.store import Store
 
@@ -313,4 +313,4 @@ class KubeApiServer:
         }
 
 
-__all__ = ["KubeApiServer", "TlsConfig", "dumps", "NAMESPACES"]
+__all__ = ["KubeApiServer", "LoggedRequest", "TlsConfig"]
