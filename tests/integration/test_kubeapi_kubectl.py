@@ -15,6 +15,7 @@ every kubectl.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,9 +28,18 @@ import pytest
 from loden.kubeapi.control import KubeApiClient
 
 SDK = Path("/usr/lib/google-cloud-sdk/bin")
-KUBECTLS = [p for p in [shutil.which("kubectl")] if p] + [
-    str(SDK / name) for name in ("kubectl.1.27",) if (SDK / name).exists()
-]
+# LODEN_KUBECTLS: more kubectl binaries (colon-separated), e.g. Debian's 1.20 extracted with
+# `apt-get download kubernetes-client && dpkg -x kubernetes-client_*.deb DIR`.
+EXTRA = [p for p in os.environ.get("LODEN_KUBECTLS", "").split(":") if p]
+KUBECTLS = (
+    [p for p in [shutil.which("kubectl")] if p]
+    + [str(SDK / name) for name in ("kubectl.1.27",) if (SDK / name).exists()]
+    + EXTRA
+)
+
+
+def _label(path: str) -> str:
+    return "none" if not path else Path(path).name if path in KUBECTLS[:2] else path
 
 
 def _version(kubectl: str) -> tuple[int, int]:
@@ -40,7 +50,7 @@ def _version(kubectl: str) -> tuple[int, int]:
     return int(info["major"]), int(info["minor"].rstrip("+"))
 
 
-@pytest.fixture(params=KUBECTLS or [""], ids=lambda p: Path(p).name if p else "none")
+@pytest.fixture(params=KUBECTLS or [""], ids=lambda p: _label(p))
 def kubectl(request: pytest.FixtureRequest) -> str:
     if not request.param:
         pytest.skip("no kubectl installed (scripts/install-deps.sh installs kubernetes-client)")
