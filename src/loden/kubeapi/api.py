@@ -281,7 +281,7 @@ class Api:
         rv_arg, match = request.arg("resourceVersion"), request.arg("resourceVersionMatch")
         limit = int(request.arg("limit") or 0) if request.arg("limit").isdigit() else 0
         token = request.arg("continue")
-        start = ""
+        start: tuple[str, str] | None = None
         if token:
             if rv_arg:
                 raise bad_request("specifying resource version is not allowed when using continue")
@@ -312,7 +312,7 @@ class Api:
             objects = self.store.items(kind.resource, namespace)
             list_rv = self.store.rv
         objects = [o for o in objects if self._matches(o, fields, labels)]
-        if start:
+        if start is not None:
             objects = [o for o in objects if _sort_key(o) >= start]
         meta: JsonObject = {"resourceVersion": str(list_rv)}
         if limit and len(objects) > limit:
@@ -701,9 +701,10 @@ class Api:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _sort_key(obj: JsonObject) -> str:
+def _sort_key(obj: JsonObject) -> tuple[str, str]:
+    """The store's order: (namespace, name), as the keys of a list are sorted."""
     meta = obj["metadata"]
-    return f"{meta.get('namespace', '')}/{meta['name']}"
+    return str(meta.get("namespace", "")), str(meta["name"])
 
 
 def parse_rv(text: str) -> int:
@@ -720,17 +721,18 @@ def parse_rv(text: str) -> int:
     return value
 
 
-def encode_continue(rv: int, start: str) -> str:
-    raw = dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": start})
+def encode_continue(rv: int, start: tuple[str, str]) -> str:
+    raw = dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": list(start)})
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_continue(token: str) -> tuple[int, str]:
+def decode_continue(token: str) -> tuple[int, tuple[str, str]]:
     """:raises ApiError: 400 for a token this server did not make."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-        return int(data["rv"]), str(data["start"])
+        namespace, name = data["start"]
+        return int(data["rv"]), (str(namespace), str(name))
     except (ValueError, KeyError, TypeError) as exc:
         raise bad_request(f"continue key is not valid: {exc}") from exc
 

@@ -124,7 +124,7 @@ class HttpServer:
         peer = str(writer.get_extra_info("peername"))
         try:
             while True:
-                request = await self._read_request(conn, reader, peer_cert, peer)
+                request = await self._read_request(conn, reader, writer, peer_cert, peer)
                 if request is None:
                     return
                 try:
@@ -165,6 +165,7 @@ class HttpServer:
         self,
         conn: h11.Connection,
         reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
         peer_cert: dict[str, Any] | None,
         peer: str,
     ) -> Request | None:
@@ -182,6 +183,11 @@ class HttpServer:
                 return None
             if isinstance(event, h11.Request):
                 head = event
+                if conn.they_are_waiting_for_100_continue:  # curl does this for bodies > 1 KiB
+                    writer.write(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
+                    await writer.drain()
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY:

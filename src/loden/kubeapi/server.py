@@ -186,6 +186,15 @@ class KubeApiServer:
         except ApiError as exc:
             response = json_response(exc.code, exc.status())
         entry.status = response.status
+        if response.status >= 400:  # what a failing test or lab wants to see in the log
+            log.info(
+                "%s %s %s?%s user=%s",
+                response.status,
+                request.method,
+                request.path,
+                entry.query,
+                entry.user,
+            )
         return response
 
     async def _route(self, request: Request, user: User) -> Response | StreamResponse:
