@@ -386,3 +386,15 @@ async def test_pages_across_namespaces_lose_nothing(api: httpx.AsyncClient) -> N
     assert seen == [("a", "b"), ("a", "z"), ("a-b", "c")]
     bad = await api.get("/api/v1/pods", params={"continue": "garbage!"})
     assert bad.status_code == 400
+
+
+async def test_a_client_that_leaves_ends_its_watch(
+    api: httpx.AsyncClient, server: KubeApiServer
+) -> None:
+    await create_node(api, "a")
+    await read_events(api, "resourceVersion=0", 1)  # reads one event, then hangs up
+    for _ in range(100):
+        if not server.store.watchers:
+            break
+        await asyncio.sleep(0.02)
+    assert not server.store.watchers, "the watcher is gone with its client"

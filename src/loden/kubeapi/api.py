@@ -468,7 +468,7 @@ class Api:
             finally:
                 store.unsubscribe(watcher)
 
-        return StreamResponse(200, stream())
+        return StreamResponse(200, stream(), on_close=lambda: store.unsubscribe(watcher))
 
     # ------------------------------------------------------------ writes
 

@@ -63,6 +63,8 @@ class StreamResponse:
     chunks: AsyncIterator[bytes]
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    on_close: Callable[[], None] | None = None
+    """Called once the stream is over, however it ended (even if it never started)."""
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
@@ -137,7 +139,11 @@ class HttpServer:
                     )
                 if isinstance(response, StreamResponse):
                     connection.streaming = True
-                    await self._send_stream(conn, reader, writer, response)
+                    try:
+                        await self._send_stream(conn, reader, writer, response)
+                    finally:
+                        if response.on_close is not None:
+                            response.on_close()
                     connection.streaming = False
                 else:
                     await self._send(conn, writer, response)
