@@ -106,17 +106,22 @@ def _service_account(objs: list[JsonObject]) -> tuple[str, str, list[JsonObject]
     return str(sa["namespace"]), str(sa["name"]), list(role.get("rules") or [])
 
 
-def process(plan: LabPlan) -> KubeApiProcess:
-    """The double's process description; its token and PKI files live in ``<lab>/kube``."""
+def process(plan: LabPlan, *, create: bool = False) -> KubeApiProcess:
+    """The double's process description; its token and PKI files live in ``<lab>/kube``.
+
+    :raises LodenError: (without ``create``) the lab has no API server files.
+    """
     workdir = plan.workdir / "kube"
-    workdir.mkdir(parents=True, exist_ok=True)
     tokens = workdir / "lab-tokens.json"
     if tokens.exists():
         saved = json.loads(tokens.read_text())
-    else:
+    elif create:
+        workdir.mkdir(parents=True, exist_ok=True)
         saved = {"admin": secrets.token_urlsafe(24), "serviceaccount": secrets.token_urlsafe(32)}
         tokens.write_text(json.dumps(saved) + "\n")
         tokens.chmod(0o600)
+    else:
+        raise LodenError(f"lab {plan.name} has no API server ({tokens} is missing)")
     namespace, name, rules = _service_account(manifest(plan))
     user = f"system:serviceaccount:{namespace}:{name}"
     return KubeApiProcess(
@@ -151,7 +156,7 @@ def start_api(state: LabState, *, timeout: float = 30.0) -> KubeApiClient:
     :raises LodenError: it exited or did not answer in time (with its log's tail).
     """
     plan = state.plan
-    server = process(plan)
+    server = process(plan, create=True)
     netns.ip(
         plan.underlay_ns,
         "addr",
