@@ -147,9 +147,10 @@ COMMANDS = """usage: loden <command> [args]
 commands:
   agent [flanneld flags]   run the node agent (same as `flanneld`)
   config get|set|validate  read, write or check the network config in etcd
-  leases [--json]          list subnet leases in etcd
   status [-json] [-v]      this node: subnet, lease, peers, agent health, kernel drift
   doctor                   check this node for flannel's known failure modes
+  leases [--json]          list subnet leases in etcd (-kube-subnet-mgr: nodes)
+  kube manifest|install-conf   the DaemonSet manifest (kube-flannel.yml); CNI conf install
   mk-docker-opts [opts]    turn subnet.env into Docker options (mk-docker-opts.sh)
   cni                      the flannel CNI meta-plugin (also installed as `flannel`)
   systemd render [opts]    render the seed's flanneld/docker unit and env files
@@ -178,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loden.cni import plugin
 
         return plugin.main()
+    if command == "kube":
+        from loden.tools import kube
+
+        return kube.main(rest)
     if command == "systemd":
         from loden.tools import systemd
 

@@ -73,6 +73,12 @@ class Metrics:
         self.lease_events = Counter(
             "loden_lease_events_total", "Peer lease events applied", ["kind"], registry=r
         )
+        self.identity_conflicts = Gauge(
+            "loden_identity_conflicts",
+            "Peer leases that advertise this node's own VTEP MAC or WireGuard key"
+            " (never programmed; see /healthz and the log)",
+            registry=r,
+        )
         self.rules_repairs = Counter(
             "loden_rules_repairs_total",
             "Traffic-rule resyncs that had to rewrite rules",
@@ -94,6 +100,8 @@ class HealthState:
     reconcile_last_errors: tuple[str, ...] = ()
     #: What the agent knows beyond health (set once the data plane runs): ``/status``.
     describe: Callable[[], dict[str, object]] | None = None
+    #: Peers that claim this node's identity (VTEP MAC, WireGuard key), one line each.
+    identity_conflicts: tuple[str, ...] = ()
     clock: Callable[[], float] = field(default=time.monotonic)
     wall: Callable[[], float] = field(default=time.time)
 
@@ -129,6 +137,7 @@ class HealthState:
             out.append("our subnet lease has expired")
         if self.reconcile_failures >= 3:
             out.append(f"data plane reconcile failing: {self.reconcile_last_error}")
+        out += self.identity_conflicts[:10]
         return out
 
 

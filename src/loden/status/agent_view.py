@@ -68,7 +68,7 @@ def describer(loops: AgentLoops, started_wall: float) -> Callable[[], dict[str, 
             "lease": lease_json(loops.lease),
             "mtu": loops.network.mtu,
             "peers": peers_json(loops.watcher.peers),
-            "watch_restarts": loops.manager.health.watch_restarts,
+            "watch_restarts": loops.manager.watch_restarts,
         }
 
     return describe
