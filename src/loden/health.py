@@ -94,14 +94,14 @@ class HealthState:
     lease_expiration: float | None = None
     reconcile_failures: int = 0
     reconcile_last_error: str = ""
+    #: Peers that claim this node's identity (VTEP MAC, WireGuard key), one line each.
+    identity_conflicts: tuple[str, ...] = ()
     #: Wall-clock time, cause and errors of the last reconcile/apply (for ``/status``).
     reconcile_last_at: float = 0.0
     reconcile_last_why: str = ""
     reconcile_last_errors: tuple[str, ...] = ()
     #: What the agent knows beyond health (set once the data plane runs): ``/status``.
     describe: Callable[[], dict[str, object]] | None = None
-    #: Peers that claim this node's identity (VTEP MAC, WireGuard key), one line each.
-    identity_conflicts: tuple[str, ...] = ()
     clock: Callable[[], float] = field(default=time.monotonic)
     wall: Callable[[], float] = field(default=time.time)
 
