@@ -1,9 +1,10 @@
-"""Control-plane scale: one real agent against 5,000 peer leases in a real etcd.
+"""Control-plane scale: one real agent against 5,000 peer leases in a real etcd, and
+against 5,000 Node objects in the Kubernetes API double (``--kube-subnet-mgr``).
 
 Run by hand as root (not part of the test suite)::
 
     .venv/bin/python bench/scale.py [--peers 5000] [--new 200] [--backends vxlan host-gw]
-        [--modes old new] [--idle 300] [--drift 30]
+        [--stores etcd kube] [--modes old new] [--idle 300] [--drift 30]
 
 Every figure comes from the kernel, /proc and the agent's /metrics, never from its log.
 Each backend runs once per ``--modes`` entry, side by side in one table: ``old`` is the
@@ -42,8 +43,14 @@ p99 <= 50 ms, idle CPU <= 0.1 % of a core, drift repaired in <= 1 s. ``--py-spy 
 profiles the agent per phase and prints where the samples go. Everything is torn down
 on exit, Ctrl-C or failure.
 
-The store is set up in one place (:func:`etcd_store`): another store (``--store kube``,
-in its own module) only has to provide a :class:`Store`.
+Both stores run side by side in one run (same backends, peers, phases). ``kube``: the API
+double (``python -m loden.kubeapi``, plain HTTP like the bench's etcd) in the underlay
+namespace; every peer is a Node whose podCIDR is the peer subnet and whose annotations are
+exactly Go flanneld's (``kube-subnet-manager``, ``backend-type``, ``backend-data``,
+``public-ip``), created in bulk up front; a "new lease" is a POST of one more such Node.
+The agent runs with ``--kube-subnet-mgr --kube-api-url=http://...`` and ``NODE_NAME`` of
+its own Node (podCIDR 10.0.1.0/24). Each store is one function returning a :class:`Store`
+(:func:`setup_etcd`, :func:`setup_kube`).
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.topology import Host, Process, Topology, TopologyError, wait_until
 
+from loden.kubeapi.control import KubeApiProcess, node_body
 from loden.model.lease import Lease, LeaseAttrs
 
 FLANNELD = str(Path(sys.executable).parent / "flanneld")
@@ -88,6 +96,9 @@ NETWORK = IPv4Network("10.0.0.0/8")
 PREFIX = "/coreos.com/network"
 HEALTHZ_PORT = 8471
 TXN_OPS = 128  # etcd's default --max-txn-ops
+KUBE_PREFIX = "flannel.alpha.coreos.com/"
+AGENT_NODE = "bench-agent"
+AGENT_SUBNET = IPv4Network("10.0.1.0/24")  # below every peer_subnet()
 TARGETS = {
     "cold": 1.6,
     "resync": 0.5,
@@ -306,6 +317,17 @@ def peer_lease(i: int, underlay: IPv4Network, kind: str) -> Lease:
     return Lease(peer_subnet(i), LeaseAttrs(public_ip, kind, data))
 
 
+def peer_node(i: int, lease: Lease) -> dict[str, Any]:
+    """A peer Node as Go flanneld leaves it: podCIDR = the lease, its four annotations."""
+    annotations = {
+        KUBE_PREFIX + "kube-subnet-manager": "true",
+        KUBE_PREFIX + "backend-type": lease.attrs.backend_type,
+        KUBE_PREFIX + "backend-data": lease.attrs.backend_data or "null",
+        KUBE_PREFIX + "public-ip": str(lease.attrs.public_ip),
+    }
+    return node_body(f"peer{i}", str(lease.subnet), annotations=annotations)
+
+
 def put_op(lease: Lease, etcd_lease: str) -> dict[str, Any]:
     key = f"{PREFIX}/subnets/{lease.key}"
     return {"key": _b64(key), "value": _b64(lease.attrs.to_json()), "lease": etcd_lease}
@@ -475,14 +497,14 @@ class Latency:
 
 
 def write_new_leases(
-    http: HTTP,
+    put: Callable[[Lease], bool],
     monitor: RouteMonitor,
     leases: Sequence[Lease],
-    etcd_lease: str,
     mode: str,
     gap_ms: float = 0.0,
 ) -> Latency:
-    """Write ``leases``, one put each, and time each route's arrival in the kernel.
+    """Write ``leases``, one ``put`` each (an etcd put or a Node POST; True when
+    accepted), and time each route's arrival in the kernel.
 
     ``closed``: each lease's route is awaited before the next write. ``open``: writes at
     exponentially distributed gaps of mean ``gap_ms`` whatever the agent is doing
@@ -497,12 +519,11 @@ def write_new_leases(
             time.sleep(max(0.0, next_at - time.perf_counter()))
         elif mode == "closed":
             time.sleep(random.uniform(0.0, 0.01))  # no lock-step with the agent's loops
-        body = json.dumps(put_op(lease, etcd_lease)).encode()
         sent = time.perf_counter()
-        status, _ = http.request("POST", "/v3/kv/put", body)
+        accepted = put(lease)
         out.put_ms.append((time.perf_counter() - sent) * 1000)
-        if status != 200:
-            raise TopologyError(f"put of {lease.key} answered HTTP {status}")
+        if not accepted:
+            raise TopologyError(f"the write of {lease.key} was refused")
         pending.append((lease.subnet, sent))
         if mode == "closed":
             _collect(monitor, pending, out, time.monotonic() + 5.0)
@@ -534,6 +555,7 @@ def _collect(
 @dataclass
 class Result:
     kind: str
+    store: str
     mode: str
     peers: int
     entries: int = 0
@@ -565,25 +587,25 @@ class Result:
 
     @property
     def label(self) -> str:
-        return f"{self.kind}/{self.mode}"
+        return f"{self.kind}/{self.store}/{self.mode}"
 
 
 @dataclass
 class Store:
     """Where the agent reads its leases: what a run needs from the store."""
 
-    #: Agent flags that point it at this store.
+    #: Agent flags and environment that point it at this store.
     agent_args: list[str]
-    #: Write these leases (created or replaced).
-    put: Callable[[Sequence[Lease]], None]
-    #: Delete these leases.
-    delete: Callable[[Sequence[Lease]], None]
-    #: The raw etcd HTTP client and etcd lease id (the latency phases use them).
-    http: HTTP
-    etcd_lease: str
+    env: dict[str, str]
+    #: Write one lease (an etcd put, a Node POST); True when accepted.
+    put: Callable[[Lease], bool]
+    #: Write many leases in bulk (created or replaced).
+    put_many: Callable[[Sequence[Lease]], None]
+    #: Delete leases (None: this store's run does not churn).
+    delete_many: Callable[[Sequence[Lease]], None] | None
 
 
-def etcd_store(topo: Topology, kind: str, stack: contextlib.ExitStack) -> Store:
+def setup_etcd(kind: str, topo: Topology, stack: contextlib.ExitStack) -> Store:
     """A real etcd in the underlay namespace with the network config written."""
     assert topo.underlay_address is not None
     etcd_ip = str(topo.underlay_address.ip)
@@ -596,19 +618,63 @@ def etcd_store(topo: Topology, kind: str, stack: contextlib.ExitStack) -> Store:
     http.post("/v3/kv/put", {"key": _b64(f"{PREFIX}/config"), "value": _b64(json.dumps(config))})
     etcd_lease = str(http.post("/v3/lease/grant", {"TTL": 86400})["ID"])
 
-    def put(leases: Sequence[Lease]) -> None:
+    def put(lease: Lease) -> bool:
+        body = json.dumps(put_op(lease, etcd_lease)).encode()
+        return http.request("POST", "/v3/kv/put", body)[0] == 200
+
+    def put_many(leases: Sequence[Lease]) -> None:
         ops = [put_op(lease, etcd_lease) for lease in leases]
         for start in range(0, len(ops), TXN_OPS):
             batch = ops[start : start + TXN_OPS]
             http.post("/v3/kv/txn", {"success": [{"request_put": op} for op in batch]})
 
-    def delete(leases: Sequence[Lease]) -> None:
+    def delete_many(leases: Sequence[Lease]) -> None:
         keys = [_b64(f"{PREFIX}/subnets/{lease.key}") for lease in leases]
         for start in range(0, len(keys), TXN_OPS):
             ops = [{"request_delete_range": {"key": k}} for k in keys[start : start + TXN_OPS]]
             http.post("/v3/kv/txn", {"success": ops})
 
-    return Store([f"--etcd-endpoints={etcd.client_url}"], put, delete, http, etcd_lease)
+    return Store([f"--etcd-endpoints={etcd.client_url}"], {}, put, put_many, delete_many)
+
+
+def setup_kube(kind: str, topo: Topology, stack: contextlib.ExitStack) -> Store:
+    """The API double with the agent's Node (see the docstring)."""
+    assert topo.underlay_address is not None
+    ip = str(topo.underlay_address.ip)
+    server = KubeApiProcess(
+        topo.workdir / "kubeapi", host=ip, netns=topo.underlay.name, insecure=True
+    )
+    stack.callback(server.stop)
+    admin = server.start()
+    admin.create_node(AGENT_NODE, str(AGENT_SUBNET))
+    http = HTTP(topo.underlay.name, ip, admin.port)
+    stack.callback(http.close)
+    names: dict[IPv4Network, int] = {}
+
+    def index(lease: Lease) -> int:
+        return names.setdefault(lease.subnet, len(names))
+
+    def put(lease: Lease) -> bool:
+        body = json.dumps(peer_node(index(lease), lease)).encode()
+        return http.request("POST", "/api/v1/nodes", body)[0] == 201
+
+    def put_many(leases: Sequence[Lease]) -> None:
+        admin.bulk_create("nodes", [peer_node(index(lease), lease) for lease in leases])
+
+    net_conf = topo.workdir / "net-conf.json"
+    net_conf.write_text(json.dumps({"Network": str(NETWORK), "Backend": {"Type": kind}}))
+    agent_args = [
+        "--kube-subnet-mgr",
+        f"--kube-api-url={admin.url}",
+        f"--net-config-path={net_conf}",
+    ]
+    return Store(agent_args, {"NODE_NAME": AGENT_NODE}, put, put_many, None)
+
+
+STORES: dict[str, Callable[[str, Topology, contextlib.ExitStack], Store]] = {
+    "etcd": setup_etcd,
+    "kube": setup_kube,
+}
 
 
 def spawn_agent(
@@ -627,6 +693,7 @@ def spawn_agent(
         f"--healthz-port={HEALTHZ_PORT}",
         *MODES[mode][0],
         *args.agent_arg,
+        env=store.env or None,
     )
     stack.callback(proc.stop)
     stack.push(_log_tail_on_failure(proc))
@@ -655,24 +722,24 @@ def wait_entries(
 
 
 def run_backend(
-    kind: str, mode: str, args: argparse.Namespace, stack: contextlib.ExitStack
+    kind: str, store_name: str, mode: str, args: argparse.Namespace, stack: contextlib.ExitStack
 ) -> Result:
-    res = Result(kind, mode, args.peers)
+    res = Result(kind, store_name, mode, args.peers)
     underlay = IPv4Network(f"172.{random.randint(16, 31)}.0.0/16")
     topo = Topology(1, underlay=underlay, prefix="bs")
     stack.callback(topo.close)
     host = topo.hosts[0]
-    store = etcd_store(topo, kind, stack)
+    store = STORES[store_name](kind, topo, stack)
     t0 = time.perf_counter()
     peers = [peer_lease(i, underlay, kind) for i in range(args.peers)]
-    store.put(peers)
+    store.put_many(peers)
     res.write_s = time.perf_counter() - t0
     want = args.peers
     monitor = RouteMonitor(host.name)
     stack.callback(monitor.close)
     t0 = time.perf_counter()
     proc, subnet_file = spawn_agent(host, store, mode, args, stack)
-    profiler = Profiler(args.py_spy_bin, args.py_spy, f"{kind}-{mode}")
+    profiler = Profiler(args.py_spy_bin, args.py_spy, f"{kind}-{store_name}-{mode}")
     stack.callback(profiler.stop)
     if args.py_spy is not None:
         wait_until(lambda: _is_python(proc.pid), timeout=5, interval=0.002)
@@ -721,13 +788,10 @@ def run_backend(
         if f"FLANNEL_SUBNET={lease.subnet.network_address + 1}/" not in own  # not the agent's
     ][: 2 * args.new + args.burst]
     profiler.start(pid, "newlease")
-    http, etcd_lease = store.http, store.etcd_lease
-    res.closed = write_new_leases(http, monitor, new[: args.new], etcd_lease, "closed")
-    res.open = write_new_leases(
-        http, monitor, new[args.new : 2 * args.new], etcd_lease, "open", args.gap
-    )
+    res.closed = write_new_leases(store.put, monitor, new[: args.new], "closed")
+    res.open = write_new_leases(store.put, monitor, new[args.new : 2 * args.new], "open", args.gap)
     time.sleep(1.0)  # let the open-loop backlog drain
-    res.burst = write_new_leases(http, monitor, new[2 * args.new :], etcd_lease, "burst")
+    res.burst = write_new_leases(store.put, monitor, new[2 * args.new :], "burst")
     # (f) idle: no lease changes for --idle s.
     profiler.start(pid, "idle")
     time.sleep(2.0)  # the burst's last writes settle
@@ -791,14 +855,14 @@ def drift(
     res.drift_changes = grew("loden_reconcile_changes_total")
 
 
-def growth(kind: str, mode: str, args: argparse.Namespace, res: Result) -> None:
+def growth(kind: str, store_name: str, mode: str, args: argparse.Namespace, res: Result) -> None:
     """(h) A fresh agent on an empty store: VmRSS at 0, 1,000, --peers, after churn."""
     with contextlib.ExitStack() as stack:
         underlay = IPv4Network(f"172.{random.randint(16, 31)}.0.0/16")
         topo = Topology(1, underlay=underlay, prefix="bg")
         stack.callback(topo.close)
         host = topo.hosts[0]
-        store = etcd_store(topo, kind, stack)
+        store = STORES[store_name](kind, topo, stack)
         proc, subnet_file = spawn_agent(host, store, mode, args, stack)
         wait_ready(proc, subnet_file, time.perf_counter() + args.timeout)
         pid = agent_pid(proc)
@@ -813,15 +877,15 @@ def growth(kind: str, mode: str, args: argparse.Namespace, res: Result) -> None:
         time.sleep(2.0)
         res.growth["0"] = memory_mib(pid)["VmRSS"]
         for step in sorted({min(1000, args.peers), args.peers}):
-            store.put(leases[len(live) : step])
+            store.put_many(leases[len(live) : step])
             live = leases[:step]
             wait_entries(host, kind, step, proc, args.timeout)
             time.sleep(2.0)
             res.growth[str(step)] = memory_mib(pid)["VmRSS"]
-        if args.churn:
+        if args.churn and store.delete_many is not None:
             gone, fresh = live[: args.churn], leases[args.peers : args.peers + args.churn]
-            store.delete(gone)
-            store.put(fresh)
+            store.delete_many(gone)
+            store.put_many(fresh)
             wait_entries(host, kind, args.peers, proc, args.timeout)
             time.sleep(2.0)
             res.growth["churn"] = memory_mib(pid)["VmRSS"]
@@ -883,15 +947,15 @@ def table(results: Sequence[Result], gap_ms: float) -> list[str]:
             lambda r: f"{len(lat(r))}/{pick(r).missed}/{pick(r).event_lost}",
         )
         row(
-            "    etcd put round trip, p50, ms",
+            "    store write round trip, p50, ms",
             "",
             stat(puts, lambda v: f"{statistics.median(v):.1f}"),
         )
 
     row("metric", "target", lambda r: r.label)
-    row("peer leases in etcd", "", lambda r: str(r.peers))
+    row("peer leases (etcd) / Nodes (kube)", "", lambda r: str(r.peers))
     row("kernel entries programmed", "", lambda r: str(r.entries))
-    row("lease pre-write (txn batches of 128), s", "", lambda r: f"{r.write_s:.2f}")
+    row("pre-write (etcd txn of 128 / kube bulk), s", "", lambda r: f"{r.write_s:.2f}")
     row("agent start -> subnet.env written, s", "", lambda r: f"{r.ready_s:.2f}")
     row(
         "(a) agent start -> all entries in kernel, s",
@@ -985,6 +1049,7 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=5000, help="peer leases written up front")
     parser.add_argument("--new", type=int, default=200, help="leases added one at a time")
     parser.add_argument("--resyncs", type=int, default=3, help="no-change passes to measure")
+    parser.add_argument("--stores", nargs="+", choices=list(STORES), default=list(STORES))
     parser.add_argument(
         "--modes",
         nargs="+",
@@ -1043,14 +1108,16 @@ def main() -> int:
     results: list[Result] = []
     began = time.monotonic()
     for kind in args.backends:
-        for mode in args.modes:
-            with contextlib.ExitStack() as stack:
-                print(f"  {kind}/{mode}: {args.peers} peers ...", flush=True)
-                result = run_backend(kind, mode, args, stack)
-            if args.growth:
-                print(f"  {kind}/{mode}: RSS growth ...", flush=True)
-                growth(kind, mode, args, result)
-            results.append(result)
+        for store in args.stores:
+            for mode in args.modes:
+                label = f"{kind}/{store}/{mode}"
+                with contextlib.ExitStack() as stack:
+                    print(f"  {label}: {args.peers} peers ...", flush=True)
+                    result = run_backend(kind, store, mode, args, stack)
+                if args.growth:
+                    print(f"  {label}: RSS growth ...", flush=True)
+                    growth(kind, store, mode, args, result)
+                results.append(result)
     print()
     modes = "; ".join(f"{m}: {' '.join(MODES[m][0])}" for m in args.modes)
     print(

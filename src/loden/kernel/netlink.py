@@ -232,6 +232,22 @@ class Netlink:
         if outcome.error is not None:
             raise outcome.error
 
+    async def create_link(self, name: str, kind: str, *, mtu: int | None = None) -> Link:
+        """Create a link of ``kind`` with no kind-specific data (e.g. ``wireguard``),
+        down, ``txqueuelen 0`` as Go flanneld's netlink library creates every link.
+
+        :raises DataplaneError: with ``errno`` EOPNOTSUPP if the kernel has no such kind.
+        """
+
+        def create() -> Link:
+            self._strict_one(rtnl.link_create_request(name, kind, mtu=mtu))
+            link = self._get_link(0, name)
+            if link is None:
+                raise OSError(errno.ENODEV, f"{name} vanished right after creation")
+            return link
+
+        return await self._call("create", f"{kind} device {name}", create)
+
     async def create_vxlan(
         self, name: str, spec: VxlanSpec, *, mtu: int | None = None, mac: str | None = None
     ) -> Link:

@@ -613,9 +613,19 @@ def vxlan_create_request(
         data += _attr(IFLA_VXLAN_GROUP, spec.group.packed)
     if spec.gbp:
         data += _attr(IFLA_VXLAN_GBP, b"")
-    info = _attr(IFLA_INFO_KIND, b"vxlan") + _attr(IFLA_INFO_DATA | 0x8000, data)
+    return link_create_request(name, "vxlan", mtu=mtu, mac=mac, data=data)
+
+
+def link_create_request(
+    name: str, kind: str, *, mtu: int | None = None, mac: str | None = None, data: bytes = b""
+) -> tuple[int, int, bytes]:
+    """Create link ``name`` of ``kind`` (down), ``txqueuelen 0`` as Go flanneld's netlink
+    library creates every link; ``data``: the kind's nested IFLA_INFO_DATA attributes."""
+    info = _attr(IFLA_INFO_KIND, kind.encode())
+    if data:
+        info += _attr(IFLA_INFO_DATA | 0x8000, data)
     body = _ifinfo() + _attr(IFLA_IFNAME, name.encode() + b"\0")
-    body += _attr(IFLA_TXQLEN, _U32.pack(0))  # as Go flanneld's (see Netlink.create_vxlan)
+    body += _attr(IFLA_TXQLEN, _U32.pack(0))
     if mtu is not None:
         body += _attr(IFLA_MTU, _U32.pack(mtu))
     if mac is not None:
