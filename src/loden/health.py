@@ -76,6 +76,12 @@ class Metrics:
             ["loop"],
             registry=r,
         )
+        self.identity_conflicts = Gauge(
+            "loden_identity_conflicts",
+            "Peer leases that advertise this node's own VTEP MAC or WireGuard key"
+            " (never programmed; see /healthz and the log)",
+            registry=r,
+        )
         self.rules_repairs = Counter(
             "loden_rules_repairs_total",
             "Traffic-rule resyncs that had to rewrite rules",
@@ -95,6 +101,8 @@ class HealthState:
     loop_failures: dict[str, tuple[int, str]] = field(default_factory=dict)
     #: After how many consecutive failures a loop makes /healthz answer 503.
     loop_failures_unhealthy: int = 3
+    #: Peers that claim this node's identity (VTEP MAC, WireGuard key), one line each.
+    identity_conflicts: tuple[str, ...] = ()
     clock: Callable[[], float] = field(default=time.monotonic)
     wall: Callable[[], float] = field(default=time.time)
 
@@ -111,6 +119,7 @@ class HealthState:
         for name, (count, error) in sorted(self.loop_failures.items()):
             if count >= self.loop_failures_unhealthy:
                 out.append(f"{name} loop failing ({count} attempts in a row): {error}")
+        out += self.identity_conflicts[:10]
         return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from loden.errors import StoreAuthError, StoreError
 from loden.settings import AgentSettings, EtcdSettings
@@ -131,8 +132,8 @@ async def open_subnet_manager(settings: AgentSettings) -> SubnetManager:
 async def _open_kube_subnet_manager(settings: AgentSettings) -> SubnetManager:
     """The seam for ``--kube-subnet-mgr``: the Kubernetes subnet manager lives in
     ``loden.subnet.kube`` and is built here (imported lazily: etcd nodes never load the
-    Kubernetes client)."""
-    raise StoreError(
-        "the Kubernetes subnet manager (--kube-subnet-mgr) is not "
-        "implemented in this Loden version; use etcd"
-    )
+    Kubernetes client). Its environment (``NODE_NAME``, ``POD_NAME``... spec §1.3) is
+    the process's."""
+    from loden.subnet.kube import open_kube_manager
+
+    return await open_kube_manager(settings.kube, os.environ)
