@@ -95,7 +95,7 @@ def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
         parsed = flagset.parse(argv, os.environ)
         if parsed.positional:
             raise UsageError(f"unexpected argument {parsed.positional[0]!r}")
-        settings = AgentSettings.from_flags(parsed)
+        settings = AgentSettings.from_flags(parsed, os.environ)
     except HelpRequested as help_:
         sys.stderr.write(help_.usage + EXIT_CODES_HELP)
         return 0
