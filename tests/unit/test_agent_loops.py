@@ -393,3 +393,61 @@ async def test_blackhole_route_through_netlink_with_retries() -> None:
     finally:
         await stop(agent)
     assert nl.closed
+
+
+class FlakyCompletion(EtcdSubnetManager):
+    """A manager whose ``complete_lease`` (kube: the node condition) fails at first."""
+
+    failures_left = 3
+    completed = 0
+
+    async def complete_lease(self, lease: Lease) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise StoreUnavailable("kube-api: connection refused")
+        self.completed += 1
+
+
+async def test_complete_lease_is_retried_until_it_succeeds_once() -> None:
+    agent = await start()
+    manager = FlakyCompletion(agent.store, ttl=86400, renew_margin=3600)
+    loops = AgentLoops(
+        settings=agent.loops.settings,
+        manager=manager,
+        network=agent.network,
+        traffic=agent.traffic,
+        watcher=agent.loops.watcher,
+        lease=agent.loops.lease,
+        config=agent.loops.config,
+        health=agent.health,
+        metrics=Metrics(),
+        networks=agent.loops.networks,
+        started=0.0,
+        retry_initial=0.02,
+        retry_max=0.1,
+    )
+    await stop(agent)
+    task = asyncio.create_task(loops.run())
+    try:
+        await eventually("completed once", lambda: manager.completed == 1)
+        assert "complete" not in agent.health.loop_failures
+        await asyncio.sleep(0.3)
+        assert manager.completed == 1 and not task.done()
+    finally:
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=DEADLINE)
+        assert done
+
+
+async def test_config_check_survives_store_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """The config loop (every 3 resync periods) meets an etcd error reply: retried, the
+    agent keeps running, and a later good read clears it."""
+    agent = await start()
+    agent.store.fail("get_config", StoreError("etcd kv/range failed: HTTP 500 internal"))
+    try:
+        await failures(agent, "config", 1)
+        assert not agent.task.done()
+        agent.store.heal("get_config")
+        await eventually("config healthy", lambda: "config" not in agent.health.loop_failures)
+    finally:
+        await stop(agent)
