@@ -451,3 +451,29 @@ async def test_config_check_survives_store_errors(caplog: pytest.LogCaptureFixtu
         await eventually("config healthy", lambda: "config" not in agent.health.loop_failures)
     finally:
         await stop(agent)
+
+
+@pytest.mark.parametrize(
+    ("error", "fragment"),
+    [
+        (StoreError("etcd kv/range failed: HTTP 400"), "etcd kv/range failed: HTTP 400"),
+        (RuntimeError("boom"), "startup failed: unexpected RuntimeError: boom"),
+        (ExceptionGroup("loops", [KeyError("x")]), "startup failed: unexpected ExceptionGroup"),
+    ],
+)
+async def test_cli_turns_any_startup_error_into_one_line_and_exit_1(
+    error: Exception,
+    fragment: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from loden import agent, cli
+
+    async def failing_run(settings: object) -> int:
+        raise error
+
+    monkeypatch.setattr(agent, "run", failing_run)
+    status = await cli._run_agent(parse_agent_args([], {}))
+    assert status == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and fragment in errors[0]
