@@ -73,6 +73,12 @@ class Metrics:
         self.lease_events = Counter(
             "loden_lease_events_total", "Peer lease events applied", ["kind"], registry=r
         )
+        self.loop_errors = Counter(
+            "loden_loop_errors_total",
+            "Agent loop failures that were retried with backoff",
+            ["loop"],
+            registry=r,
+        )
         self.identity_conflicts = Gauge(
             "loden_identity_conflicts",
             "Peer leases that advertise this node's own VTEP MAC or WireGuard key"
@@ -94,6 +100,10 @@ class HealthState:
     lease_expiration: float | None = None
     reconcile_failures: int = 0
     reconcile_last_error: str = ""
+    #: Agent loops failing right now: loop name -> (consecutive failures, last error).
+    loop_failures: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: After how many consecutive failures a loop makes /healthz answer 503.
+    loop_failures_unhealthy: int = 3
     #: Peers that claim this node's identity (VTEP MAC, WireGuard key), one line each.
     identity_conflicts: tuple[str, ...] = ()
     #: Wall-clock time, cause and errors of the last reconcile/apply (for ``/status``).
@@ -137,6 +147,9 @@ class HealthState:
             out.append("our subnet lease has expired")
         if self.reconcile_failures >= 3:
             out.append(f"data plane reconcile failing: {self.reconcile_last_error}")
+        for name, (count, error) in sorted(self.loop_failures.items()):
+            if count >= self.loop_failures_unhealthy:
+                out.append(f"{name} loop failing ({count} attempts in a row): {error}")
         out += self.identity_conflicts[:10]
         return out
 
