@@ -322,12 +322,10 @@ class Api:
             meta["remainingItemCount"] = len(rest)
         if wants_table(request):
             return json_response(200, self.table(request, kind, objects, meta))
-        for obj in objects:
-            obj.pop("kind", None)
-            obj.pop("apiVersion", None)
+        items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in objects]
         return json_response(
             200,
-            {"kind": f"{kind.kind}List", "apiVersion": "v1", "metadata": meta, "items": objects},
+            {"kind": f"{kind.kind}List", "apiVersion": "v1", "metadata": meta, "items": items},
         )
 
     # ------------------------------------------------------------ watch
