@@ -213,3 +213,26 @@ def test_insecure_port_is_plain_http_and_admin(kubeapi_server: KubeApiFactory) -
     assert response.status_code == 201, "no credentials needed"
     posts = [r for r in server.client.requests_log() if r["method"] == "POST"]
     assert [(r["path"], r["user"]) for r in posts] == [("/api/v1/nodes", "system:admin")]
+
+
+def test_restart_starts_a_new_watch_cache(kubeapi: KubeApiClient) -> None:
+    first = kubeapi.create_node("n1", "10.244.1.0/24")
+    last = kubeapi.create_node("n2", "10.244.2.0/24")
+    kubeapi.go_down(0.5, restart=True)
+    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            kubeapi.state()
+            break
+        except KubeApiError:
+            assert time.monotonic() < deadline, "the server did not come back"
+            time.sleep(0.1)
+    current = Watch(kubeapi, f"resourceVersion={last['metadata']['resourceVersion']}")
+    kubeapi.annotate_node("n1", {"x": "y"})
+    current.wait_for(1)
+    assert current.events[0]["type"] == "MODIFIED", "a client that was up to date resumes"
+    old = Watch(kubeapi, f"resourceVersion={first['metadata']['resourceVersion']}")
+    old.wait()
+    assert old.events[0]["object"]["code"] == 410, "one that was behind relists"
+    kubeapi.cut_watches()

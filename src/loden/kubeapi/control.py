@@ -217,9 +217,10 @@ class KubeApiClient:
     def cut_watches(self, *, abort: bool = False) -> int:
         return int(self.request("POST", "/_loden/cut-watches", body={"abort": abort})["cut"])
 
-    def go_down(self, seconds: float) -> None:
-        """The server refuses connections for ``seconds`` (returns at once)."""
-        self.request("POST", "/_loden/down", body={"seconds": seconds})
+    def go_down(self, seconds: float, *, restart: bool = False) -> None:
+        """The server refuses connections for ``seconds`` (returns at once); ``restart``:
+        it comes back with a fresh watch cache (older versions then get ``410``)."""
+        self.request("POST", "/_loden/down", body={"seconds": seconds, "restart": restart})
 
     def set_rules(self, subject: str, rules: Iterable[Mapping[str, Any]]) -> None:
         """Replace the RBAC rules of ``user:NAME`` or ``group:NAME``."""

@@ -9,9 +9,11 @@ process, since it usually runs inside a network namespace:
   exact reads from before ``N`` get ``410``;
 * ``POST /_loden/cut-watches`` ``{"abort": true|false}`` - every watch stream ends (a
   clean end of the chunked body, or a torn connection);
-* ``POST /_loden/down`` ``{"seconds": S}`` - stop listening and drop every connection for
-  ``S`` seconds, then serve again with the same state (an apiserver restart: versions go
-  on from where they were);
+* ``POST /_loden/down`` ``{"seconds": S, "restart": false}`` - stop listening and drop
+  every connection for ``S`` seconds, then serve again with the same objects and versions
+  (they go on from where they were, as etcd keeps them). ``restart``: the server comes
+  back with a new watch cache, as a restarted kube-apiserver does: it starts at the
+  current version, so a watch from an older version gets ``410``;
 * ``PUT /_loden/rules`` ``{"subject": "user:NAME"|"group:NAME", "rules": [PolicyRule]}``;
 * ``PUT /_loden/tokens`` ``{"token": T, "user": NAME, "groups": [...]}`` and
   ``DELETE /_loden/tokens?token=T``;
@@ -129,12 +131,15 @@ class KubeApiServer:
         self.store.close_watchers()
         self.http.abort_all()
 
-    async def go_down(self, seconds: float) -> None:
-        """Refuse connections for ``seconds``, then serve again with the same state."""
+    async def go_down(self, seconds: float, *, restart: bool = False) -> None:
+        """Refuse connections for ``seconds``, then serve again with the same objects
+        (``restart``: and an empty event history, the new watch cache)."""
         await self.http.stop_listening()
         self.store.close_watchers()
         self.http.abort_all()
         await asyncio.sleep(seconds)
+        if restart:
+            self.store.compact()
         for _ in range(100):
             try:
                 await self.http.start()
@@ -271,7 +276,8 @@ class KubeApiServer:
             return json_response(200, {"cut": count})
         if action == "down" and request.method == "POST":
             seconds = float(body.get("seconds", 1.0))
-            self._down_task = asyncio.create_task(self._later_down(seconds))
+            restart = bool(body.get("restart", False))
+            self._down_task = asyncio.create_task(self._later_down(seconds, restart))
             return json_response(200, {"down": seconds})
         if action == "rules" and request.method == "PUT":
             try:
@@ -308,9 +314,9 @@ class KubeApiServer:
             )
         raise not_found_path()
 
-    async def _later_down(self, seconds: float) -> None:
+    async def _later_down(self, seconds: float, restart: bool) -> None:
         await asyncio.sleep(0.05)  # let the control response leave first
-        await self.go_down(seconds)
+        await self.go_down(seconds, restart=restart)
 
     def state(self) -> JsonObject:
         return {
