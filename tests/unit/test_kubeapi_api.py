@@ -398,3 +398,8 @@ async def test_a_client_that_leaves_ends_its_watch(
             break
         await asyncio.sleep(0.02)
     assert not server.store.watchers, "the watcher is gone with its client"
+
+
+async def test_a_malformed_watch_version_is_400(api: httpx.AsyncClient) -> None:
+    response = await api.get("/api/v1/nodes", params={"watch": "true", "resourceVersion": "x"})
+    assert response.status_code == 400 and response.json()["reason"] == "BadRequest"

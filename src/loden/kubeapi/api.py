@@ -355,6 +355,7 @@ class Api:
                 return False
             return self._matches(obj, fields, labels)
 
+        start = 0 if initial_events or rv_arg in ("", "0") else parse_rv(rv_arg)  # 400 first
         watcher = self.store.subscribe(kind.resource)
         # Subscribed first, then the snapshot: nothing falls between the two.
         snapshot_rv = self.store.rv
@@ -365,7 +366,6 @@ class Api:
             initial = [o for o in self.store.items(kind.resource, namespace) if visible(o)]
         else:
             try:
-                start = parse_rv(rv_arg)
                 if start > self.store.rv:
                     await self._wait_for_version(start)
                     snapshot_rv = self.store.rv
