@@ -211,7 +211,10 @@ class KubeApiServer:
                 raise forbidden(
                     "", "", f'User "{user.name}" cannot {request.method.lower()} path "{path}"'
                 )
-            return await self.control(request, path)
+            try:
+                return await self.control(request, path)
+            except (ValueError, TypeError, KeyError) as exc:  # a malformed control body
+                raise bad_request(f"{path}: {exc!r}") from exc
         verb = {
             "GET": "get",
             "HEAD": "head",
