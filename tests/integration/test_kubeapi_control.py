@@ -240,3 +240,23 @@ def test_restart_starts_a_new_watch_cache(kubeapi: KubeApiClient) -> None:
     old.wait()
     assert old.events[0]["object"]["code"] == 410, "one that was behind relists"
     kubeapi.cut_watches()
+
+
+def test_state_file_survives_a_crash(kubeapi_server: KubeApiFactory, tmp_path: Path) -> None:
+    server = kubeapi_server(state_file=tmp_path / "state.json")
+    api = server.client
+    assert api is not None
+    api.create_namespace("kube-flannel")
+    node = api.create_node("n1", "10.244.1.0/24")
+    time.sleep(0.6)  # the debounced save
+    server.kill()
+    api = server.start()
+    again = api.get("nodes", "n1")
+    assert again["metadata"]["uid"] == node["metadata"]["uid"]
+    assert again["metadata"]["resourceVersion"] == node["metadata"]["resourceVersion"]
+    assert api.get("namespaces", "kube-flannel")["metadata"]["name"] == "kube-flannel"
+    later = api.create_node("n2", "10.244.2.0/24")
+    assert int(later["metadata"]["resourceVersion"]) > int(node["metadata"]["resourceVersion"])
+    behind = Watch(api, "resourceVersion=1")
+    behind.wait()
+    assert behind.events[0]["object"]["code"] == 410, "a new watch cache after the restart"

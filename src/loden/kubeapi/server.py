@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loden.kubeapi import persist
 from loden.kubeapi.api import Api, ApiSettings, json_response
 from loden.kubeapi.auth import ADMIN_GROUP, Attributes, Authenticator, Authorizer, User
 from loden.kubeapi.http import HttpServer, Request, Response, StreamResponse
@@ -105,6 +106,7 @@ class KubeApiServer:
     settings: ApiSettings = field(default_factory=ApiSettings)
     store: Store = field(default_factory=Store)
     log_limit: int = 20_000
+    state_file: Path | None = None
 
     def __post_init__(self) -> None:
         self.api = Api(self.store, self.authenticator, self.authorizer, self.settings)
@@ -115,12 +117,25 @@ class KubeApiServer:
         self._seq = 0
         self._down_task: asyncio.Task[None] | None = None
         self.insecure_user: User | None = None  # plain-http "insecure port": everyone is admin
-        for name in INITIAL_NAMESPACES:
-            self.create_object("namespaces", {"metadata": {"name": name}})
+        self.saver: persist.Saver | None = None
+        if self.state_file is not None and persist.load(self.store, self.state_file):
+            log.info(
+                "state from %s: %d objects, resourceVersion %d",
+                self.state_file,
+                len(self.store.objects),
+                self.store.rv,
+            )
+        else:
+            for name in INITIAL_NAMESPACES:
+                self.create_object("namespaces", {"metadata": {"name": name}})
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        if self.state_file is not None:
+            self.saver = persist.Saver(self.store, self.state_file)
+            self.store.on_commit = self.saver.schedule
+            self.saver.flush()
         await self.http.start()
         self.port = self.http.port
 
@@ -130,6 +145,8 @@ class KubeApiServer:
         await self.http.stop_listening()
         self.store.close_watchers()
         self.http.abort_all()
+        if self.saver is not None:
+            self.saver.flush()
 
     async def go_down(self, seconds: float, *, restart: bool = False) -> None:
         """Refuse connections for ``seconds``, then serve again with the same objects

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ class Store:
         self.objects: dict[Key, JsonObject] = {}
         self.history: deque[Event] = deque()
         self.watchers: set[Watcher] = set()
+        self.on_commit: Callable[[], None] | None = None  # persistence hook
 
     # -------------------------------------------------------------- reads
 
@@ -173,6 +174,8 @@ class Store:
         for watcher in list(self.watchers):
             if watcher.resource == event.resource:
                 watcher.offer(event)
+        if self.on_commit is not None:
+            self.on_commit()
         return event
 
     def compact(self, rv: int | None = None) -> int:
