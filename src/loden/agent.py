@@ -184,7 +184,6 @@ async def run(settings: AgentSettings) -> int:
             network.mtu,
         )
         sdnotify.notify("READY=1")
-        await manager.complete_lease(lease)
         loops = AgentLoops(
             settings=settings,
             manager=manager,

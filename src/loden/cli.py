@@ -10,6 +10,11 @@ logging. Exit codes of the agent (also shown by ``flanneld --help``):
      leave no device, rules or subnet.env behind (tests/chaos/test_chaos_local_input.py)
   2  bad command line or FLANNELD_* value
   3  our lease was taken by another node while we ran; restart to get a new one
+  4  the store refused our credentials while we ran (TLS certificate or etcd
+     user/role); fix the -etcd-* settings or files and restart
+Everything else that fails while the agent runs (etcd down, a lost compare-and-swap,
+an etcd error reply, netlink or iptables failures) is retried with backoff and shown
+by /healthz; the agent does not exit for it (agent_loops.py).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ log = logging.getLogger("loden")
 
 EXIT_CODES_HELP = """
 Exit status: 0 stopped by a signal; 1 startup failed (see the log line);
-2 bad flag or FLANNELD_* value; 3 our lease was taken by another node.
+2 bad flag or FLANNELD_* value; 3 our lease was taken by another node;
+4 the store refused our credentials while running (fix the -etcd-* TLS/auth settings).
 """
 
 
@@ -135,6 +141,15 @@ async def _run_agent(settings: AgentSettings) -> int:
         raise
     except LodenError as exc:
         log.error("%s", exc)
+        return 1
+    except Exception as exc:  # never a raw traceback: one line, the trace on -v=2
+        log.debug("startup failed", exc_info=exc)
+        log.error(
+            "startup failed: unexpected %s: %s (a Loden bug: please report it with the "
+            "traceback that -v=2 logs)",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return 1
 
 

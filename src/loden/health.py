@@ -70,6 +70,12 @@ class Metrics:
         self.lease_events = Counter(
             "loden_lease_events_total", "Peer lease events applied", ["kind"], registry=r
         )
+        self.loop_errors = Counter(
+            "loden_loop_errors_total",
+            "Agent loop failures that were retried with backoff",
+            ["loop"],
+            registry=r,
+        )
         self.rules_repairs = Counter(
             "loden_rules_repairs_total",
             "Traffic-rule resyncs that had to rewrite rules",
@@ -85,6 +91,10 @@ class HealthState:
     lease_expiration: float | None = None
     reconcile_failures: int = 0
     reconcile_last_error: str = ""
+    #: Agent loops failing right now: loop name -> (consecutive failures, last error).
+    loop_failures: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: After how many consecutive failures a loop makes /healthz answer 503.
+    loop_failures_unhealthy: int = 3
     clock: Callable[[], float] = field(default=time.monotonic)
     wall: Callable[[], float] = field(default=time.time)
 
@@ -98,6 +108,9 @@ class HealthState:
             out.append("our subnet lease has expired")
         if self.reconcile_failures >= 3:
             out.append(f"data plane reconcile failing: {self.reconcile_last_error}")
+        for name, (count, error) in sorted(self.loop_failures.items()):
+            if count >= self.loop_failures_unhealthy:
+                out.append(f"{name} loop failing ({count} attempts in a row): {error}")
         return out
 
 
