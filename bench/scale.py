@@ -24,6 +24,10 @@ d. new lease -> route: ``--new`` leases written one at a time, each awaited (clo
    timestamped by a netlink multicast socket of this process inside the host namespace;
 e. burst: ``--burst`` leases written back to back (a scale-up): first write -> last route.
 
+``--store kube`` runs each backend a second time with ``--kube-subnet-mgr`` against the
+API server double holding ``--peers`` Node objects (bench/scale_kube.py) and prints both
+stores side by side.
+
 Targets: cold start <= 3 s, idle resync <= 0.5 s, RSS <= 100 MB, new-lease latency
 p50 <= 50 ms and p99 <= 250 ms. ``--py-spy DIR`` profiles the agent per phase and prints
 where the samples go. Everything is torn down on exit, Ctrl-C or failure.
@@ -316,6 +320,12 @@ def memory_mib(pid: int) -> dict[str, float]:
     return values
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid``, s."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def kernel_counts(host: Host, vxlan: bool) -> tuple[int, ...]:
     routes = host.ns.ip("-4", "route", "show", "proto", "76").stdout.count("\n")
     if not vxlan:
@@ -506,6 +516,8 @@ class Result:
     burst: Latency = field(default_factory=lambda: Latency())
     log_errors: int = 0
     log_warnings: int = 0
+    #: Agent CPU during the no-change resync phase, % of one core.
+    idle_cpu: float = float("nan")
     timeline: list[tuple[float, str]] = field(default_factory=list)
     profiles: list[Path] = field(default_factory=list)
 
@@ -588,6 +600,7 @@ def run_backend(kind: str, args: argparse.Namespace, stack: contextlib.ExitStack
     count, total = reconcile_totals(host)
     res.snapshot_reconcile_s = total if count == 1 else float("nan")
     pass_deadline = time.monotonic() + (args.resyncs + 2) * RESYNC_PERIOD + 10
+    cpu0, idle0 = cpu_seconds(pid), time.monotonic()
     while len(res.resync_s) < args.resyncs and time.monotonic() < pass_deadline:
         time.sleep(0.25)
         new_count, new_total = reconcile_totals(host)
@@ -596,6 +609,7 @@ def run_backend(kind: str, args: argparse.Namespace, stack: contextlib.ExitStack
         elif new_count > count + 1:  # two passes between scrapes: record their mean
             res.resync_s += [(new_total - total) / (new_count - count)] * (new_count - count)
         count, total = new_count, new_total
+    res.idle_cpu = 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - idle0)
     # (d) new leases, one at a time: closed loop, then open loop (Poisson arrivals).
     own = subnet_file.read_text()
     fresh = (
@@ -718,6 +732,7 @@ def table(results: Sequence[Result], gap_ms: float) -> list[str]:
     row("(b) no-change resync, median of passes, s", "<= 0.5", resync)
     row("    no-change resync, max, s", "", stat(lambda r: r.resync_s, lambda v: f"{max(v):.3f}"))
     row("    passes measured", "", lambda r: str(len(r.resync_s)))
+    row("    agent CPU meanwhile, % of one core", "", lambda r: f"{r.idle_cpu:.1f}")
     row("(c) agent VmRSS after cold start, MB", "<= 100", lambda r: ok(r.rss_cold, TARGETS["rss"]))
     row("    agent VmRSS at the end, MB", "<= 100", lambda r: ok(r.rss_end, TARGETS["rss"]))
     row("    agent VmHWM (peak RSS), MB", "", lambda r: f"{r.hwm:.0f}")
@@ -758,6 +773,13 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="cold-start limit, s")
     parser.add_argument(
+        "--store",
+        choices=["etcd", "kube"],
+        default="etcd",
+        help="kube: also run each backend with --kube-subnet-mgr against the API server "
+        "double holding --peers Node objects, side by side with etcd (bench/scale_kube.py)",
+    )
+    parser.add_argument(
         "--agent-arg",
         action="append",
         default=[],
@@ -792,6 +814,14 @@ def main() -> int:
         with contextlib.ExitStack() as stack:
             print(f"  {kind}: {args.peers} peers ...", flush=True)
             results.append(run_backend(kind, args, stack))
+        if args.store == "kube":
+            import scale_kube  # beside this script
+
+            with contextlib.ExitStack() as stack:
+                print(f"  {kind} (kube): {args.peers} Node objects ...", flush=True)
+                results.append(
+                    scale_kube.run_kube_backend(sys.modules[__name__], kind, args, stack)
+                )
     print()
     print(
         f"one flanneld agent, {args.peers} peer leases, resync period {RESYNC_PERIOD} s, "
