@@ -325,6 +325,10 @@ class KubeSubnetManager:
         )
         lease = self._lease_for(node, attrs)
         await self._ensure_annotations(lease.attrs)
+        if self._synced:
+            # The cache predates our patch: without this the first snapshot would lack
+            # our own node (the watch brings the real object right after).
+            self._cache[self.node_name] = lease
         log.info("lease: node %s podCIDR %s", self.node_name, lease.key)
         return lease
 
