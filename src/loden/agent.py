@@ -149,6 +149,7 @@ async def run(settings: AgentSettings) -> int:
             settings.healthz_ip, settings.healthz_port
         )
     manager = await open_subnet_manager(settings)
+    health.store = manager.name
     health.store_last_ok = health.clock()
     network: Network | None = None
     traffic: ManagedTraffic | None = None
@@ -202,7 +203,6 @@ async def run(settings: AgentSettings) -> int:
             network.mtu,
         )
         sdnotify.notify("READY=1")
-        await manager.complete_lease(lease)
         loops = AgentLoops(
             settings=settings,
             manager=manager,
