@@ -103,11 +103,12 @@ def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
         return _usage_error(prog, str(exc))
     setup_logging(settings.verbosity, settings.log_format)
     log.info(
-        "loden %s starting as %s: etcd %s (api %s), subnet file %s",
+        "loden %s starting as %s: %s, subnet file %s",
         __version__,
         prog,
-        ",".join(settings.etcd.endpoints),
-        settings.etcd.api,
+        "Kubernetes subnet manager (--kube-subnet-mgr)"
+        if settings.kube.enabled
+        else f"etcd {','.join(settings.etcd.endpoints)} (api {settings.etcd.api})",
         settings.subnet_file,
     )
     return asyncio.run(_run_agent(settings))
