@@ -95,6 +95,21 @@ def parse_scale(text: str) -> ScalePoint | None:
     return ScalePoint(peers, values)
 
 
+BACKEND_ORDER = ("host-gw", "vxlan", "udp", "wireguard")
+
+
+def position(config: str) -> tuple[int, int, str]:
+    """Underlay first, then per backend its hand-made twin above Loden's agent, the udp
+    references (naive-udp, cproxy-udp) after Loden's udp."""
+    if config == "underlay":
+        return (-1, 0, config)
+    base = config.split("-", 1)[1] if "-" in config else config
+    if config in ("naive-udp", "cproxy-udp"):
+        base = "udp"
+    backend = next((i for i, b in enumerate(BACKEND_ORDER) if base.startswith(b)), 99)
+    return (backend, family(config)[0], config)
+
+
 def family(config: str) -> tuple[int, str]:
     if config == "underlay":
         return 0, "#607d8b"
@@ -115,7 +130,7 @@ def chart_dataplane(run: DataplaneRun, out: Path) -> list[Path]:
     for test, by_config in run.samples.items():
         medians = {c: statistics.median(v) for c, v in by_config.items()}
         base = medians.get("underlay")
-        configs = sorted(medians, key=lambda c: (family(c)[0], -medians[c]))
+        configs = sorted(medians, key=position)
         values = [medians[c] / base if base else medians[c] for c in configs]
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(configs) + 1.4))
         bars = ax.barh(configs, values, color=[family(c)[1] for c in configs])
