@@ -71,7 +71,8 @@ def parse_dataplane(text: str) -> DataplaneRun | None:
 def parse_scale(text: str) -> ScalePoint | None:
     lines = text.splitlines()
     header = next((line for line in lines if line.startswith("metric ")), None)
-    peers_line = next((line for line in lines if line.startswith("peer leases in etcd")), None)
+    # "peer leases in etcd" or "peer leases (etcd) / Nodes (kube)": the count ends the line
+    peers_line = next((line for line in lines if line.startswith("peer leases")), None)
     if header is None or peers_line is None:
         return None
     columns = header.split()[2:]  # "metric target <kind> <kind> ..."

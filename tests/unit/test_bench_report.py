@@ -30,7 +30,7 @@ DATAPLANE = """command: x; load average 1.00
 def scale_log(peers: int, cold: float) -> str:
     return f"""command: x
 metric                                          target      vxlan
-peer leases in etcd                                         {peers}
+peer leases (etcd) / Nodes (kube)                           {peers}
 (a) agent start -> all entries in kernel, s        <= 3      {cold}
 (b) no-change resync, median of passes, s        <= 0.5      0.05
 (c) agent VmRSS after cold start, MB             <= 100      61.2
