@@ -194,7 +194,7 @@ async def run(settings: AgentSettings) -> int:
     try:
         config = await wait_for_config(manager, health)
         log.info(
-            "network config: Network=%s SubnetLen=%d backend=%s (%s)",
+            "network config: Network=%s SubnetLen=%d backend=%s (from %s)",
             config.network,
             config.subnet_len,
             config.backend_type,
