@@ -198,6 +198,7 @@ async def run(settings: AgentSettings) -> int:
             settings.healthz_ip, settings.healthz_port
         )
     manager = await open_subnet_manager(settings)
+    health.store = manager.name
     health.store_last_ok = health.clock()
     network: Network | None = None
     traffic: ManagedTraffic | None = None

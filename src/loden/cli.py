@@ -43,11 +43,11 @@ Exit status: 0 stopped by a signal; 1 startup failed (see the log line);
 """
 
 
-def log_fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, str]:
-    """The fields of one log record, shared by both ``-log-format`` values."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-    fields = {
-        "ts": f"{stamp}.{int(record.msecs):03d}Z",
+def log_fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, object]:
+    """The fields of one log record, shared by both ``-log-format`` values. ``ts`` is
+    Unix seconds (JSON consumers compute with it); text renders it as UTC ISO 8601."""
+    fields: dict[str, object] = {
+        "ts": round(record.created, 3),
         "level": record.levelname.lower(),
         "logger": record.name,
         "msg": record.getMessage(),
@@ -60,8 +60,10 @@ def log_fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         f = log_fields(record, self)
-        line = f"{f['ts']} {f['level'].upper():<7} {f['logger']}: {f['msg']}"
-        return line + ("\n" + f["exc"] if "exc" in f else "")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        level = str(f["level"]).upper()
+        line = f"{stamp}.{int(record.msecs):03d}Z {level:<7} {f['logger']}: {f['msg']}"
+        return line + (f"\n{f['exc']}" if "exc" in f else "")
 
 
 class _JSONFormatter(logging.Formatter):
@@ -103,11 +105,12 @@ def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
         return _usage_error(prog, str(exc))
     setup_logging(settings.verbosity, settings.log_format)
     log.info(
-        "loden %s starting as %s: etcd %s (api %s), subnet file %s",
+        "loden %s starting as %s: %s, subnet file %s",
         __version__,
         prog,
-        ",".join(settings.etcd.endpoints),
-        settings.etcd.api,
+        "Kubernetes subnet manager (--kube-subnet-mgr)"
+        if settings.kube.enabled
+        else f"etcd {','.join(settings.etcd.endpoints)} (api {settings.etcd.api})",
         settings.subnet_file,
     )
     return asyncio.run(_run_agent(settings))

@@ -95,6 +95,8 @@ class Metrics:
 @dataclass(slots=True)
 class HealthState:
     store_grace_seconds: float = 6.0
+    #: The subnet manager's name (``etcd-v3``, ``kube``...), for the /healthz lines.
+    store: str = "etcd"
     ready: bool = False
     store_last_ok: float = 0.0
     lease_expiration: float | None = None
@@ -141,7 +143,8 @@ class HealthState:
         out: list[str] = []
         if self.clock() - self.store_last_ok > self.store_grace_seconds:
             out.append(
-                f"subnet store (etcd) has not answered for {self.clock() - self.store_last_ok:.0f}s"
+                f"subnet store ({self.store}) has not answered for "
+                f"{self.clock() - self.store_last_ok:.0f}s"
             )
         if self.lease_expiration is not None and self.lease_expiration < self.wall():
             out.append("our subnet lease has expired")

@@ -334,6 +334,7 @@ class VxlanBackend:
 
 class VxlanNetwork(PeerNetwork):
     backend_type = "vxlan"
+    identity_label = "VtepMAC"
 
     def __init__(self, nl: Netlink, lease: Lease, backend: VxlanBackend) -> None:
         super().__init__(nl, lease, backend.ctx.config, backend.ctx.ext)
@@ -429,6 +430,9 @@ class VxlanNetwork(PeerNetwork):
 
     def _needs_lookup(self) -> bool:
         return self._be.options.direct_routing
+
+    def _identity_of(self, lease: Lease) -> str | None:
+        return peer_mac(lease)
 
     def _entries_for(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
         subnet, public_ip = lease.subnet, lease.attrs.public_ip

@@ -227,11 +227,17 @@ def lease_keys(lease: Lease) -> set[str]:
     """The WireGuard public keys a lease publishes (IPv4 and IPv6 data)."""
     keys: set[str] = set()
     for raw in (lease.attrs.backend_data, lease.attrs.backend_v6_data):
-        if raw is not None:
-            data = parse_peer_data(raw)
-            if not isinstance(data, str):
-                keys.add(data.public_key)
+        key = None if raw is None else _key_of(raw)
+        if key is not None:
+            keys.add(key)
     return keys
+
+
+@functools.lru_cache(maxsize=16384)
+def _key_of(raw: str) -> str | None:
+    # Cached: every sync checks every peer, and the texts rarely change.
+    data = parse_peer_data(raw)
+    return None if isinstance(data, str) else data.public_key
 
 
 def _node(lease: Lease) -> tuple[object, ...]:
