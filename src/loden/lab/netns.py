@@ -135,7 +135,7 @@ def mount_points() -> set[str]:
 
 
 def http_get(
-    netns: str,
+    netns: str | None,
     host: str,
     port: int,
     path: str,
@@ -143,7 +143,7 @@ def http_get(
     context: ssl.SSLContext | None = None,
     timeout: float = 3.0,
 ) -> tuple[int, str]:
-    """(status, body) of ``GET path`` from inside ``netns``.
+    """(status, body) of ``GET path`` from inside ``netns`` (None: from here).
 
     :raises OSError: connection failed; :raises LodenError: timed out.
     """
@@ -161,4 +161,6 @@ def http_get(
         finally:
             conn.close()
 
+    if netns is None:
+        return request()
     return call_in_netns(netns, request, timeout=timeout + 2)

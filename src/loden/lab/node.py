@@ -34,7 +34,7 @@ from pathlib import Path
 
 from loden.errors import LodenError
 from loden.lab import netns, proc, units
-from loden.lab.pki import TlsFiles
+from loden.lab.pki import EtcdPKI
 from loden.lab.plan import HEALTHZ_PORT, LabPlan
 from loden.lab.state import LabState, NodeRecord, ensure_mountpoint, host_lock
 from loden.model.subnet_env import parse_env_text
@@ -73,7 +73,7 @@ def loden_executable() -> str:
     return str(Path(sys.argv[0]).resolve())
 
 
-def build_node(state: LabState, node: str, tls: TlsFiles | None) -> NodeRecord:
+def build_node(state: LabState, node: str, tls: EtcdPKI | None) -> NodeRecord:
     """Create the node's namespaces and private tree and render its units."""
     plan = state.plan
     ns = plan.node_ns(node)
@@ -92,7 +92,7 @@ def build_node(state: LabState, node: str, tls: TlsFiles | None) -> NodeRecord:
     targets = list(PRIVATE_PATHS) + (list(DOCKER_PATHS) if plan.runtime == "docker" else [])
     binds: list[tuple[Path, str, bool]] = [(root / t.lstrip("/"), t, False) for t in targets]
     if tls is not None:
-        binds.append((tls.directory, ETCD_SSL, True))
+        binds.append((tls.dir, ETCD_SSL, True))
     with host_lock():
         for _, target, _ in binds:
             ensure_mountpoint(Path(target))
@@ -109,7 +109,7 @@ def agent_options(plan: LabPlan, address: IPv4Interface) -> str:
     return f"-healthz-ip={address.ip} -healthz-port={HEALTHZ_PORT}"
 
 
-def render(plan: LabPlan, node: NodeRecord, tls: TlsFiles | None) -> None:
+def render(plan: LabPlan, node: NodeRecord, tls: EtcdPKI | None) -> None:
     """``loden systemd render --root /`` inside the node (the seed's flannel.sh)."""
     argv = [
         loden_executable(),

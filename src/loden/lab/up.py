@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from loden.errors import ConfigError, LodenError
 from loden.lab import etcd, netns, node, proc, runtime_cni, runtime_docker
-from loden.lab.pki import TlsFiles, make_pki
+from loden.lab.pki import EtcdPKI, make_pki
 from loden.lab.plan import LAB_ROOT, LabPlan, check_name, pick_addresses
 from loden.lab.report import Reporter
 from loden.lab.state import LabState, NodeRecord, host_lock, taken_networks
@@ -132,7 +132,7 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
         netns.ip(plan.underlay_ns, "link", "add", "br0", "type", "bridge")
         netns.ip(plan.underlay_ns, "addr", "add", str(plan.gateway), "dev", "br0")
         netns.ip(plan.underlay_ns, "link", "set", "br0", "up")
-    tls: TlsFiles | None = None
+    tls: EtcdPKI | None = None
     if plan.tls:
         with reporter.step("TLS: CA and etcd server/client certificate (the seed's server.pem)"):
             # Like the seed's cfssl hosts list, the SANs name every machine: etcd checks a
