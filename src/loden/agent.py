@@ -9,6 +9,7 @@ cancellation (SIGTERM) unwinds everything; :class:`LeaseRevoked` escapes as exit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -28,14 +29,14 @@ from loden.model.lease import Lease, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets, SubnetEnv
 from loden.settings import AgentSettings
 from loden.subnet import open_subnet_manager
-from loden.subnet.manager import EtcdSubnetManager
+from loden.subnet.base import SubnetManager
 from loden.traffic import ManagedTraffic, check_br_netfilter, open_traffic_manager
 from loden.traffic.base import Networks
 
 log = logging.getLogger(__name__)
 
 
-async def wait_for_config(manager: EtcdSubnetManager, health: HealthState) -> NetworkConfig:
+async def wait_for_config(manager: SubnetManager, health: HealthState) -> NetworkConfig:
     """Poll the network config every second until it exists and validates."""
     attempts = 0
     while True:
@@ -76,9 +77,7 @@ async def pick_interface(settings: AgentSettings, config: NetworkConfig) -> Exte
     return selection.ext
 
 
-async def acquire(
-    manager: EtcdSubnetManager, attrs: LeaseAttrs, previous: PreviousSubnets
-) -> Lease:
+async def acquire(manager: SubnetManager, attrs: LeaseAttrs, previous: PreviousSubnets) -> Lease:
     """Acquire a lease; exhaustion and store outages are retried with bounded backoff."""
     delay = 1.0
     while True:
@@ -131,18 +130,29 @@ async def run(settings: AgentSettings) -> int:
         server = await HealthServer(health, metrics).serve(
             settings.healthz_ip, settings.healthz_port
         )
-    manager = await open_subnet_manager(settings, health=health)
+    manager = await open_subnet_manager(settings)
+    health.store_last_ok = health.clock()
     network: Network | None = None
     traffic: ManagedTraffic | None = None
     try:
         config = await wait_for_config(manager, health)
         log.info(
-            "network config: Network=%s SubnetLen=%d backend=%s (%s API)",
+            "network config: Network=%s SubnetLen=%d backend=%s (%s)",
             config.network,
             config.subnet_len,
             config.backend_type,
-            manager.store.api,
+            manager.name,
         )
+        override = await manager.public_ip_override()
+        if override.ipv4 is not None or override.ipv6 is not None:
+            settings = dataclasses.replace(
+                settings,
+                iface=dataclasses.replace(
+                    settings.iface,
+                    public_ip=override.ipv4 or settings.iface.public_ip,
+                    public_ipv6=override.ipv6 or settings.iface.public_ipv6,
+                ),
+            )
         ext = await pick_interface(settings, config)
         state_dir = Path(settings.state_dir)
         backend = create_backend(
@@ -174,6 +184,7 @@ async def run(settings: AgentSettings) -> int:
             network.mtu,
         )
         sdnotify.notify("READY=1")
+        await manager.complete_lease(lease)
         loops = AgentLoops(
             settings=settings,
             manager=manager,

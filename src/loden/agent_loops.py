@@ -30,8 +30,7 @@ from loden.lease_watch import LeaseWatcher
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 from loden.settings import AgentSettings
-from loden.subnet.base import WatchResult
-from loden.subnet.manager import EtcdSubnetManager
+from loden.subnet.base import SubnetManager, WatchResult
 from loden.traffic.base import Networks, TrafficManager
 from loden.traffic.commands import run_command
 
@@ -43,7 +42,7 @@ EXIT_LEASE_REVOKED = 3
 @dataclass(slots=True)
 class AgentLoops:
     settings: AgentSettings
-    manager: EtcdSubnetManager
+    manager: SubnetManager
     network: Network
     traffic: TrafficManager
     watcher: LeaseWatcher
@@ -148,6 +147,7 @@ class AgentLoops:
     async def _watch_loop(self) -> None:
         """Read the store's watch into ``_results`` as fast as it delivers."""
         async for result in self.manager.watch_leases():
+            self.health.store_last_ok = self.health.clock()  # the store just answered
             await self._results.put(result)
 
     async def _peers_loop(self) -> None:
@@ -275,7 +275,7 @@ class AgentLoops:
         down_since: float | None = None
         while True:
             try:
-                await self.manager.store.get_config()
+                await self.manager.probe()
                 self.health.store_last_ok = self.health.clock()
                 self.metrics.store_up.set(1)
                 if down_since is not None:
@@ -296,7 +296,7 @@ class AgentLoops:
                         exc,
                         self.health.store_grace_seconds,
                     )
-            self.metrics.watch_restarts.set(self.manager.health.watch_restarts)
+            self.metrics.watch_restarts.set(self.manager.watch_restarts)
             ttl = self.lease.ttl_remaining()
             self.metrics.lease_ttl.set(-1 if ttl is None else ttl)
             await asyncio.sleep(2.0)
