@@ -30,9 +30,10 @@ from typing import Any, TypeVar
 import httpx
 
 from loden.errors import LodenError
+from loden.kernel.netns import call_in_netns
 from loden.kubeapi.auth import FLANNEL_RULES
 from loden.lab import pki
-from loden.lab.netns import call_in_netns, in_net
+from loden.lab.netns import in_net
 
 JsonObject = dict[str, Any]
 T = TypeVar("T")
