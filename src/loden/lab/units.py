@@ -7,8 +7,8 @@ what systemd would do with the files ``loden systemd render`` wrote into a node:
    name order; an empty ``ExecStart=`` / ``ExecStartPost=`` resets the list, as in
    systemd) from the node's private file tree;
 2. build the environment: systemd's default ``PATH``, then each ``EnvironmentFile=``
-   (:func:`loden.tools.systemd.unit_environment`), plus ``NOTIFY_SOCKET``;
-3. start ``ExecStart`` (:func:`loden.tools.systemd.exec_argv`: ``$VAR`` split into
+   (:func:`loden.tools.systemd_files.unit_environment`), plus ``NOTIFY_SOCKET``;
+3. start ``ExecStart`` (:func:`loden.tools.systemd_files.exec_argv`: ``$VAR`` split into
    words, quotes removed) inside the node's mount and network namespaces;
 4. wait for ``READY=1`` on the notify socket, accepted only from the main pid
    (``NotifyAccess=main``, the default), for at most ``timeout`` seconds; if the
@@ -32,7 +32,8 @@ from loden.errors import LodenError
 from loden.lab import netns, proc
 from loden.lab.plan import ENV_MARKER
 from loden.lab.state import LabState, NodeRecord, ProcRecord
-from loden.tools.systemd import UNIT_DIR, exec_argv, parse_unit, under_root, unit_environment
+from loden.tools.systemd import UNIT_DIR
+from loden.tools.systemd_files import exec_argv, parse_unit, under_root, unit_environment
 
 log = logging.getLogger(__name__)
 
