@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from loden.udp import gro, gso
 from loden.udp.csum import BytesLike
-from loden.udp.frames import TCP_ACK, TCP_PSH, tcp_packet
+from tests.fixtures.frames import TCP_ACK, TCP_PSH, tcp_packet
 
 SRC = bytes([10, 9, 1, 2])
 DST = bytes([10, 9, 2, 2])

@@ -36,6 +36,6 @@ call C forwarder of flannel's proxy design (bench/c_proxy.c) and 5-6x a naive Py
 loop; 64-byte UDP 1.2-1.3x the C forwarder. Without the C loops: TCP ~0.055.
 
 Modules: :mod:`.csum` (ones'-complement sums), :mod:`.packet` (IPv4 rules, TTL, ICMP),
-:mod:`.tun`, :mod:`.sockets`, :mod:`.peers`, :mod:`.gso`, :mod:`.gro`, :mod:`.worker`,
-:mod:`.engine`, and :mod:`.frames` (packet builders for tests and benchmarks).
+:mod:`.tun`, :mod:`.sockets`, :mod:`.peers`, :mod:`.gso`, :mod:`.gro`, :mod:`.worker`
+and :mod:`.engine`. Packet builders for tests and benchmarks live in tests/fixtures/frames.py.
 """
