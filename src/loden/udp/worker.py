@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 from ipaddress import IPv4Address, IPv4Network
+from typing import TYPE_CHECKING
 
 from loden.errors import ParseError
 from loden.udp import peers as peer_codec
@@ -53,6 +54,9 @@ from loden.udp.peers import PeerTable
 from loden.udp.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from loden.udp.tun import VNET_GSO_TCPV4, VNET_HDR, VNET_HDR_LEN, VNET_PLAIN
 
+if TYPE_CHECKING:
+    from loden.udp._fastpath import Counters
+
 log = logging.getLogger(__name__)
 
 #: Packets (TUN reads or socket receives) handled per wake-up before polling again.
@@ -62,22 +66,6 @@ RX_BATCH_BYTES = 1 << 19
 READ_SIZE = 65536 + VNET_HDR_LEN
 _ANC_SPACE = socket.CMSG_SPACE(4)
 
-#: The counters the C loops return, in their order (see _fastpath.pyi).
-C_COUNTERS = (
-    "tun_reads",
-    "tun_bytes",
-    "bad_from_tun",
-    "ttl_drops",
-    "tx_datagrams",
-    "tx_sends",
-    "tx_errors",
-    "rx_calls",
-    "rx_bytes",
-    "rx_packets",
-    "rx_dropped",
-    "tun_writes",
-    "tun_write_errors",
-)
 SERVE_CONTROL, SERVE_SPECIAL, SERVE_REST, SERVE_TUN_LOST = range(4)
 
 COUNTERS = (
@@ -219,9 +207,11 @@ class Worker:
         stats["tun_bytes"] += nbytes
         stats["bad_from_tun"] += dropped
 
-    def _add(self, counts: tuple[int, ...]) -> None:
+    def _add(self, counts: Counters) -> None:
+        """Add what a C loop did; its fields are named like our counters."""
         stats = self.stats
-        for name, value in zip(C_COUNTERS, counts, strict=True):
+        for name in counts.__match_args__:
+            value = getattr(counts, name)
             if value:
                 stats[name] += value
 
@@ -241,7 +231,7 @@ class Worker:
                 return
             if special is None:
                 return
-            budget -= counts[0]
+            budget -= counts.tun_reads
             self._special_from_tun(special, vnet)
 
     def _special_from_tun(self, frame: bytes, off: int) -> None:
@@ -324,7 +314,7 @@ class Worker:
                 return
             if rest is None:
                 return
-            self._wire_rest(rest, BUDGET - counts[7])
+            self._wire_rest(rest, BUDGET - counts.rx_calls)
             return
         self._from_wire_python(BUDGET)
 
