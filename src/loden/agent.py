@@ -18,7 +18,13 @@ from loden import sdnotify
 from loden.agent_loops import AgentLoops
 from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface, Network
-from loden.errors import ConfigNotFound, NetworkConfigError, StoreUnavailable, SubnetsExhausted
+from loden.errors import (
+    ConfigNotFound,
+    LodenError,
+    NetworkConfigError,
+    StoreUnavailable,
+    SubnetsExhausted,
+)
 from loden.files import atomic_write, check_writable, ensure_private_dir, read_previous_subnets
 from loden.health import HealthServer, HealthState, Metrics
 from loden.kernel.interfaces import InterfaceOptions, select
@@ -28,6 +34,7 @@ from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets, SubnetEnv
 from loden.settings import AgentSettings
+from loden.status.agent_view import describer
 from loden.subnet import open_subnet_manager
 from loden.subnet.base import SubnetManager
 from loden.traffic import ManagedTraffic, check_br_netfilter, open_traffic_manager
@@ -87,6 +94,17 @@ async def acquire(manager: SubnetManager, attrs: LeaseAttrs, previous: PreviousS
             log.error("failed to acquire lease: %s; retrying in %.0fs", exc, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 60.0)
+
+
+async def leases_now(manager: SubnetManager) -> list[Lease]:
+    """Every lease in the store, so the backend can check that what it publishes (VTEP
+    MAC, WireGuard key) is not another node's; empty (and said) if the store cannot
+    list them now: the peer path still reports a collision later."""
+    try:
+        return await manager.list_leases()
+    except LodenError as exc:
+        log.warning("cannot list the leases to check this node's identity against: %s", exc)
+        return []
 
 
 def subnet_env_for(
@@ -158,7 +176,7 @@ async def run(settings: AgentSettings) -> int:
         backend = create_backend(
             config.backend_type, BackendContext(config=config, ext=ext, state_dir=state_dir)
         )
-        attrs = await backend.lease_attrs()
+        attrs = await backend.lease_attrs(await leases_now(manager))
         previous = read_previous_subnets(settings.subnet_file)
         lease = await acquire(manager, attrs, previous)
         network = await backend.activate(lease)
@@ -198,6 +216,7 @@ async def run(settings: AgentSettings) -> int:
             networks=current,
             started=time.monotonic(),
         )
+        health.describe = describer(loops, time.time())
         return await loops.run()
     finally:
         sdnotify.notify("STOPPING=1")

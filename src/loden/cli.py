@@ -149,6 +149,8 @@ commands:
   config get|set|validate  read, write or check the network config in etcd
   leases [--json]          list subnet leases in etcd (-kube-subnet-mgr: nodes)
   kube manifest|install-conf   the DaemonSet manifest (kube-flannel.yml); CNI conf install
+  status [-json] [-v]      this node: subnet, lease, peers, agent health, kernel drift
+  doctor                   check this node for flannel's known failure modes
   mk-docker-opts [opts]    turn subnet.env into Docker options (mk-docker-opts.sh)
   cni                      the flannel CNI meta-plugin (also installed as `flannel`)
   systemd render [opts]    render the seed's flanneld/docker unit and env files
@@ -190,6 +192,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging(0)
         return operator.main(args)
+    if command == "status":
+        from loden.status import cli as status_cli
+
+        setup_logging(0)
+        logging.getLogger().setLevel(logging.ERROR)
+        return status_cli.main(rest)
+    if command == "doctor":
+        from loden.doctor import run as doctor
+
+        setup_logging(0)
+        logging.getLogger().setLevel(logging.ERROR)
+        return doctor.main(rest)
     if command in ("lab", "demo"):
         from loden.lab import cli as lab_cli
 

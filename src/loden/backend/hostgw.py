@@ -19,7 +19,7 @@ agent's periodic ``reconcile``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from loden.backend.base import BackendContext, Network
 from loden.backend.routes import Entry, PeerNetwork
@@ -50,7 +50,7 @@ class HostGwBackend:
         self.ctx = ctx
         self.netns = ctx.extra.get("netns")
 
-    async def lease_attrs(self) -> LeaseAttrs:
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         ext = self.ctx.ext
         assert ext.ext_addr is not None
         v6 = ext.ext_v6_addr if self.ctx.config.enable_ipv6 else None

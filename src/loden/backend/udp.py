@@ -88,7 +88,7 @@ class UdpBackend:
                 f"udp backend needs an IPv4 address on {ctx.ext.name} to bind port {self.port}"
             )
 
-    async def lease_attrs(self) -> LeaseAttrs:
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         # flannel's udp lease: PublicIP only, no BackendType, no BackendData (spec §3.2).
         assert self.ctx.ext.ext_addr is not None
         return LeaseAttrs(public_ip=self.ctx.ext.ext_addr)

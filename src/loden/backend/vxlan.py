@@ -19,30 +19,36 @@ generation; the earlier L2/L3-miss daemon upcalls were slow and racy.
 ``<peer subnet> via <peer PublicIP>`` on the underlay device: no encapsulation cost
 between hosts that share an L2 segment, vxlan for the rest.
 
-*A VTEP MAC that survives restarts and reboots* (pain point 7). Peers hold our MAC in
-permanent neighbour/FDB entries and only learn a new one from our lease, so a MAC
-that changes at reboot blackholes traffic until every peer has processed the update;
-flannel picks a random MAC and has open issues about exactly this. Loden chooses, in
-order: the MAC of an existing compatible device (continuity with a running data path,
-including one created by Go flanneld); the MAC stored in ``<state_dir>/flannel.<VNI>.mac``;
-otherwise a MAC derived from SHA-256 of the public IP and VNI (locally administered,
-unicast). The chosen MAC is written back to the state file. Derivation alone already
-gives the same MAC after a reboot with an empty state directory; the file keeps an
-adopted (e.g. Go-created, random) MAC across reboots too.
+*A VTEP MAC that survives restarts and reboots* (pain point 7), *and is this node's
+alone* (issue 10). Peers hold our MAC in permanent neighbour/FDB entries and only learn
+a new one from our lease, so a MAC that changes at reboot blackholes traffic until every
+peer has processed the update; flannel picks a random MAC and has open issues about
+exactly this. Loden chooses, in order: the MAC of an existing compatible device
+(continuity with a running data path, including one created by Go flanneld); the MAC
+stored in ``<state_dir>/flannel.<VNI>.mac`` *if it was stored for this public IP and
+VNI* (the file says for whom: a state directory shared by several agents or copied
+from another node must not make two nodes advertise one MAC); otherwise a MAC derived
+from SHA-256 of the public IP and VNI (locally administered, unicast). Before the lease
+is published the MAC is compared with every other node's lease on the same VNI: a
+collision gets a fresh random MAC (logged). The chosen MAC is written back to the
+state file. A peer lease that advertises our MAC later is never programmed (it would
+point our own MAC at another node) and is reported: error log,
+``loden_identity_conflicts``, ``/healthz``. See :mod:`loden.backend.identity`.
 
-*Checksum offload off* (pain point 5). Some kernels/NICs produce bad outer UDP or inner
-TCP checksums for VXLAN-encapsulated packets when tx checksum offload is on for the
-VXLAN device: kernels before 5.7 with iptables ``MASQUERADE --random-fully`` (kube-proxy),
-and public IPs behind NAT on any kernel. It shows up as 63 s (5 retransmits) or 3 s
-delays for NodePort and ClusterIP traffic (flannel PR #1282, flannel #1279,
-kubernetes#89622, calico#3145). Loden turns tx checksumming off on ``flannel.<VNI>``
-(``ethtool -K flannel.1 tx off``) every time it ensures the device. The price is real:
+*Checksum offload follows the kernel* (pain point 5). Some kernels produce bad outer UDP
+or inner TCP checksums for VXLAN-encapsulated packets when tx checksum offload is on
+for the VXLAN device: kernels before 5.7 with iptables ``MASQUERADE --random-fully``
+(kube-proxy), which shows up as 63 s (5 retransmits) or 3 s delays for NodePort and
+ClusterIP traffic (flannel PR #1282, flannel #1279, kubernetes#89622, calico#3145).
+Go flanneld leaves the offload on (#1282 was not merged; its docs give
+``ethtool -K flannel.1 tx-checksum-ip-generic off`` for NAT'd nodes) and Calico turns it
+off only before 5.7. Loden does the same as Calico: ``"TxChecksumOffload"`` absent
+means *auto*, off on kernels < 5.7 and on otherwise; ``true``/``false`` forces either
+(Go flanneld ignores the key, so mixed clusters can share the config). Off costs much:
 without checksum offload the kernel cannot use TSO on the device either, so every
-1450-byte segment is encapsulated on its own; on the test machines a TCP stream through
-``flannel.1`` drops to ~0.2x of the same device with offloads on (bench/dataplane.py,
-``hand-vxlan`` vs ``hand-vxlan-txoff``). Clusters on kernels >= 5.7 whose nodes are not
-behind NAT can set ``"TxChecksumOffload": true`` in the Backend config to keep the
-offloads (Go flanneld ignores the key, so mixed clusters can share the config).
+1450-byte segment is encapsulated on its own (~0.2x of the same device with offloads
+on here: bench/dataplane.py, ``hand-vxlan`` vs ``hand-vxlan-txoff``). Nodes whose
+public IPs are behind NAT should set ``false``.
 
 *Never interrupt traffic on restart.* Start-up reuses a compatible device as is (no
 down/up, no address flush, MTU and MAC written only if they differ), and reconcile
@@ -56,15 +62,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import re
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from loden.backend.base import BackendContext, Network
-from loden.backend.routes import Entry, PeerNetwork
+from loden.backend.identity import (
+    BoundValue,
+    NodeIdentity,
+    describe,
+    holders,
+    other_nodes,
+    random_mac,
+)
+from loden.backend.routes import Conflict, Entry, PeerNetwork, Wanted
 from loden.errors import BackendError, DataplaneError
-from loden.files import replace_file
 from loden.kernel.netlink import (
     RTPROT_BOOT,
     FdbEntry,
@@ -95,10 +109,10 @@ class VxlanOptions:
     learning: bool = False
     direct_routing: bool = False
     mtu: int = 0
-    #: Loden extension (Go flanneld ignores unknown Backend keys): keep the kernel's tx
-    #: checksum offload, and with it TSO, on ``flannel.<VNI>``. Off by default, see the
-    #: module docstring for the trade-off.
-    tx_checksum_offload: bool = False
+    #: Loden extension (Go flanneld ignores unknown Backend keys): tx checksum offload,
+    #: and with it TSO, on ``flannel.<VNI>``. None (the default) is *auto*: see
+    #: :func:`tx_checksum_decision` and the module docstring for the trade-off.
+    tx_checksum_offload: bool | None = None
 
     @classmethod
     def from_config(cls, config: NetworkConfig) -> VxlanOptions:
@@ -117,8 +131,40 @@ class VxlanOptions:
             learning=spec.option("Learning", as_bool, False),
             direct_routing=spec.option("DirectRouting", as_bool, False),
             mtu=spec.option("MTU", as_int, 0),
-            tx_checksum_offload=spec.option("TxChecksumOffload", as_bool, False),
+            tx_checksum_offload=spec.option("TxChecksumOffload", as_bool, None),
         )
+
+
+#: The first kernel whose VXLAN checksum offload survives ``MASQUERADE --random-fully``
+#: (the fix Calico keys its own default on).
+FIXED_KERNEL = (5, 7)
+
+
+def kernel_version(release: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a ``uname -r`` string such as ``5.4.0-150-generic``."""
+    match = re.match(r"^(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def tx_checksum_decision(option: bool | None, release: str) -> tuple[bool, str]:
+    """Whether tx checksum offload is on for ``flannel.<VNI>``, and why (for the log)."""
+    if option is not None:
+        return option, f'"TxChecksumOffload": {str(option).lower()} in the Backend config'
+    version = kernel_version(release)
+    if version is None:
+        return False, (
+            f"auto: kernel release {release!r} is not understood, so assuming it may have "
+            'the < 5.7 checksum bug; set "TxChecksumOffload": true to keep the offload'
+        )
+    if version < FIXED_KERNEL:
+        return False, (
+            f"auto: kernel {release} is older than 5.7 (corrupt VXLAN checksums with "
+            "MASQUERADE --random-fully); costs throughput, no TSO on the device"
+        )
+    return True, (
+        f'auto: kernel {release} is 5.7 or newer; set "TxChecksumOffload": false if '
+        "this node's public IP is behind NAT"
+    )
 
 
 def derived_mac(public_ip: IPv4Address, vni: int) -> str:
@@ -145,6 +191,25 @@ def _mac_of(backend_data: str) -> str | None:
         return normalise_mac(GoObject.parse(backend_data).get("VtepMAC", as_str, ""))
     except GoJSONError:
         return None
+
+
+def peer_vni(lease: Lease) -> int | None:
+    """VNI from a peer's BackendData; None if absent (flanneld v0.11-v0.13) or bad."""
+    try:
+        data = GoObject.parse(lease.attrs.backend_data or "{}")
+        vni: int | None = data.get("VNI", as_int, None)
+    except GoJSONError:
+        return None
+    return vni
+
+
+def vxlan_rivals(leases: Sequence[Lease], own_ip: IPv4Address, vni: int) -> list[Lease]:
+    """Other nodes' vxlan leases whose VTEPs share our VNI (no VNI in the data: same)."""
+    return [
+        lease
+        for lease in other_nodes(leases, own_ip)
+        if lease.attrs.backend_type == "vxlan" and peer_vni(lease) in (None, vni)
+    ]
 
 
 def compatible(link: Link, spec: VxlanSpec) -> bool:
@@ -184,23 +249,25 @@ class VxlanBackend:
         )
         self.mtu = (self.options.mtu or ctx.ext.mtu) - OVERHEAD
         self.netns = ctx.extra.get("netns")
-        self._mac_file = ctx.state_dir / f"{self.name}.mac"
+        self.identity = NodeIdentity(self.public_ip, self.options.vni)
+        self._mac_store = BoundValue(ctx.state_dir / f"{self.name}.mac", "VtepMAC")
+        self.tx_checksum, why = tx_checksum_decision(
+            self.options.tx_checksum_offload, os.uname().release
+        )
+        log.info(
+            "vxlan: tx checksum offload %s on %s (%s)",
+            "on" if self.tx_checksum else "off",
+            self.name,
+            why,
+        )
 
     def _stored_mac(self) -> str | None:
-        try:
-            return normalise_mac(self._mac_file.read_text())
-        except OSError:
-            return None
+        stored = self._mac_store.load(self.identity)
+        return None if stored is None else normalise_mac(stored)
 
-    def _store_mac(self, mac: str) -> None:
-        try:
-            if self._stored_mac() != mac:
-                replace_file(self._mac_file, f"{mac}\n".encode(), parents=False)
-        except OSError as exc:
-            log.warning("cannot store the VTEP MAC in %s: %s", self._mac_file, exc)
-
-    async def ensure_device(self, nl: Netlink) -> Link:
-        """Reuse a compatible ``flannel.<VNI>`` (keeping its MAC) or (re)create it."""
+    async def ensure_device(self, nl: Netlink, mac: str | None = None) -> Link:
+        """Reuse a compatible ``flannel.<VNI>`` (keeping its MAC) or (re)create it with
+        ``mac`` (the running network's), else the stored one, else the derived one."""
         link = await nl.link(self.name)
         if link is not None and compatible(link, self.spec):
             return link
@@ -212,7 +279,7 @@ class VxlanBackend:
                 self.spec,
             )
             await nl.delete_link(link.index)
-        mac = self._stored_mac() or derived_mac(self.public_ip, self.options.vni)
+        mac = mac or self._stored_mac() or derived_mac(self.public_ip, self.options.vni)
         log.info(
             "creating %s: vni %d port %d local %s dev %s mac %s mtu %d",
             self.name,
@@ -225,20 +292,41 @@ class VxlanBackend:
         )
         return await nl.create_vxlan(self.name, self.spec, mtu=self.mtu, mac=mac)
 
-    async def lease_attrs(self) -> LeaseAttrs:
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         nl = await Netlink.open(self.netns)
         try:
             link = await self.ensure_device(nl)
+            if link.mac is None:
+                raise DataplaneError("read", f"MAC of {self.name}", "the device has no MAC address")
+            mac = await self._unique_mac(nl, link.index, link.mac, others)
         finally:
             await nl.aclose()
-        if link.mac is None:
-            raise DataplaneError("read", f"MAC of {self.name}", "the device has no MAC address")
-        self._store_mac(link.mac)
-        data = LeaseAttrs.encode_data({"VNI": self.options.vni, "VtepMAC": link.mac})
+        self._mac_store.store(self.identity, mac)
+        data = LeaseAttrs.encode_data({"VNI": self.options.vni, "VtepMAC": mac})
         v6 = self.ctx.ext.ext_v6_addr if self.ctx.config.enable_ipv6 else None
         return LeaseAttrs(
             public_ip=self.public_ip, backend_type="vxlan", backend_data=data, public_ipv6=v6
         )
+
+    async def _unique_mac(self, nl: Netlink, index: int, mac: str, others: Sequence[Lease]) -> str:
+        """``mac``, or a fresh one set on the device if another node advertises it."""
+        rivals = vxlan_rivals(others, self.public_ip, self.options.vni)
+        clash = holders(mac, rivals, peer_mac)
+        if not clash:
+            return mac
+        taken = {m for m in map(peer_mac, rivals) if m is not None}
+        fresh = random_mac(taken | {mac})
+        log.warning(
+            "VTEP MAC %s of %s is already advertised by another node's lease %s (a state "
+            "directory shared with or copied from that node, or a cloned image): using "
+            "the fresh MAC %s instead",
+            mac,
+            self.name,
+            describe(clash),
+            fresh,
+        )
+        await nl.set_link(index, mac=fresh)
+        return fresh
 
     async def activate(self, lease: Lease) -> Network:
         nl = await Netlink.open(self.netns)
@@ -292,7 +380,7 @@ class VxlanNetwork(PeerNetwork):
     async def _ensure_base(self) -> bool:
         """Device present, compatible, configured; only differences are written."""
         nl, be = self._nl, self._be
-        link = await be.ensure_device(nl)
+        link = await be.ensure_device(nl, self._mac or None)
         recreated = bool(self._index) and link.index != self._index
         if recreated:
             log.warning(
@@ -309,9 +397,11 @@ class VxlanNetwork(PeerNetwork):
             self._mac = link.mac or ""
         if link.mtu != be.mtu:
             await nl.set_link(link.index, mtu=be.mtu)
+        if link.txqlen:  # a device an older Loden created (qlen 1000): match flanneld's
+            await nl.set_link(link.index, txqlen=0)
         await self._ensure_address(link.index)
         await self._best_effort(nl.set_sysctl(f"net/ipv6/conf/{be.name}/accept_ra", "0"))
-        await self._best_effort(nl.set_tx_checksum(be.name, be.options.tx_checksum_offload))
+        await self._best_effort(nl.set_tx_checksum(be.name, be.tx_checksum))
         if not link.up:
             await nl.set_link(link.index, up=True)
         check = await nl.link_by_index(link.index)
@@ -347,10 +437,20 @@ class VxlanNetwork(PeerNetwork):
     def _needs_lookup(self) -> bool:
         return self._be.options.direct_routing
 
-    def _entries_for(
-        self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]
-    ) -> tuple[Entry, ...] | str:
+    def _entries_for(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
         subnet, public_ip = lease.subnet, lease.attrs.public_ip
+        if self._mac and peer_mac(lease) == self._mac:
+            if public_ip == self._be.public_ip:
+                return (
+                    f"vxlan: lease {subnet} has this node's public IP and VTEP MAC (an older"
+                    " lease of this node): skipped"
+                )
+            return Conflict(
+                f"vxlan: peer {subnet} ({public_ip}) advertises VtepMAC {self._mac}, which is"
+                f" this node's own ({self._be.name}): not programmed, since traffic to it"
+                " would loop back here. Two nodes share a VTEP MAC (shared or copied"
+                " state directory?): restart the agent on one of them, it picks a fresh MAC"
+            )
         if self._be.options.direct_routing:
             found = lookups.get(public_ip)
             if found is not None and found.gateway is None and found.oif:

@@ -234,12 +234,18 @@ class Netlink:
     async def create_vxlan(
         self, name: str, spec: VxlanSpec, *, mtu: int | None = None, mac: str | None = None
     ) -> Link:
-        """Create a vxlan device (down); ``spec.port`` is always passed explicitly."""
+        """Create a vxlan device (down); ``spec.port`` is always passed explicitly.
+
+        ``txqueuelen 0`` as Go flanneld's device has (its netlink library sends the
+        zero of an unset ``TxQLen``): a virtual device queues nothing itself, and the
+        same ``ip -d link`` as flanneld's is part of the drop-in promise.
+        """
 
         def create() -> Link:
             args: dict[str, Any] = {
                 "ifname": name,
                 "kind": "vxlan",
+                "txqlen": 0,
                 "vxlan_id": spec.vni,
                 "vxlan_port": spec.port,
                 "vxlan_learning": int(spec.learning),
@@ -267,9 +273,17 @@ class Netlink:
         return await self._call("create", f"vxlan device {name}", create)
 
     async def set_link(
-        self, index: int, *, up: bool | None = None, mtu: int | None = None, mac: str | None = None
+        self,
+        index: int,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        mac: str | None = None,
+        txqlen: int | None = None,
     ) -> None:
         args: dict[str, Any] = {"index": index}
+        if txqlen is not None:
+            args["txqlen"] = txqlen
         if up is not None:
             args["state"] = "up" if up else "down"
         if mtu is not None:
@@ -482,6 +496,7 @@ def _link(msg: Any) -> Link:
         mac=msg.get("IFLA_ADDRESS"),
         up=bool(msg["flags"] & _IFF_UP),
         vxlan=vxlan,
+        txqlen=None if msg.get("IFLA_TXQLEN") is None else int(msg.get("IFLA_TXQLEN")),
     )
 
 
