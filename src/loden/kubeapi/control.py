@@ -32,7 +32,7 @@ import httpx
 from loden.errors import LodenError
 from loden.kernel.netns import call_in_netns
 from loden.kubeapi.auth import FLANNEL_RULES
-from loden.lab import pki
+from loden.lab import pki, proc
 from loden.lab.netns import in_net
 
 JsonObject = dict[str, Any]
@@ -455,10 +455,7 @@ class KubeApiProcess:
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return proc.tail(self.log_path, lines) or "(no log)"
 
     def stop(self) -> None:
         if self.popen is not None and self.popen.poll() is None:

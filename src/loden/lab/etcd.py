@@ -348,10 +348,7 @@ class EtcdServer:
         self.wait_ready(ready_timeout)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return proc.tail(self.log_path, lines) or "(no log)"
 
     def close(self) -> None:
         """Kill the process and remove the directory this object created."""

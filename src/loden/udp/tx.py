@@ -95,6 +95,7 @@ class TunToWire(WorkerState):
                     cur_n = 0
                 self._from_tun_offloaded(frame, peer)
                 continue
+            # packet.dec_ttl, inlined: this loop runs once per packet.
             buf = bytearray(frame)
             buf[off + 8] = ttl - 1
             check = ((frame[off + 10] << 8) | frame[off + 11]) + 0x0100
