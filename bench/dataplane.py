@@ -62,7 +62,6 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.topology import (
     Host,
     Namespace,
@@ -72,6 +71,8 @@ from tests.fixtures.topology import (
     subnet_from_env,
     wait_until,
 )
+
+from loden.lab.etcd import EtcdServer
 
 BIN = Path(sys.executable).parent
 FLANNELD = str(BIN / "flanneld")
