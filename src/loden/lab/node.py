@@ -79,14 +79,7 @@ def build_node(state: LabState, node: str, tls: EtcdPKI | None) -> NodeRecord:
     ns = plan.node_ns(node)
     address = plan.node_address(node)
     netns.add_netns(state, ns)
-    netns.ip(
-        plan.underlay_ns, "link", "add", node, "type", "veth", "peer", "name", "eth0", "netns", ns
-    )
-    netns.ip(plan.underlay_ns, "link", "set", node, "master", "br0", "up")
-    netns.ip(ns, "addr", "add", str(address), "dev", "eth0")
-    netns.ip(ns, "link", "set", "eth0", "up")
-    netns.ip(ns, "route", "add", "default", "via", str(plan.gateway.ip))
-    netns.sysctl(ns, "net.ipv4.ip_forward", "1")
+    netns.attach_host(plan.underlay_ns, node, ns, address, gateway=plan.gateway.ip)
 
     root = plan.node_root(node)
     targets = list(PRIVATE_PATHS) + (list(DOCKER_PATHS) if plan.runtime == "docker" else [])

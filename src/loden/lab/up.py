@@ -129,9 +129,7 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
     plan = state.plan
     with reporter.step(f"underlay {plan.underlay_ns}: bridge br0 {plan.gateway}"):
         netns.add_netns(state, plan.underlay_ns)
-        netns.ip(plan.underlay_ns, "link", "add", "br0", "type", "bridge")
-        netns.ip(plan.underlay_ns, "addr", "add", str(plan.gateway), "dev", "br0")
-        netns.ip(plan.underlay_ns, "link", "set", "br0", "up")
+        netns.make_underlay(plan.underlay_ns, address=plan.gateway)
     tls: EtcdPKI | None = None
     if plan.tls:
         with reporter.step("TLS: CA and etcd server/client certificate (the seed's server.pem)"):
