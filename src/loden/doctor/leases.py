@@ -6,36 +6,47 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+from loden.backend import identity
+from loden.backend.vxlan import peer_mac
+from loden.backend.wireguard_peers import lease_keys
 from loden.doctor.base import Context, Finding
 from loden.model.lease import Lease
 
 
-def _identity(lease: Lease) -> dict[str, str]:
-    data = lease.attrs.data()
+def _values(lease: Lease) -> dict[str, str]:
     out = {"public IP": str(lease.attrs.public_ip)}
-    if isinstance(data, dict):
-        mac, key = data.get("VtepMAC"), data.get("PublicKey")
-        if isinstance(mac, str) and mac:
-            out["VTEP MAC"] = mac.lower()
-        if isinstance(key, str) and key:
+    mac = peer_mac(lease)
+    if mac is not None:
+        out["VTEP MAC"] = mac
+    if lease.attrs.backend_type == "wireguard":
+        for key in sorted(lease_keys(lease)):
             out["WireGuard key"] = key
     return out
 
 
 def duplicates(leases: list[Lease]) -> dict[tuple[str, str], list[Lease]]:
-    """(what, value) -> the leases sharing it, for every value held by two or more."""
+    """(what, value) -> the leases sharing it, for every value held by two or more.
+
+    A VTEP MAC or key counts only when held by leases of two public IPs (the identity
+    rule of :mod:`loden.backend.identity`: a node's own older lease is no twin).
+    """
     seen: dict[tuple[str, str], list[Lease]] = defaultdict(list)
     for lease in leases:
-        for what, value in _identity(lease).items():
+        for what, value in _values(lease).items():
             seen[(what, value)].append(lease)
-    return {k: v for k, v in seen.items() if len(v) > 1}
+    out: dict[tuple[str, str], list[Lease]] = {}
+    for (what, value), group in seen.items():
+        ips = {lease.attrs.public_ip for lease in group}
+        if len(group) > 1 and (what == "public IP" or len(ips) > 1):
+            out[(what, value)] = group
+    return out
 
 
 async def check_duplicates(ctx: Context) -> list[Finding]:
     findings: list[Finding] = []
     own = ctx.own
     for (what, value), leases in sorted(duplicates(ctx.store.leases).items()):
-        keys = ", ".join(sorted(le.key for le in leases))
+        keys = identity.describe(sorted(leases, key=lambda le: le.key))
         mine = own is not None and own in leases
         where = " (one of them is this node's)" if mine else ""
         fix = {

@@ -61,7 +61,8 @@ async def check_rp_filter(ctx: Context) -> list[Finding]:
                     "source is routed elsewhere (asymmetric paths, DirectRouting)",
                     f"net.ipv4.conf.all.rp_filter = {base}, "
                     f"net.ipv4.conf.{link.name}.rp_filter = {own} (effective 1 = strict)",
-                    f"sysctl -w net.ipv4.conf.{link.name}.rp_filter=2 (loose) and "
+                    f"sysctl -w net.ipv4.conf.{link.name.replace('.', '/')}.rp_filter=2 "
+                    "(loose) and "
                     "net.ipv4.conf.all.rp_filter=2 if that is 1",
                 )
             )

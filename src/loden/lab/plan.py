@@ -33,6 +33,7 @@ BACKENDS = ("vxlan", "host-gw", "udp", "wireguard")
 RUNTIMES = ("cni", "docker")
 ETCD_MODES = ("single", "cluster")
 ETCD_APIS = ("v3", "v2")
+STORES = ("etcd", "kube")
 HEALTHZ_PORT = 8471
 ENV_MARKER = "LODEN_LAB"
 _NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,19}")
@@ -86,6 +87,7 @@ class LabPlan:
     underlay: IPv4Network
     network: IPv4Network
     with_agent: bool = True
+    store: str = "etcd"
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -96,9 +98,17 @@ class LabPlan:
             (self.runtime, RUNTIMES, "--runtime"),
             (self.etcd, ETCD_MODES, "--etcd"),
             (self.etcd_api, ETCD_APIS, "--etcd-api"),
+            (self.store, STORES, "--store"),
         ):
             if value not in allowed:
                 raise UsageError(f"{flag} {value!r}: use one of {', '.join(allowed)}")
+        if self.store == "kube" and (
+            self.runtime != "cni" or self.etcd != "single" or self.etcd_api != "v3" or self.tls
+        ):
+            raise UsageError(
+                "--store kube runs an API server instead of etcd, with the CNI runtime: "
+                "drop --runtime docker, --etcd, --etcd-api and --tls"
+            )
         if not 0 <= self.pods_per_node <= 20:
             raise UsageError(f"--pods {self.pods_per_node}: use 0 to 20 pods per node")
 
@@ -179,6 +189,7 @@ class LabPlan:
             "underlay": str(self.underlay),
             "network": str(self.network),
             "with_agent": self.with_agent,
+            "store": self.store,
         }
 
     @classmethod
@@ -197,6 +208,7 @@ class LabPlan:
                 underlay=IPv4Network(str(data["underlay"])),
                 network=IPv4Network(str(data["network"])),
                 with_agent=bool(data.get("with_agent", True)),
+                store=str(data.get("store", "etcd")),
             )
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"unreadable lab plan in state.json: {exc}") from exc

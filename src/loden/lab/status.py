@@ -3,7 +3,9 @@
 The subnet and VTEP MAC / WireGuard key come from the leases in etcd (``loden leases
 -json`` run inside node1 with the node's own etcd flags, so it also proves the store is
 reachable from the nodes); when that fails they come from the node itself (subnet.env
-and the ``flannel.1`` device). Agent health is the agent's own ``/healthz``.
+and the ``flannel.1`` device). Agent health is the agent's own ``/healthz``. In kube
+mode (``--store kube``) the detail column is the node's flannel annotations, read with
+``loden leases -kube-subnet-mgr -json`` inside node1 through its in-cluster config.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ipaddress import IPv4Interface
 from rich.markup import escape
 from rich.table import Table
 
-from loden.lab import netns, proc
+from loden.lab import kube, netns, proc
 from loden.lab.check import VXLAN_DEVICE, agent_health
 from loden.lab.node import etcd_flags, loden_executable, read_subnet
 from loden.lab.state import LabState, NodeRecord
@@ -74,7 +76,9 @@ def _local_detail(state: LabState, node: NodeRecord) -> str:
 
 
 def collect(state: LabState) -> list[NodeStatus]:
-    by_ip = leases(state) if state.plan.with_agent else None
+    kube_mode = state.plan.store == "kube"
+    by_ip = leases(state) if state.plan.with_agent and not kube_mode else None
+    by_node = kube.node_annotations(state) if state.plan.with_agent and kube_mode else None
     rows: list[NodeStatus] = []
     for node in state.nodes.values():
         public_ip = str(IPv4Interface(node.address).ip)
@@ -85,6 +89,8 @@ def collect(state: LabState) -> list[NodeStatus]:
             else (read_subnet(state.plan, node.name)[0] or node.subnet)
         )
         detail = str(lease.get("detail") or "-") if lease else _local_detail(state, node)
+        if by_node is not None and node.name in by_node:
+            detail = kube.describe(by_node[node.name])
         healthy, body = agent_health(state, node)
         rows.append(
             NodeStatus(
@@ -105,8 +111,12 @@ def table(state: LabState, rows: list[NodeStatus]) -> Table:
     plan = state.plan
     title = (
         f"lab {plan.name}: {plan.nodes} nodes, {plan.backend}, {plan.runtime} runtime, "
-        f"etcd {plan.etcd}{' TLS' if plan.tls else ''} ({plan.etcd_api}), "
-        f"Network {plan.network}, underlay {plan.underlay} {escape(f'[{state.phase}]')}"
+        + (
+            f"API server {kube.api_url(plan)}, "
+            if plan.store == "kube"
+            else f"etcd {plan.etcd}{' TLS' if plan.tls else ''} ({plan.etcd_api}), "
+        )
+        + f"Network {plan.network}, underlay {plan.underlay} {escape(f'[{state.phase}]')}"
     )
     out = Table(title=title, title_justify="left")
     for column in (
@@ -114,7 +124,7 @@ def table(state: LabState, rows: list[NodeStatus]) -> Table:
         "public IP",
         "subnet",
         "backend",
-        "VTEP MAC / key",
+        "node annotations" if plan.store == "kube" else "VTEP MAC / key",
         "pods",
         "agent /healthz",
     ):

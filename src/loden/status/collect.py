@@ -168,11 +168,11 @@ async def collect(settings: AgentSettings, url_override: str = "") -> dict[str, 
         report["lease"] = agent.get("lease")
     else:
         report["lease"] = None
-    report["peers"] = (
-        agent["peers"]
-        if agent is not None and "peers" in agent
-        else peers_json({p.key: p for p in peers})
-    )
+    # The store's view carries each peer's TTL; the agent's is the fallback.
+    if store.ok or agent is None or "peers" not in agent:
+        report["peers"] = peers_json({p.key: p for p in peers})
+    else:
+        report["peers"] = agent["peers"]
     report["kernel"] = await _kernel(settings, config, own, peers, env)
     return report
 
