@@ -680,6 +680,24 @@ static int wire_pass(int sock, int tun, Py_ssize_t vnet, Py_ssize_t budget, Py_s
     return 0;
 }
 
+/* The checks of a call that forwards with the peer table; on success the caller holds
+ * *table and the static buffers until end_forwarding. Returns 0, or -1 with an error. */
+static int begin_forwarding(Py_ssize_t vnet, int port, PyObject *groups, route_table *table) {
+    if (check_vnet(vnet) < 0 || check_port(port) < 0 || check_groups(groups, table) < 0) {
+        return -1;
+    }
+    if (enter() < 0) {
+        release_groups(table);
+        return -1;
+    }
+    return 0;
+}
+
+static void end_forwarding(route_table *table) {
+    busy = 0;
+    release_groups(table);
+}
+
 static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
     int tun, sock, port;
     Py_ssize_t vnet, budget;
@@ -688,19 +706,14 @@ static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
         return NULL;
     }
     route_table table;
-    if (check_vnet(vnet) < 0 || check_port(port) < 0 || check_groups(groups, &table) < 0) {
-        return NULL;
-    }
-    if (enter() < 0) {
-        release_groups(&table);
+    if (begin_forwarding(vnet, port, groups, &table) < 0) {
         return NULL;
     }
     counters c = {0};
     PyObject *special = NULL;
     int err = 0;
     int ok = tun_pass(tun, sock, vnet, &table, port, budget, &c, &special, &err);
-    busy = 0;
-    release_groups(&table);
+    end_forwarding(&table);
     if (ok < 0) {
         return NULL;
     }
@@ -745,16 +758,11 @@ static PyObject *serve(PyObject *self, PyObject *args) {
         return NULL;
     }
     route_table table;
-    if (check_vnet(vnet) < 0 || check_port(port) < 0 || check_groups(groups, &table) < 0) {
-        return NULL;
-    }
-    if (enter() < 0) {
-        release_groups(&table);
+    if (begin_forwarding(vnet, port, groups, &table) < 0) {
         return NULL;
     }
     PyObject *result = serve_loop(epfd, ctl, tun, sock, vnet, &table, port, budget, max_bytes);
-    busy = 0;
-    release_groups(&table);
+    end_forwarding(&table);
     return result;
 }
 
