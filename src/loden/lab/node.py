@@ -33,6 +33,7 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 
 from loden.errors import LodenError
+from loden.files import replace_file
 from loden.lab import netns, proc, units
 from loden.lab.pki import EtcdPKI
 from loden.lab.plan import HEALTHZ_PORT, LabPlan
@@ -218,5 +219,5 @@ def write_manual_subnet(state: LabState, node: NodeRecord, index: int) -> NodeRe
         "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
     )
     path = plan.node_root(node.name) / SUBNET_FILE.lstrip("/")
-    path.write_text(text, encoding="utf-8")
+    replace_file(path, text.encode("utf-8"))  # the CNI plugin may read it at any time
     return state.update_node(node.name, subnet=str(subnet), mtu=1450)

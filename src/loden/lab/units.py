@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loden.errors import LodenError
+from loden.files import replace_file
 from loden.lab import netns, proc
 from loden.lab.plan import ENV_MARKER
 from loden.lab.state import LabState, NodeRecord, ProcRecord
@@ -78,8 +79,7 @@ def exec_lines(text: str, key: str) -> list[str]:
 def write_dropin(root: Path, unit: str, name: str, text: str) -> Path:
     """Write ``<unit>.d/<name>.conf`` into the node's unit directory."""
     path = under_root(root, f"{UNIT_DIR}/{unit}.d/{name}.conf")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    replace_file(path, text.encode("utf-8"))
     return path
 
 
