@@ -32,7 +32,7 @@ import httpx
 from loden.errors import LodenError
 from loden.kernel.netns import call_in_netns
 from loden.kubeapi.auth import FLANNEL_RULES
-from loden.lab import pki
+from loden.lab import pki, proc
 from loden.lab.netns import in_net
 
 JsonObject = dict[str, Any]
@@ -532,10 +532,7 @@ class KubeApiProcess:
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return proc.tail(self.log_path, lines) or "(no log)"
 
     def kill(self) -> None:
         """SIGKILL, no goodbye (a crash); :meth:`start` brings it back."""
