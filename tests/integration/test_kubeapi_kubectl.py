@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from loden.kubeapi.control import KubeApiClient
+from tests.fixtures.kubeapi import KubeApiFactory
 
 SDK = Path("/usr/lib/google-cloud-sdk/bin")
 # LODEN_KUBECTLS: more kubectl binaries (colon-separated), e.g. Debian's 1.20 extracted with
@@ -248,3 +249,40 @@ def test_status_patch_through_kubectl_proxy(
     patches = [r for r in kubeapi.requests_log() if r["method"] == "PATCH"]
     assert patches[-1]["path"] == "/api/v1/nodes/node-a/status"
     assert patches[-1]["user"] == "kubernetes-admin", "the proxy forwards the kubeconfig's token"
+
+
+def test_apply_and_label(kubectl: str, kubeapi: KubeApiClient, tmp_path: Path) -> None:
+    """Client-side apply (GET, then create or a strategic PATCH with last-applied)."""
+    config = kubeapi.write_kubeconfig(tmp_path / "kubeconfig")
+    manifest = tmp_path / "node.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: n9\n  labels: {a: b}\n"
+        "spec:\n  podCIDR: 10.9.0.0/24\n"
+    )
+    # --validate=false: the double serves no OpenAPI document
+    assert (
+        "created" in run(kubectl, config, "apply", "--validate=false", "-f", str(manifest)).stdout
+    )
+    again = run(kubectl, config, "apply", "--validate=false", "-f", str(manifest)).stdout
+    assert "unchanged" in again
+    run(kubectl, config, "label", "node", "n9", "c=d")
+    shown = run(kubectl, config, "get", "node", "n9", "--show-labels").stdout
+    assert "a=b,c=d" in shown
+    node = kubeapi.get("nodes", "n9")
+    assert "kubectl.kubernetes.io/last-applied-configuration" in node["metadata"]["annotations"]
+    assert node["spec"]["podCIDRs"] == ["10.9.0.0/24"]
+
+
+def test_client_certificate_kubeconfig(
+    kubectl: str, kubeapi_server: KubeApiFactory, tmp_path: Path
+) -> None:
+    server = kubeapi_server()
+    assert server.client is not None
+    server.client.create_node("node-a", "10.244.1.0/24")
+    cert, key = server.admin_cert
+    config = server.client.write_kubeconfig(
+        tmp_path / "kubeconfig", client_cert=cert, client_key=key, embed=True
+    )
+    assert "node-a" in run(kubectl, config, "get", "nodes").stdout
+    users = {r["user"] for r in server.client.requests_log() if r["path"] == "/api/v1/nodes"}
+    assert users == {"kubernetes-admin"}, "the certificate's CN, no token"

@@ -67,6 +67,7 @@ NLM_F_ACK_TLVS: Final = 0x200
 NLM_F_DUMP: Final = 0x300
 NLM_F_REPLACE: Final = 0x100
 NLM_F_CREATE: Final = 0x400
+NLM_F_EXCL: Final = 0x200
 
 AF_BRIDGE: Final = 7
 RTNH_F_ONLINK: Final = 0x4
@@ -535,7 +536,6 @@ RTM_GETLINK: Final = 18
 RTM_NEWADDR: Final = 20
 RTM_DELADDR: Final = 21
 RTM_GETADDR: Final = 22
-NLM_F_EXCL: Final = 0x200
 IFLA_ADDRESS: Final = 1
 IFLA_IFNAME: Final = 3
 IFLA_MTU: Final = 4
