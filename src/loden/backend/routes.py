@@ -49,6 +49,7 @@ from loden.kernel.netlink import (
     Route,
     RouteLookup,
 )
+from loden.lease_watch import overlaps_own
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 
@@ -260,7 +261,9 @@ class PeerNetwork:
     # -- the Network API ---------------------------------------------------------------
 
     def accepts(self, lease: Lease) -> bool:
-        return lease.attrs.backend_type == self.backend_type and lease.subnet != self._lease.subnet
+        return lease.attrs.backend_type == self.backend_type and not overlaps_own(
+            lease, self._lease
+        )
 
     async def _lookups(self, leases: Iterable[Lease]) -> Mapping[IPAddress, RouteLookup | None]:
         if not self._needs_lookup():
@@ -387,7 +390,7 @@ class PeerNetwork:
         fallback: dict[str, Lease] = {}
         for event in events:
             key = event.lease.key
-            if event.lease.subnet == self._lease.subnet:
+            if overlaps_own(event.lease, self._lease):
                 continue
             if event.kind is EventKind.ADDED and self.accepts(event.lease):
                 latest[key] = event.lease

@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from loden.errors import NetworkConfigError
+from loden.model.families import check_families
 from loden.model.gojson import GoJSONError, GoObject, as_bool, as_str, as_uint
 from loden.model.net import subnet_count
 
@@ -124,6 +125,9 @@ class NetworkConfig:
             config = config._validated_v4()
         if self.enable_ipv6:
             config = config._validated_v6()
+        check_families(
+            self.backend.type, enable_ipv4=self.enable_ipv4, enable_ipv6=self.enable_ipv6
+        )
         return config
 
     def _validated_v4(self) -> NetworkConfig:
