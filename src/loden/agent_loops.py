@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 
 from loden.backend.base import Network, ReconcileReport
 from loden.errors import (
@@ -255,21 +256,29 @@ class AgentLoops:
         blackhole is for bridge-less setups (Canal), where it stops traffic for unused
         pod addresses from leaving the node.
         """
-        subnet = str(self.lease.subnet)
+        subnets: list[IPv4Network | IPv6Network] = []
+        if self.config.enable_ipv4:  # never 0.0.0.0/0, the empty IPv4 part of IPv6-only
+            subnets.append(self.lease.subnet)
+        if self.config.enable_ipv6 and self.lease.ipv6_subnet is not None:
+            subnets.append(self.lease.ipv6_subnet)
         while True:
             await asyncio.sleep(self.settings.rules.resync_seconds)
-            present = await run_command(
-                ["ip", "route", "show", "type", "blackhole", subnet], check=False
-            )
-            if present.stdout.strip():
-                continue
-            added = await run_command(
-                ["ip", "route", "add", "blackhole", subnet, "proto", "76"], check=False
-            )
-            if added.returncode == 0:
-                log.info("added blackhole route for %s", subnet)
-            else:
-                log.debug("blackhole route for %s not added: %s", subnet, added.error_text)
+            for net in subnets:
+                family = f"-{net.version}"
+                subnet = str(net)
+                present = await run_command(
+                    ["ip", family, "route", "show", "type", "blackhole", subnet], check=False
+                )
+                if present.stdout.strip():
+                    continue
+                added = await run_command(
+                    ["ip", family, "route", "add", "blackhole", subnet, "proto", "76"],
+                    check=False,
+                )
+                if added.returncode == 0:
+                    log.info("added blackhole route for %s", subnet)
+                else:
+                    log.debug("blackhole route for %s not added: %s", subnet, added.error_text)
 
     async def _probe_loop(self) -> None:
         down_since: float | None = None

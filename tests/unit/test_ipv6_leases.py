@@ -87,7 +87,7 @@ def test_ipv6_config_errors(text: str, field: str, fragment: str) -> None:
     assert info.value.field == field
 
 
-@pytest.mark.parametrize("backend", ["wireguard", "alloc"])
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw", "wireguard", "alloc", "VXLAN"])
 @pytest.mark.parametrize("body", [DUAL, V6ONLY])
 def test_ipv6_backends_accepted(body: str, backend: str) -> None:
     config = NetworkConfig.parse(cfg(body, backend))

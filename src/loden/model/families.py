@@ -14,15 +14,13 @@ from typing import Final
 from loden.errors import NetworkConfigError
 
 #: Backends whose IPv6 data plane Loden builds (alloc programs nothing for any family).
-IPV6_BACKENDS: Final = frozenset({"wireguard", "alloc"})
+IPV6_BACKENDS: Final = frozenset({"vxlan", "host-gw", "wireguard", "alloc"})
 #: Backends that can run without IPv4 (flannel v0.18+ IPv6-only).
-IPV6_ONLY_BACKENDS: Final = frozenset({"wireguard", "alloc"})
+IPV6_ONLY_BACKENDS: Final = frozenset({"vxlan", "host-gw", "wireguard", "alloc"})
 
 _IPV4_ONLY: Final = {
     "udp": "the udp backend is IPv4-only, as in flannel",
     "ipip": "the ipip backend is IPv4-only, as in flannel",
-    "vxlan": "Loden's IPv6 vxlan data plane (flannel-v6.<VNI>) is not built yet",
-    "host-gw": "Loden's IPv6 host-gw routes are not built yet",
 }
 
 
