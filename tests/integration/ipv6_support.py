@@ -121,7 +121,12 @@ class DualCluster:
     """An :class:`AgentCluster` whose config enables IPv6 (and optionally disables IPv4)."""
 
     def __init__(
-        self, cluster: AgentCluster, *, ipv4: bool = True, backend: dict[str, object]
+        self,
+        cluster: AgentCluster,
+        *,
+        ipv4: bool = True,
+        backend: dict[str, object],
+        nftables: bool = False,
     ) -> None:
         self.cluster = cluster
         self.net6 = random_pod_net6()
@@ -136,6 +141,8 @@ class DualCluster:
             config["Network"] = str(cluster.network)
         else:
             config["EnableIPv4"] = False
+        if nftables:
+            config["EnableNFTables"] = True
         self.config_json = json.dumps(config)
         cluster.loden("config", "set", self.config_json)
         self.pods4: list[tuple[Namespace, str]] = []

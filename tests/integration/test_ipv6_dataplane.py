@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from loden.traffic import iptables_rules, nftables
 from tests.fixtures.topology import TopologyFactory, wait_until
 from tests.integration.agent_support import AgentCluster, AgentNode
 from tests.integration.ipv6_support import (
@@ -34,13 +35,19 @@ def dual_cluster(make_topology: TopologyFactory) -> Iterator[Factory]:
     made: list[AgentCluster] = []
 
     def factory(
-        backend: dict[str, object], *, ipv4: bool = True, wireguard: bool = False
+        backend: dict[str, object],
+        *,
+        ipv4: bool = True,
+        wireguard: bool = False,
+        nftables: bool = False,
+        hosts: int = 3,
+        extra_args: tuple[str, ...] = (),
     ) -> DualCluster:
-        topo = make_topology(hosts=3)
+        topo = make_topology(hosts=hosts)
         kind = WgAgentCluster if wireguard else AgentCluster
-        cluster = kind(topo, backend)
+        cluster = kind(topo, backend, extra_args=extra_args)
         made.append(cluster)
-        return DualCluster(cluster, ipv4=ipv4, backend=backend)
+        return DualCluster(cluster, ipv4=ipv4, backend=backend, nftables=nftables)
 
     try:
         yield factory
@@ -199,3 +206,48 @@ def test_vxlan_dual_stack_repairs_and_lifecycle(dual_cluster: Factory) -> None:
     assert (
         f"{b.subnet} via {b.subnet.network_address} dev flannel.1" in ns.ip("route", "show").stdout
     )
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_dual_stack_rules_equal_flannels(dual_cluster: Factory, mode: str) -> None:
+    """ip6tables / nft ip6 masquerade and forward rules of a running agent, against the
+    goldens, and resynced like IPv4 (iptables mode; flannel has no nft resync)."""
+    dual = dual_cluster({"Type": "vxlan"}, hosts=1, nftables=mode == "nftables")
+    node = dual.nodes[0]
+    dual.cluster.start(node)
+    ns = node.host.ns
+    net6, sub6 = dual.net6, subnet6_from_env(node.subnet_file)
+    if mode == "iptables":
+
+        def listed(table: str) -> list[str]:
+            lines = ns.out("ip6tables", "-t", table, "-S").splitlines()
+            return [line for line in lines if "flanneld" in line or line.startswith("-N FLANNEL")]
+
+        masq = iptables_rules.masq_chain(net6, sub6, random_fully=True).golden_lines()
+        fwd = iptables_rules.forward_chain(net6).golden_lines()
+        assert listed("nat") == masq
+        assert listed("filter") == fwd
+        ns.run("ip6tables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+        assert wait_until(lambda: listed("nat") == masq, timeout=5.0), listed("nat")
+    else:
+        chain = ns.out("nft", "list", "chain", "ip6", "flannel-ipv6", "postrtg")
+        assert chain == nftables.masq_chain(net6, sub6, random_fully=True).listing()
+        fwd_chain = ns.out("nft", "list", "chain", "ip6", "flannel-ipv6", "forward")
+        assert fwd_chain == nftables.forward_chain(net6).listing()
+
+
+def test_blackhole_routes_for_both_families(dual_cluster: Factory) -> None:
+    dual = dual_cluster({"Type": "host-gw"}, hosts=1, extra_args=("--ip-blackhole-route",))
+    node = dual.nodes[0]
+    dual.cluster.start(node)
+    ns = node.host.ns
+    sub6 = subnet6_from_env(node.subnet_file)
+
+    def present() -> bool:
+        v4 = ns.ip("-4", "route", "show", "type", "blackhole").stdout
+        v6 = ns.ip("-6", "route", "show", "type", "blackhole").stdout
+        return str(node.subnet) in v4 and str(sub6) in v6
+
+    assert wait_until(present, timeout=8.0)
+    ns.ip("-6", "route", "del", "blackhole", str(sub6))
+    assert wait_until(present, timeout=5.0)  # back within a resync (--iptables-resync=1)
