@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 
 from loden.errors import LodenError
@@ -87,6 +87,10 @@ def build_node(state: LabState, node: str, tls: TlsFiles | None) -> NodeRecord:
     netns.ip(ns, "link", "set", "eth0", "up")
     netns.ip(ns, "route", "add", "default", "via", str(plan.gateway.ip))
     netns.sysctl(ns, "net.ipv4.ip_forward", "1")
+    address6 = ""
+    if plan.ipv6 != "off":
+        add_ipv6(ns, plan.node_address6(node), plan.gateway6, forwarding=True)
+        address6 = str(plan.node_address6(node))
 
     root = plan.node_root(node)
     targets = list(PRIVATE_PATHS) + (list(DOCKER_PATHS) if plan.runtime == "docker" else [])
@@ -97,11 +101,28 @@ def build_node(state: LabState, node: str, tls: TlsFiles | None) -> NodeRecord:
         for _, target, _ in binds:
             ensure_mountpoint(Path(target))
     mntns = plan.workdir / "mntns" / node
-    record = NodeRecord(name=node, netns=ns, address=str(address), mntns=str(mntns))
+    record = NodeRecord(
+        name=node, netns=ns, address=str(address), mntns=str(mntns), address6=address6
+    )
     state.set_node(record)
     netns.make_mount_ns(state, mntns, ns, binds, cgroups=plan.runtime == "docker")
     render(plan, record, tls)
     return record
+
+
+def add_ipv6(
+    ns: str, address: IPv6Interface, gateway: IPv6Interface | None, *, forwarding: bool
+) -> None:
+    """IPv6 on ``eth0`` of ``ns`` (default route via ``gateway``), without duplicate
+    address detection: a tentative address is unusable for a second after it is added,
+    and devices made later (cni0, flannel-v6.N) inherit ``default``."""
+    for key in ("all", "default", "eth0"):
+        netns.sysctl(ns, f"net.ipv6.conf.{key}.accept_dad", "0")
+    if forwarding:
+        netns.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
+    netns.ip(ns, "-6", "addr", "add", str(address), "dev", "eth0", "nodad")
+    if gateway is not None:
+        netns.ip(ns, "-6", "route", "add", "default", "via", str(gateway.ip), "dev", "eth0")
 
 
 def agent_options(plan: LabPlan, address: IPv4Interface) -> str:
@@ -171,6 +192,16 @@ def write_network_config(state: LabState, node: NodeRecord) -> str:
     return " ".join(argv)
 
 
+def read_subnet6(plan: LabPlan, node: str) -> str:
+    """The IPv6 subnet CIDR from the node's subnet.env ("" when there is none)."""
+    path = plan.node_root(node) / SUBNET_FILE.lstrip("/")
+    try:
+        value = parse_env_text(path.read_text(encoding="utf-8")).get("FLANNEL_IPV6_SUBNET", "")
+        return str(IPv6Interface(value).network) if value else ""
+    except (OSError, ValueError):
+        return ""
+
+
 def read_subnet(plan: LabPlan, node: str) -> tuple[str, int]:
     """(subnet CIDR, MTU) from the node's subnet.env, before or after mk-docker-opts.
 
@@ -197,12 +228,17 @@ def start_agent(state: LabState, node: NodeRecord, *, timeout: float = 40.0) -> 
     """
     started = units.start_service(state, node, "flanneld.service", role="agent", timeout=timeout)
     subnet, mtu = read_subnet(state.plan, node.name)
-    if not subnet:
+    subnet6 = read_subnet6(state.plan, node.name)
+    families = state.plan.families
+    if (4 in families and not subnet) or (6 in families and not subnet6):
         raise LodenError(
-            f"flanneld on {node.name} reported READY=1 but {SUBNET_FILE} has no subnet; "
+            f"flanneld on {node.name} reported READY=1 but {SUBNET_FILE} has no "
+            f"{'IPv6 ' if 6 in families and not subnet6 else ''}subnet; "
             f"last lines of {started.log_path}:\n{proc.tail(started.log_path)}"
         )
-    record = state.update_node(node.name, subnet=subnet, mtu=mtu, agent_pid=started.pid)
+    record = state.update_node(
+        node.name, subnet=subnet, subnet6=subnet6, mtu=mtu, agent_pid=started.pid
+    )
     return record
 
 

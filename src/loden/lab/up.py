@@ -84,6 +84,7 @@ def create_state(
     etcd_api: str,
     pods: int,
     with_agent: bool,
+    ipv6: str = "off",
 ) -> LabState:
     """Pick addresses and create the lab directory with its first state.json.
 
@@ -109,6 +110,7 @@ def create_state(
             underlay=underlay,
             network=network,
             with_agent=with_agent,
+            ipv6=ipv6,
         )
         preflight(plan)
         state = LabState(plan)
@@ -131,6 +133,12 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
         netns.add_netns(state, plan.underlay_ns)
         netns.ip(plan.underlay_ns, "link", "add", "br0", "type", "bridge")
         netns.ip(plan.underlay_ns, "addr", "add", str(plan.gateway), "dev", "br0")
+        if plan.ipv6 != "off":
+            for key in ("all", "default"):
+                netns.sysctl(plan.underlay_ns, f"net.ipv6.conf.{key}.accept_dad", "0")
+            netns.ip(
+                plan.underlay_ns, "-6", "addr", "add", str(plan.gateway6), "dev", "br0", "nodad"
+            )
         netns.ip(plan.underlay_ns, "link", "set", "br0", "up")
     tls: TlsFiles | None = None
     if plan.tls:
@@ -166,7 +174,8 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
                 return node.write_manual_subnet(state, record, records.index(record))
         with reporter.step(f"{name}: flanneld.service") as s:
             ready = node.start_agent(state, record, timeout=agent_timeout)
-            s.text = f"{name}: flanneld ready, subnet {ready.subnet}, MTU {ready.mtu}"
+            subnets = " ".join(s for s in (ready.subnet, ready.subnet6) if s)
+            s.text = f"{name}: flanneld ready, subnet {subnets}, MTU {ready.mtu}"
             return ready
 
     records = parallel(plan.node_names(), start)
@@ -182,7 +191,9 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
         else:
             with reporter.step(f"{name}: {plan.pods_per_node} pods (CNI ADD via flannel)") as s:
                 made = runtime_cni.create_pods(state, record)
-                s.text = f"{name}: pods " + ", ".join(f"{p.name}={p.ip}" for p in made)
+                s.text = f"{name}: pods " + ", ".join(
+                    f"{p.name}={'+'.join(a for a in (p.ip, p.ip6) if a)}" for p in made
+                )
 
     parallel(plan.node_names(), pods)
     state.set_phase("up")
