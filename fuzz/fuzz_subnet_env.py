@@ -11,7 +11,7 @@ from __future__ import annotations
 from _harness import instrumented, run, text
 
 with instrumented():
-    from loden.cni.netconf import parse_subnet_env
+    from loden.cni.subnet_env import parse_subnet_env
     from loden.errors import ParseError
     from loden.model.subnet_env import read_previous
 

@@ -15,6 +15,13 @@ if ! "$PY" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.jo
   APT_PACKAGES+=(python3-dev)
 fi
 
+# kubectl for the API double's fidelity tests: Debian's kubernetes-client (1.20), unless a
+# kubectl is already on PATH (here a `kubectl` package owns /usr/bin/kubectl and would
+# conflict with it).
+if ! command -v kubectl >/dev/null 2>&1; then
+  APT_PACKAGES+=(kubernetes-client)
+fi
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,4 +2,8 @@
 
 from __future__ import annotations
 
-pytest_plugins: list[str] = ["tests.fixtures.topology", "tests.fixtures.etcd"]
+pytest_plugins: list[str] = [
+    "tests.fixtures.topology",
+    "tests.fixtures.etcd",
+    "tests.fixtures.kubeapi",
+]

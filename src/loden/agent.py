@@ -9,6 +9,7 @@ cancellation (SIGTERM) unwinds everything; :class:`LeaseRevoked` escapes as exit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,13 @@ from loden import sdnotify
 from loden.agent_loops import AgentLoops
 from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface, Network
-from loden.errors import ConfigNotFound, NetworkConfigError, StoreUnavailable, SubnetsExhausted
+from loden.errors import (
+    ConfigNotFound,
+    LodenError,
+    NetworkConfigError,
+    StoreUnavailable,
+    SubnetsExhausted,
+)
 from loden.files import atomic_write, check_writable, ensure_private_dir, read_previous_subnets
 from loden.health import HealthServer, HealthState, Metrics
 from loden.kernel.interfaces import InterfaceOptions, select
@@ -28,14 +35,14 @@ from loden.model.lease import Lease, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets, SubnetEnv
 from loden.settings import AgentSettings
 from loden.subnet import open_subnet_manager
-from loden.subnet.manager import EtcdSubnetManager
+from loden.subnet.base import SubnetManager
 from loden.traffic import ManagedTraffic, check_br_netfilter, open_traffic_manager
 from loden.traffic.base import Networks
 
 log = logging.getLogger(__name__)
 
 
-async def wait_for_config(manager: EtcdSubnetManager, health: HealthState) -> NetworkConfig:
+async def wait_for_config(manager: SubnetManager, health: HealthState) -> NetworkConfig:
     """Poll the network config every second until it exists and validates."""
     attempts = 0
     while True:
@@ -76,9 +83,7 @@ async def pick_interface(settings: AgentSettings, config: NetworkConfig) -> Exte
     return selection.ext
 
 
-async def acquire(
-    manager: EtcdSubnetManager, attrs: LeaseAttrs, previous: PreviousSubnets
-) -> Lease:
+async def acquire(manager: SubnetManager, attrs: LeaseAttrs, previous: PreviousSubnets) -> Lease:
     """Acquire a lease; exhaustion and store outages are retried with bounded backoff."""
     delay = 1.0
     while True:
@@ -88,6 +93,17 @@ async def acquire(
             log.error("failed to acquire lease: %s; retrying in %.0fs", exc, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 60.0)
+
+
+async def leases_now(manager: SubnetManager) -> list[Lease]:
+    """Every lease in the store, so the backend can check that what it publishes (VTEP
+    MAC, WireGuard key) is not another node's; empty (and said) if the store cannot
+    list them now: the peer path still reports a collision later."""
+    try:
+        return await manager.list_leases()
+    except LodenError as exc:
+        log.warning("cannot list the leases to check this node's identity against: %s", exc)
+        return []
 
 
 def subnet_env_for(
@@ -131,24 +147,35 @@ async def run(settings: AgentSettings) -> int:
         server = await HealthServer(health, metrics).serve(
             settings.healthz_ip, settings.healthz_port
         )
-    manager = await open_subnet_manager(settings, health=health)
+    manager = await open_subnet_manager(settings)
+    health.store_last_ok = health.clock()
     network: Network | None = None
     traffic: ManagedTraffic | None = None
     try:
         config = await wait_for_config(manager, health)
         log.info(
-            "network config: Network=%s SubnetLen=%d backend=%s (%s API)",
+            "network config: Network=%s SubnetLen=%d backend=%s (%s)",
             config.network,
             config.subnet_len,
             config.backend_type,
-            manager.store.api,
+            manager.name,
         )
+        override = await manager.public_ip_override()
+        if override.ipv4 is not None or override.ipv6 is not None:
+            settings = dataclasses.replace(
+                settings,
+                iface=dataclasses.replace(
+                    settings.iface,
+                    public_ip=override.ipv4 or settings.iface.public_ip,
+                    public_ipv6=override.ipv6 or settings.iface.public_ipv6,
+                ),
+            )
         ext = await pick_interface(settings, config)
         state_dir = Path(settings.state_dir)
         backend = create_backend(
             config.backend_type, BackendContext(config=config, ext=ext, state_dir=state_dir)
         )
-        attrs = await backend.lease_attrs()
+        attrs = await backend.lease_attrs(await leases_now(manager))
         previous = read_previous_subnets(settings.subnet_file)
         lease = await acquire(manager, attrs, previous)
         network = await backend.activate(lease)
@@ -174,6 +201,7 @@ async def run(settings: AgentSettings) -> int:
             network.mtu,
         )
         sdnotify.notify("READY=1")
+        await manager.complete_lease(lease)
         loops = AgentLoops(
             settings=settings,
             manager=manager,

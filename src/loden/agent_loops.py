@@ -31,8 +31,7 @@ from loden.lease_watch import LeaseWatcher
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 from loden.settings import AgentSettings
-from loden.subnet.base import WatchResult
-from loden.subnet.manager import EtcdSubnetManager
+from loden.subnet.base import SubnetManager, WatchResult
 from loden.traffic.base import Networks, TrafficManager
 from loden.traffic.commands import run_command
 
@@ -44,7 +43,7 @@ EXIT_LEASE_REVOKED = 3
 @dataclass(slots=True)
 class AgentLoops:
     settings: AgentSettings
-    manager: EtcdSubnetManager
+    manager: SubnetManager
     network: Network
     traffic: TrafficManager
     watcher: LeaseWatcher
@@ -149,6 +148,7 @@ class AgentLoops:
     async def _watch_loop(self) -> None:
         """Read the store's watch into ``_results`` as fast as it delivers."""
         async for result in self.manager.watch_leases():
+            self.health.store_last_ok = self.health.clock()  # the store just answered
             await self._results.put(result)
 
     async def _peers_loop(self) -> None:
@@ -206,6 +206,9 @@ class AgentLoops:
 
     def _record(self, report: ReconcileReport, why: str) -> None:
         self.metrics.peers.set(len(self.watcher.peers))
+        if not report.errors or report.conflicts:  # a failed pass knows no conflicts
+            self.health.identity_conflicts = report.conflicts
+            self.metrics.identity_conflicts.set(len(report.conflicts))
         if report.added or report.removed:
             self.metrics.reconcile_changes.inc(report.added + report.removed)
             log.info(
@@ -284,7 +287,7 @@ class AgentLoops:
         down_since: float | None = None
         while True:
             try:
-                await self.manager.store.get_config()
+                await self.manager.probe()
                 self.health.store_last_ok = self.health.clock()
                 self.metrics.store_up.set(1)
                 if down_since is not None:
@@ -305,7 +308,7 @@ class AgentLoops:
                         exc,
                         self.health.store_grace_seconds,
                     )
-            self.metrics.watch_restarts.set(self.manager.health.watch_restarts)
+            self.metrics.watch_restarts.set(self.manager.watch_restarts)
             ttl = self.lease.ttl_remaining()
             self.metrics.lease_ttl.set(-1 if ttl is None else ttl)
             await asyncio.sleep(2.0)

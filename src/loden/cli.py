@@ -147,7 +147,8 @@ COMMANDS = """usage: loden <command> [args]
 commands:
   agent [flanneld flags]   run the node agent (same as `flanneld`)
   config get|set|validate  read, write or check the network config in etcd
-  leases [--json]          list subnet leases in etcd
+  leases [--json]          list subnet leases in etcd (-kube-subnet-mgr: nodes)
+  kube manifest|install-conf   the DaemonSet manifest (kube-flannel.yml); CNI conf install
   mk-docker-opts [opts]    turn subnet.env into Docker options (mk-docker-opts.sh)
   cni                      the flannel CNI meta-plugin (also installed as `flannel`)
   systemd render [opts]    render the seed's flanneld/docker unit and env files
@@ -176,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loden.cni import plugin
 
         return plugin.main()
+    if command == "kube":
+        from loden.tools import kube
+
+        return kube.main(rest)
     if command == "systemd":
         from loden.tools import systemd
 

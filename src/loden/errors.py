@@ -17,6 +17,8 @@ per dependency, always ``raise X(...) from exc``.
     ├── StoreError               the subnet store failed
     │   ├── StoreUnavailable     retryable: connection refused, 5xx, timeout, no leader
     │   ├── StoreAuthError       TLS/auth rejected: not retryable without operator action
+    │   │   └── StoreForbidden   the Kubernetes API denies a verb (names verb and resource)
+    │   ├── StoreNotFound        a Kubernetes object (node, pod) does not exist
     │   ├── ConfigNotFound       <prefix>/config does not exist (yet)
     │   ├── LeaseConflict        a compare-and-swap was lost; retry with a fresh candidate
     │   ├── SubnetsExhausted     no free subnet in [SubnetMin, SubnetMax]
@@ -92,6 +94,19 @@ class StoreUnavailable(StoreError):
 
 class StoreAuthError(StoreError):
     """The store rejected our credentials or TLS handshake; an operator must fix it."""
+
+
+class StoreForbidden(StoreAuthError):
+    """The Kubernetes API answered 403: RBAC lacks ``verb`` on ``resource``."""
+
+    def __init__(self, message: str, *, verb: str, resource: str) -> None:
+        super().__init__(message)
+        self.verb = verb
+        self.resource = resource
+
+
+class StoreNotFound(StoreError):
+    """A Kubernetes object (node, pod) the agent needs does not exist."""
 
 
 class ConfigNotFound(StoreError):

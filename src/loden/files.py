@@ -2,7 +2,10 @@
 
 subnet.env is read by Docker, systemd and the CNI plugin at moments Loden does not
 control, so it must never be seen half-written (user pain point 1): write a temp file
-in the same directory, fsync, fix the mode regardless of umask, rename over the target.
+in the same directory, fsync, fix the mode regardless of umask, rename over the target,
+fsync the directory. Every file Loden replaces (subnet.env, the VTEP MAC, the WireGuard
+key, the CNI plugin's delegate configs, mk-docker-opts' output, rendered units, the
+lab's state) goes through :func:`replace_file`.
 """
 
 from __future__ import annotations
@@ -18,32 +21,49 @@ from loden.model.subnet_env import PreviousSubnets, read_previous
 log = logging.getLogger(__name__)
 
 
+def replace_file(
+    path: Path, data: bytes, *, mode: int = 0o644, dir_mode: int = 0o755, parents: bool = True
+) -> None:
+    """Replace ``path`` with ``data`` atomically, with exactly ``mode``; the one way
+    Loden writes a file that something else may read at any moment.
+
+    A temp file in the same directory is written, fsync-ed and given ``mode`` (umask
+    aside), renamed over ``path``, and the directory is fsync-ed so the rename survives
+    a crash. ``parents``: create missing directories, each with exactly ``dir_mode``
+    (otherwise a missing directory is an error, as for a shell's ``>``).
+
+    :raises OSError: as the failing call reported it (callers add what to do).
+    """
+    if parents:
+        _make_dirs(path.parent, dir_mode)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, dir_mode: int = 0o755) -> None:
-    """Replace ``path`` with ``data`` atomically, with exactly ``mode``.
+    """:func:`replace_file` for the agent's own files (subnet.env).
 
     :raises ConfigError: the directory cannot be created or written (names the path).
     """
     try:
-        _make_dirs(path.parent, dir_mode)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(path, data, mode=mode, dir_mode=dir_mode)
     except OSError as exc:
         raise ConfigError(
             f"cannot write {path}: {exc.strerror or exc}; check that its "

@@ -70,6 +70,12 @@ class Metrics:
         self.lease_events = Counter(
             "loden_lease_events_total", "Peer lease events applied", ["kind"], registry=r
         )
+        self.identity_conflicts = Gauge(
+            "loden_identity_conflicts",
+            "Peer leases that advertise this node's own VTEP MAC or WireGuard key"
+            " (never programmed; see /healthz and the log)",
+            registry=r,
+        )
         self.rules_repairs = Counter(
             "loden_rules_repairs_total",
             "Traffic-rule resyncs that had to rewrite rules",
@@ -85,6 +91,8 @@ class HealthState:
     lease_expiration: float | None = None
     reconcile_failures: int = 0
     reconcile_last_error: str = ""
+    #: Peers that claim this node's identity (VTEP MAC, WireGuard key), one line each.
+    identity_conflicts: tuple[str, ...] = ()
     clock: Callable[[], float] = field(default=time.monotonic)
     wall: Callable[[], float] = field(default=time.time)
 
@@ -98,6 +106,7 @@ class HealthState:
             out.append("our subnet lease has expired")
         if self.reconcile_failures >= 3:
             out.append(f"data plane reconcile failing: {self.reconcile_last_error}")
+        out += self.identity_conflicts[:10]
         return out
 
 

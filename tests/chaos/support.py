@@ -23,11 +23,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
 import functools
 import http.client
 import json
-import os
 import random
 import re
 import signal
@@ -40,12 +38,12 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
+from loden.kernel.netns import enter_netns
 from tests.fixtures.etcd import EtcdCluster, EtcdServer
 from tests.fixtures.topology import Host, Namespace, Process, Topology, wait_until
 from tests.integration.agent_support import FLANNELD, LODEN, AgentCluster, AgentNode
 
 T = TypeVar("T")
-_CLONE_NEWNET = 0x40000000
 HEALTHZ_PORT = 8471
 SUBNETS_PREFIX = "/coreos.com/network/subnets/"
 
@@ -77,18 +75,6 @@ def wait_for(
 
 
 # ----------------------------------------------------------------------------- netns
-
-
-def enter_netns(name: str) -> None:
-    """Move the *calling thread* into network namespace ``name`` (setns(2))."""
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 class NetnsThread:

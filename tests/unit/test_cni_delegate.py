@@ -17,17 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loden.cni.netconf import (
-    DEFAULT_DATA_DIR,
-    DEFAULT_SUBNET_FILE,
-    FlannelSubnetEnv,
-    build_delegate,
-    delegate_ipam,
-    marshal,
-    parse_netconf,
-    parse_subnet_env,
-)
+from loden.cni.delegate import build_delegate, delegate_ipam
+from loden.cni.netconf import DEFAULT_DATA_DIR, DEFAULT_SUBNET_FILE, marshal, parse_netconf
 from loden.cni.plugin import Outcome, Request, decode_request, handle
+from loden.cni.subnet_env import FlannelSubnetEnv, parse_subnet_env
 from loden.cni.types import CniFailure, version_reply
 from loden.errors import NetworkConfigError, ParseError
 

@@ -119,7 +119,21 @@ def test_validation_errors_name_field_and_rule(text: str, field: str, fragment: 
     assert info.value.field == field
 
 
-@pytest.mark.parametrize("text", ["", "[]", "null", "{", '"x"', '{"a":NaN}', "\xff"])
+@pytest.mark.parametrize(
+    "text",
+    # The last two: numbers Python cannot convert (over 4300 digits; beyond float64).
+    [
+        "",
+        "[]",
+        "null",
+        "{",
+        '"x"',
+        '{"a":NaN}',
+        "\xff",
+        '{"SubnetLen":1' + "0" * 5000 + "}",
+        "1e999",
+    ],
+)
 def test_not_a_json_object(text: str) -> None:
     with pytest.raises(NetworkConfigError, match="network config is not valid"):
         NetworkConfig.parse(text)

@@ -121,6 +121,7 @@ def test_readers_accept_legacy_vxlan_and_case_insensitive_keys() -> None:
         b'{"PublicIP":7}',
         b'{"PublicIPv6":"10.0.0.1"}',
         b"\xff\xfe",
+        b'{"BackendData":{"VNI":1' + b"0" * 5000 + b"}}",  # beyond int() of a string
     ],
 )
 def test_malformed_values(raw: bytes) -> None:

@@ -167,5 +167,29 @@ async def test_watch_outage_is_one_warning_and_one_recovery(
     assert (
         warnings[1].startswith("lease watch resumed after") and "(3 failed attempts)" in warnings[1]
     )
-    assert m.health.watch_restarts == 3
+    assert m.watch_restarts == 3
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("margin_minutes", "expected"),
+    [(60, 23 * 3600), (1439, 60), (1, 86400 - 60)],
+)
+async def test_renewal_honours_the_margin_as_flanneld(margin_minutes: int, expected: int) -> None:
+    """Spec §3.3: renew ``margin`` before expiry, whatever the margin (a margin of 1439
+    minutes used to be overridden by a third of the TTL: 8 h instead of 60 s)."""
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    m = EtcdSubnetManager(store, ttl=86400, renew_margin=margin_minutes * 60)
+    lease = await m.acquire_lease(attrs(1), PreviousSubnets())
+    assert m.renew_delay(lease) == pytest.approx(expected, abs=5)
+
+
+async def test_renewal_floor_only_against_a_busy_loop() -> None:
+    """A margin longer than a (test-only) TTL renews at the floor, not in a loop, and
+    still several times before the lease expires."""
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    m = EtcdSubnetManager(store, ttl=3, renew_margin=3600)
+    lease = await m.acquire_lease(attrs(1), PreviousSubnets())
+    assert 0.5 <= m.renew_delay(lease) <= 1.0

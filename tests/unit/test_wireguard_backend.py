@@ -149,6 +149,27 @@ async def test_lease_json_is_byte_exact(tmp_path: Path) -> None:
     assert json.loads(attrs.backend_v6_data or "") == {"PublicKey": public, "Port": 51820}
 
 
+async def test_key_file_copied_from_another_node_is_replaced(tmp_path: Path) -> None:
+    """Issue 10: our public key already in a lease of another public IP means the key
+    file came from that node: a new key is generated (and written) before publishing."""
+    public = public_key_of(PRIV)
+    data = LeaseAttrs.encode_data({"PublicKey": public, "Port": 51820})
+    own_ip = IPv4Address("192.0.2.10")  # EXT's
+    own_old = Lease(IPv4Network("10.5.1.0/24"), LeaseAttrs(own_ip, "wireguard", data))
+    other = Lease(
+        IPv4Network("10.5.2.0/24"), LeaseAttrs(IPv4Address("192.0.2.11"), "wireguard", data)
+    )
+    backend = WireguardBackend(ctx(tmp_path))
+    attrs = await backend.lease_attrs([own_old])  # our own earlier lease: keep the key
+    assert attrs.data()["PublicKey"] == public
+    attrs = await backend.lease_attrs([own_old, other])
+    fresh = attrs.data()["PublicKey"]
+    assert fresh != public and fresh == backend.public_key
+    assert public_key_of((tmp_path / "wgkey").read_text()) == fresh
+    # The next start keeps the new key.
+    assert (await WireguardBackend(ctx(tmp_path)).lease_attrs([other])).data()["PublicKey"] == fresh
+
+
 async def test_lease_attrs_generate_a_missing_key(tmp_path: Path) -> None:
     context = BackendContext(config(), EXT, tmp_path, {"wg_key_file": str(tmp_path / "k" / "w")})
     backend = WireguardBackend(context)

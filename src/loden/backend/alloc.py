@@ -20,7 +20,7 @@ class AllocBackend:
             raise BackendError("alloc needs an IPv4 public IP: enable IPv4 or set --public-ip")
         self.ctx = ctx
 
-    async def lease_attrs(self) -> LeaseAttrs:
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         assert self.ctx.ext.ext_addr is not None
         return LeaseAttrs(public_ip=self.ctx.ext.ext_addr)
 

@@ -68,6 +68,10 @@ class ReconcileReport:
     #: each. The backend warns once per reason; unlike ``errors`` they do not make the
     #: node unhealthy: a hostile or broken lease must not take the other peers down.
     skipped: tuple[str, ...] = ()
+    #: Peers that advertise this node's own identity (its VTEP MAC, its WireGuard key):
+    #: never programmed, reported loudly (log, metric, ``/healthz``). Unlike the other
+    #: fields this is the *complete current set*, not what this one pass saw.
+    conflicts: tuple[str, ...] = ()
 
     def __add__(self, other: ReconcileReport) -> ReconcileReport:
         return ReconcileReport(
@@ -75,6 +79,7 @@ class ReconcileReport:
             self.removed + other.removed,
             self.errors + other.errors,
             self.skipped + other.skipped,
+            tuple(dict.fromkeys(self.conflicts + other.conflicts)),
         )
 
 
@@ -106,8 +111,13 @@ class Network(Protocol):
 class Backend(Protocol):
     """A data-plane type, registered by name in :mod:`loden.backend`."""
 
-    async def lease_attrs(self) -> LeaseAttrs:
-        """Prepare whatever the lease must carry and return the attrs to publish."""
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
+        """Prepare whatever the lease must carry and return the attrs to publish.
+
+        ``others``: the leases the store holds now (empty if it cannot list them). A
+        backend that advertises a per-node value (VTEP MAC, WireGuard key) makes sure
+        no other node's lease advertises the same one before it is published.
+        """
         ...
 
     async def activate(self, lease: Lease) -> Network:

@@ -24,7 +24,7 @@ on its own: a peer whose IPv6 address is not adjacent keeps its IPv4 route.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from loden.backend.base import BackendContext, Network
@@ -68,7 +68,7 @@ class HostGwBackend:
         self.ctx = ctx
         self.netns = ctx.extra.get("netns")
 
-    async def lease_attrs(self) -> LeaseAttrs:
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         ext = self.ctx.ext
         v4 = ext.ext_addr if self.ctx.config.enable_ipv4 else None
         v6 = ext.ext_v6_addr if self.ctx.config.enable_ipv6 else None

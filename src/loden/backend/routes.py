@@ -36,6 +36,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from loden.backend.base import ExternalInterface, ReconcileReport
@@ -62,6 +63,17 @@ _RTN_UNICAST = 1
 #: The kernel gives an IPv6 route without a metric 1024 (``ip -6 route`` shows it): the
 #: desired IPv6 entries say so, or every resync would see them as different and rewrite.
 IPV6_METRIC = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A peer lease that claims this node's identity (e.g. advertises our VTEP MAC):
+    it gets no entries, and the agent reports it until the lease changes or goes."""
+
+    reason: str
+
+
+Wanted = tuple[Entry, ...] | str | Conflict
 
 
 def entry_key(entry: Entry) -> Key:
@@ -183,14 +195,23 @@ def adopted(changes: Sequence[Change], kernel: Iterable[Entry]) -> int:
 
 
 def report(
-    result: BatchResult, changes: Sequence[Change], skipped: Iterable[str]
+    result: BatchResult,
+    changes: Sequence[Change],
+    skipped: Iterable[str],
+    conflicts: Iterable[str] = (),
 ) -> ReconcileReport:
     """``skipped``: why some peers got no entries (see :class:`ReconcileReport`)."""
     failed = {id(change) for change, _ in result.failed}
     added = sum(1 for c in changes if not c.delete and id(c) not in failed)
     removed = sum(1 for c in changes if c.delete and id(c) not in failed)
     errs = tuple(str(err) for _, err in result.failed)
-    return ReconcileReport(added=added, removed=removed, errors=errs, skipped=tuple(skipped))
+    return ReconcileReport(
+        added=added,
+        removed=removed,
+        errors=errs,
+        skipped=tuple(skipped),
+        conflicts=tuple(conflicts),
+    )
 
 
 class PeerNetwork:
@@ -226,7 +247,9 @@ class PeerNetwork:
         #: What each peer lease needs, computed once per distinct lease (subnet + attrs):
         #: an idle resync re-derives nothing. Cleared when its inputs change (route
         #: lookups, the device index).
-        self._wanted: dict[str, tuple[Lease, tuple[Entry, ...] | str]] = {}
+        self._wanted: dict[str, tuple[Lease, Wanted]] = {}
+        #: Peers that claim our identity, by lease key (see :class:`Conflict`).
+        self._conflicts: dict[str, str] = {}
         self._desired: frozenset[Entry] | None = None
         self._warned: set[str] = set()
         #: Route lookups of peer public IPs, valid while the routes that are not ours
@@ -251,10 +274,9 @@ class PeerNetwork:
         nothing to do; the full check runs with every reconcile."""
         return True
 
-    def _entries_for(
-        self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]
-    ) -> tuple[Entry, ...] | str:
-        """The entries ``lease`` needs, or a one-line reason it cannot have any."""
+    def _entries_for(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
+        """The entries ``lease`` needs, or a one-line reason it cannot have any, or
+        the :class:`Conflict` it is (it claims this node's identity)."""
         raise NotImplementedError
 
     def _needs_lookup(self) -> bool:
@@ -342,6 +364,12 @@ class PeerNetwork:
                 result = self._entries_for(lease, lookups)
                 self._wanted[key] = (lease, result)
                 self._desired = None
+            if isinstance(result, Conflict):
+                if self._conflicts.get(key) != result.reason:
+                    log.error("%s", result.reason)
+                self._conflicts[key] = result.reason
+                continue
+            self._conflicts.pop(key, None)
             if isinstance(result, str):
                 skipped.append(result)
                 if result not in self._warned:
@@ -383,6 +411,7 @@ class PeerNetwork:
         if len(self._wanted) > len(live):
             self._wanted = {k: v for k, v in self._wanted.items() if k in live}
             self._desired = None
+        self._conflicts = {k: v for k, v in self._conflicts.items() if k in live}
         entries, skipped = self._compute(wanted, lookups)
         if len(self._lookup_cache) > 2 * len(wanted) + 64:  # keep the cache bounded
             keep = {ip for _, lease in wanted for ip in self._public_ips(lease)}
@@ -409,7 +438,7 @@ class PeerNetwork:
                     self._peers.pop(key, None)
                 else:
                     self._peers[key] = lease
-        out = report(result, changes, skipped)
+        out = report(result, changes, skipped, self._conflicts.values())
         if changes or out.errors:
             log.info(
                 "%s reconcile: %d peers (%d skipped), %d written (%d adopted), %d removed, "
@@ -439,7 +468,7 @@ class PeerNetwork:
                 if self.accepts(event.lease):
                     fallback[key] = event.lease
         if not latest:
-            return ReconcileReport()
+            return ReconcileReport(conflicts=tuple(self._conflicts.values()))
         async with self._lock:
             alive = [(key, lease) for key, lease in latest.items() if lease is not None]
             lookups = await self._lookups([*(lease for _, lease in alive), *fallback.values()])
@@ -449,7 +478,7 @@ class PeerNetwork:
                 old = self._entries.get(key)
                 if old is None and key in fallback:
                     guess = self._entries_for(fallback[key], lookups)
-                    old = guess if not isinstance(guess, str) else ()
+                    old = guess if isinstance(guess, tuple) else ()
                 changes += transition(old or (), new.get(key, ()))
             changes = ordered(changes)
             result = await self._nl.apply(changes)
@@ -466,12 +495,13 @@ class PeerNetwork:
                     self._entries.pop(key, None)
                 if lease is None:
                     self._peers.pop(key, None)
+                    self._conflicts.pop(key, None)
                     if self._wanted.pop(key, None) is not None:
                         self._desired = None
                 else:
                     self._peers[key] = lease
             if not broken:
-                return report(result, changes, skipped)
+                return report(result, changes, skipped, self._conflicts.values())
             peers = dict(self._peers)
         log.warning(
             "%s: writes failed and the device is gone: replaying every peer", self.backend_type

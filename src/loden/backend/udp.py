@@ -39,7 +39,8 @@ from typing import TypeVar
 
 from loden.backend.base import BackendContext, Network, ReconcileReport
 from loden.errors import BackendError, DataplaneError, InterfaceError
-from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route, enter_netns
+from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route
+from loden.kernel.netns import enter_netns
 from loden.model.gojson import as_int
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.udp.engine import WorkerPool, WorkerSpec
@@ -87,7 +88,7 @@ class UdpBackend:
                 f"udp backend needs an IPv4 address on {ctx.ext.name} to bind port {self.port}"
             )
 
-    async def lease_attrs(self) -> LeaseAttrs:
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         # flannel's udp lease: PublicIP only, no BackendType, no BackendData (spec §3.2).
         assert self.ctx.ext.ext_addr is not None
         return LeaseAttrs(public_ip=self.ctx.ext.ext_addr)

@@ -19,30 +19,36 @@ generation; the earlier L2/L3-miss daemon upcalls were slow and racy.
 ``<peer subnet> via <peer PublicIP>`` on the underlay device: no encapsulation cost
 between hosts that share an L2 segment, vxlan for the rest.
 
-*A VTEP MAC that survives restarts and reboots* (pain point 7). Peers hold our MAC in
-permanent neighbour/FDB entries and only learn a new one from our lease, so a MAC
-that changes at reboot blackholes traffic until every peer has processed the update;
-flannel picks a random MAC and has open issues about exactly this. Loden chooses, in
-order: the MAC of an existing compatible device (continuity with a running data path,
-including one created by Go flanneld); the MAC stored in ``<state_dir>/flannel.<VNI>.mac``;
-otherwise a MAC derived from SHA-256 of the public IP and VNI (locally administered,
-unicast). The chosen MAC is written back to the state file. Derivation alone already
-gives the same MAC after a reboot with an empty state directory; the file keeps an
-adopted (e.g. Go-created, random) MAC across reboots too.
+*A VTEP MAC that survives restarts and reboots* (pain point 7), *and is this node's
+alone* (issue 10). Peers hold our MAC in permanent neighbour/FDB entries and only learn
+a new one from our lease, so a MAC that changes at reboot blackholes traffic until every
+peer has processed the update; flannel picks a random MAC and has open issues about
+exactly this. Loden chooses, in order: the MAC of an existing compatible device
+(continuity with a running data path, including one created by Go flanneld); the MAC
+stored in ``<state_dir>/flannel.<VNI>.mac`` *if it was stored for this public IP and
+VNI* (the file says for whom: a state directory shared by several agents or copied
+from another node must not make two nodes advertise one MAC); otherwise a MAC derived
+from SHA-256 of the public IP and VNI (locally administered, unicast). Before the lease
+is published the MAC is compared with every other node's lease on the same VNI: a
+collision gets a fresh random MAC (logged). The chosen MAC is written back to the
+state file. A peer lease that advertises our MAC later is never programmed (it would
+point our own MAC at another node) and is reported: error log,
+``loden_identity_conflicts``, ``/healthz``. See :mod:`loden.backend.identity`.
 
-*Checksum offload off* (pain point 5). Some kernels/NICs produce bad outer UDP or inner
-TCP checksums for VXLAN-encapsulated packets when tx checksum offload is on for the
-VXLAN device: kernels before 5.7 with iptables ``MASQUERADE --random-fully`` (kube-proxy),
-and public IPs behind NAT on any kernel. It shows up as 63 s (5 retransmits) or 3 s
-delays for NodePort and ClusterIP traffic (flannel PR #1282, flannel #1279,
-kubernetes#89622, calico#3145). Loden turns tx checksumming off on ``flannel.<VNI>``
-(``ethtool -K flannel.1 tx off``) every time it ensures the device. The price is real:
+*Checksum offload follows the kernel* (pain point 5). Some kernels produce bad outer UDP
+or inner TCP checksums for VXLAN-encapsulated packets when tx checksum offload is on
+for the VXLAN device: kernels before 5.7 with iptables ``MASQUERADE --random-fully``
+(kube-proxy), which shows up as 63 s (5 retransmits) or 3 s delays for NodePort and
+ClusterIP traffic (flannel PR #1282, flannel #1279, kubernetes#89622, calico#3145).
+Go flanneld leaves the offload on (#1282 was not merged; its docs give
+``ethtool -K flannel.1 tx-checksum-ip-generic off`` for NAT'd nodes) and Calico turns it
+off only before 5.7. Loden does the same as Calico: ``"TxChecksumOffload"`` absent
+means *auto*, off on kernels < 5.7 and on otherwise; ``true``/``false`` forces either
+(Go flanneld ignores the key, so mixed clusters can share the config). Off costs much:
 without checksum offload the kernel cannot use TSO on the device either, so every
-1450-byte segment is encapsulated on its own; on the test machines a TCP stream through
-``flannel.1`` drops to ~0.2x of the same device with offloads on (bench/dataplane.py,
-``hand-vxlan`` vs ``hand-vxlan-txoff``). Clusters on kernels >= 5.7 whose nodes are not
-behind NAT can set ``"TxChecksumOffload": true`` in the Backend config to keep the
-offloads (Go flanneld ignores the key, so mixed clusters can share the config).
+1450-byte segment is encapsulated on its own (~0.2x of the same device with offloads
+on here: bench/dataplane.py, ``hand-vxlan`` vs ``hand-vxlan-txoff``). Nodes whose
+public IPs are behind NAT should set ``false``.
 
 *Never interrupt traffic on restart.* Start-up reuses a compatible device as is (no
 down/up, no address flush, MTU and MAC written only if they differ), and reconcile
@@ -54,13 +60,14 @@ replayed on the next reconcile (flannel recreates it but does not replay: spec �
 IPv6) carries the IPv6 overlay exactly like the first carries IPv4: per peer a permanent
 neighbour ``<peer v6 subnet>:: lladdr <peer v6 VtepMAC>``, an FDB entry to the peer's
 ``PublicIPv6`` and ``<peer v6 subnet> via <peer v6 subnet>:: dev flannel-v6.<VNI> onlink``
-(or, with DirectRouting, a direct route via ``PublicIPv6``). Its MAC is chosen by the
-same rules (state file ``flannel-v6.<VNI>.mac``, else derived from the public IPv6 and
-the VNI) and published as ``BackendV6Data``. The kernel caps a VTEP over IPv6 at the
-underlay MTU − 70 (flannel asks for − 50 and the kernel clamps it at creation), so Loden
-asks for − 70 directly; ``FLANNEL_MTU`` stays the IPv4 device's (flannel's), and is the
-IPv6 device's on IPv6-only nodes. Each family of a peer is programmed on its own: a
-peer whose ``BackendV6Data`` is broken keeps its IPv4 path (one warning).
+(or, with DirectRouting, a direct route via ``PublicIPv6``). Its MAC follows the same
+identity rules, bound to the public IPv6 and the VNI (state file
+``flannel-v6.<VNI>.mac``, else derived; checked against the other nodes' BackendV6Data)
+and is published as ``BackendV6Data``. The kernel caps a VTEP over IPv6 at the underlay
+MTU − 70 (flannel asks for − 50 and the kernel clamps it at creation), so Loden asks for
+− 70 directly; ``FLANNEL_MTU`` stays the IPv4 device's (flannel's), and is the IPv6
+device's on IPv6-only nodes. Each family of a peer is programmed on its own: a peer
+whose ``BackendV6Data`` is broken keeps its IPv4 path (one warning).
 """
 
 from __future__ import annotations
@@ -68,15 +75,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import re
 import socket
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
-from pathlib import Path
 
 from loden.backend.base import BackendContext, Network
-from loden.backend.routes import IPV6_METRIC, Entry, PeerNetwork
+from loden.backend.identity import (
+    BoundValue,
+    NodeIdentity,
+    describe,
+    holders,
+    other_nodes,
+    random_mac,
+)
+from loden.backend.routes import IPV6_METRIC, Conflict, Entry, PeerNetwork, Wanted
 from loden.errors import BackendError, DataplaneError
 from loden.kernel.netlink import (
     RTPROT_BOOT,
@@ -111,10 +126,10 @@ class VxlanOptions:
     learning: bool = False
     direct_routing: bool = False
     mtu: int = 0
-    #: Loden extension (Go flanneld ignores unknown Backend keys): keep the kernel's tx
-    #: checksum offload, and with it TSO, on ``flannel.<VNI>``. Off by default, see the
-    #: module docstring for the trade-off.
-    tx_checksum_offload: bool = False
+    #: Loden extension (Go flanneld ignores unknown Backend keys): tx checksum offload,
+    #: and with it TSO, on ``flannel.<VNI>``. None (the default) is *auto*: see
+    #: :func:`tx_checksum_decision` and the module docstring for the trade-off.
+    tx_checksum_offload: bool | None = None
 
     @classmethod
     def from_config(cls, config: NetworkConfig) -> VxlanOptions:
@@ -133,8 +148,40 @@ class VxlanOptions:
             learning=spec.option("Learning", as_bool, False),
             direct_routing=spec.option("DirectRouting", as_bool, False),
             mtu=spec.option("MTU", as_int, 0),
-            tx_checksum_offload=spec.option("TxChecksumOffload", as_bool, False),
+            tx_checksum_offload=spec.option("TxChecksumOffload", as_bool, None),
         )
+
+
+#: The first kernel whose VXLAN checksum offload survives ``MASQUERADE --random-fully``
+#: (the fix Calico keys its own default on).
+FIXED_KERNEL = (5, 7)
+
+
+def kernel_version(release: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a ``uname -r`` string such as ``5.4.0-150-generic``."""
+    match = re.match(r"^(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def tx_checksum_decision(option: bool | None, release: str) -> tuple[bool, str]:
+    """Whether tx checksum offload is on for ``flannel.<VNI>``, and why (for the log)."""
+    if option is not None:
+        return option, f'"TxChecksumOffload": {str(option).lower()} in the Backend config'
+    version = kernel_version(release)
+    if version is None:
+        return False, (
+            f"auto: kernel release {release!r} is not understood, so assuming it may have "
+            'the < 5.7 checksum bug; set "TxChecksumOffload": true to keep the offload'
+        )
+    if version < FIXED_KERNEL:
+        return False, (
+            f"auto: kernel {release} is older than 5.7 (corrupt VXLAN checksums with "
+            "MASQUERADE --random-fully); costs throughput, no TSO on the device"
+        )
+    return True, (
+        f'auto: kernel {release} is 5.7 or newer; set "TxChecksumOffload": false if '
+        "this node's public IP is behind NAT"
+    )
 
 
 def derived_mac(public_ip: IPAddress, vni: int) -> str:
@@ -170,6 +217,28 @@ def _mac_of(backend_data: str) -> str | None:
         return None
 
 
+def peer_vni(lease: Lease, version: int = 4) -> int | None:
+    """VNI from a peer's BackendData (BackendV6Data for ``version`` 6); None if absent
+    (flanneld v0.11-v0.13) or bad."""
+    raw = lease.attrs.backend_data if version == 4 else lease.attrs.backend_v6_data
+    try:
+        data = GoObject.parse(raw or "{}")
+        vni: int | None = data.get("VNI", as_int, None)
+    except GoJSONError:
+        return None
+    return vni
+
+
+def vxlan_rivals(leases: Sequence[Lease], own_ip: IPAddress, vni: int) -> list[Lease]:
+    """Other nodes' vxlan leases whose VTEPs (of ``own_ip``'s family) share our VNI (no
+    VNI in the data: same)."""
+    return [
+        lease
+        for lease in other_nodes(leases, own_ip)
+        if lease.attrs.backend_type == "vxlan" and peer_vni(lease, own_ip.version) in (None, vni)
+    ]
+
+
 def compatible(link: Link, spec: VxlanSpec) -> bool:
     """flannel's reuse test (``isVxlanCompatible``) plus the learning flag."""
     have = link.vxlan
@@ -189,14 +258,20 @@ def compatible(link: Link, spec: VxlanSpec) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Vtep:
-    """One VXLAN device: ``flannel.<VNI>`` (IPv4) or ``flannel-v6.<VNI>`` (IPv6)."""
+    """One VXLAN device: ``flannel.<VNI>`` (IPv4) or ``flannel-v6.<VNI>`` (IPv6), with
+    its MAC store bound to the node's public IP of that family and the VNI."""
 
     version: int
     name: str
     spec: VxlanSpec
     public_ip: IPAddress
     mtu: int
-    mac_file: Path
+    identity: NodeIdentity
+    store: BoundValue
+
+    def mac_of(self, lease: Lease) -> str | None:
+        """What ``lease`` advertises for this device's family."""
+        return peer_mac(lease) if self.version == 4 else peer_mac_v6(lease)
 
 
 class VxlanBackend:
@@ -213,29 +288,41 @@ class VxlanBackend:
             )
         self.ctx = ctx
         self.options = VxlanOptions.from_config(config)
+        vni = self.options.vni
         self.public_ip: IPv4Address = ext.ext_addr or IPv4Address(0)
-        self.name = f"flannel.{self.options.vni}"
+        self.name = f"flannel.{vni}"
         self.spec = self._spec(ext.ext_addr)
         mtu = self.options.mtu or ext.mtu
+        self.netns = ctx.extra.get("netns")
+        self.identity = NodeIdentity(self.public_ip, vni)
+        self._mac_store = BoundValue(ctx.state_dir / f"{self.name}.mac", "VtepMAC")
         self.vtep4: Vtep | None = None
         self.vtep6: Vtep | None = None
         if config.enable_ipv4:
             self.vtep4 = Vtep(
-                4, self.name, self.spec, self.public_ip, mtu - OVERHEAD,
-                ctx.state_dir / f"{self.name}.mac",
+                4, self.name, self.spec, self.public_ip, mtu - OVERHEAD, self.identity,
+                self._mac_store,
             )  # fmt: skip
         if config.enable_ipv6:
             assert ext.ext_v6_addr is not None
-            name6 = f"flannel-v6.{self.options.vni}"
+            name6 = f"flannel-v6.{vni}"
             self.vtep6 = Vtep(
                 6, name6, self._spec(ext.ext_v6_addr), ext.ext_v6_addr, mtu - OVERHEAD_V6,
-                ctx.state_dir / f"{name6}.mac",
+                NodeIdentity(ext.ext_v6_addr, vni),
+                BoundValue(ctx.state_dir / f"{name6}.mac", "VtepMAC"),
             )  # fmt: skip
         self.vteps = tuple(v for v in (self.vtep4, self.vtep6) if v is not None)
         #: FLANNEL_MTU: the IPv4 device's (flannel's value), the IPv6 one's on IPv6-only.
-        self.mtu = self.vteps[0].mtu if self.vtep4 is None else mtu - OVERHEAD
-        self.netns = ctx.extra.get("netns")
-        self._mac_file = ctx.state_dir / f"{self.name}.mac"
+        self.mtu = mtu - OVERHEAD if self.vtep4 is not None else self.vteps[0].mtu
+        self.tx_checksum, why = tx_checksum_decision(
+            self.options.tx_checksum_offload, os.uname().release
+        )
+        log.info(
+            "vxlan: tx checksum offload %s on %s (%s)",
+            "on" if self.tx_checksum else "off",
+            " and ".join(v.name for v in self.vteps),
+            why,
+        )
 
     def _spec(self, local: IPAddress | None) -> VxlanSpec:
         return VxlanSpec(
@@ -248,25 +335,16 @@ class VxlanBackend:
         )
 
     def _stored_mac(self, vtep: Vtep | None = None) -> str | None:
-        path = vtep.mac_file if vtep is not None else self._mac_file
-        try:
-            return normalise_mac(path.read_text())
-        except OSError:
-            return None
+        vtep = vtep or self.vtep4 or self.vteps[0]
+        stored = vtep.store.load(vtep.identity)
+        return None if stored is None else normalise_mac(stored)
 
-    def _store_mac(self, mac: str, vtep: Vtep | None = None) -> None:
-        path = vtep.mac_file if vtep is not None else self._mac_file
-        try:
-            if self._stored_mac(vtep) != mac:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(mac + "\n")
-                tmp.replace(path)
-        except OSError as exc:
-            log.warning("cannot store the VTEP MAC in %s: %s", path, exc)
-
-    async def ensure_device(self, nl: Netlink, vtep: Vtep | None = None) -> Link:
+    async def ensure_device(
+        self, nl: Netlink, mac: str | None = None, vtep: Vtep | None = None
+    ) -> Link:
         """Reuse a compatible ``flannel.<VNI>`` (or ``flannel-v6.<VNI>``), keeping its
-        MAC, or (re)create it."""
+        MAC, or (re)create it with ``mac`` (the running network's), else the stored one,
+        else the derived one."""
         vtep = vtep or self.vtep4 or self.vteps[0]
         link = await nl.link(vtep.name)
         if link is not None and compatible(link, vtep.spec):
@@ -279,7 +357,7 @@ class VxlanBackend:
                 vtep.spec,
             )
             await nl.delete_link(link.index)
-        mac = self._stored_mac(vtep) or derived_mac(vtep.public_ip, self.options.vni)
+        mac = mac or self._stored_mac(vtep) or derived_mac(vtep.public_ip, self.options.vni)
         log.info(
             "creating %s: vni %d port %d local %s dev %s mac %s mtu %d",
             vtep.name,
@@ -292,20 +370,21 @@ class VxlanBackend:
         )
         return await nl.create_vxlan(vtep.name, vtep.spec, mtu=vtep.mtu, mac=mac)
 
-    async def lease_attrs(self) -> LeaseAttrs:
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         macs: dict[int, str] = {}
         nl = await Netlink.open(self.netns)
         try:
             for vtep in self.vteps:
-                link = await self.ensure_device(nl, vtep)
+                link = await self.ensure_device(nl, vtep=vtep)
                 if link.mac is None:
                     raise DataplaneError(
                         "read", f"MAC of {vtep.name}", "the device has no MAC address"
                     )
-                self._store_mac(link.mac, vtep)
-                macs[vtep.version] = link.mac
+                macs[vtep.version] = await self._unique_mac(nl, vtep, link.index, link.mac, others)
         finally:
             await nl.aclose()
+        for vtep in self.vteps:
+            vtep.store.store(vtep.identity, macs[vtep.version])
         vni = self.options.vni
         data = v6_data = None
         if 4 in macs:
@@ -319,6 +398,28 @@ class VxlanBackend:
             public_ipv6=self.ctx.ext.ext_v6_addr if self.vtep6 is not None else None,
             backend_v6_data=v6_data,
         )
+
+    async def _unique_mac(
+        self, nl: Netlink, vtep: Vtep, index: int, mac: str, others: Sequence[Lease]
+    ) -> str:
+        """``mac``, or a fresh one set on the device if another node advertises it."""
+        rivals = vxlan_rivals(others, vtep.public_ip, self.options.vni)
+        clash = holders(mac, rivals, vtep.mac_of)
+        if not clash:
+            return mac
+        taken = {m for m in map(vtep.mac_of, rivals) if m is not None}
+        fresh = random_mac(taken | {mac})
+        log.warning(
+            "VTEP MAC %s of %s is already advertised by another node's lease %s (a state "
+            "directory shared with or copied from that node, or a cloned image): using "
+            "the fresh MAC %s instead",
+            mac,
+            vtep.name,
+            describe(clash),
+            fresh,
+        )
+        await nl.set_link(index, mac=fresh)
+        return fresh
 
     async def activate(self, lease: Lease) -> Network:
         nl = await Netlink.open(self.netns)
@@ -404,7 +505,7 @@ class VxlanNetwork(PeerNetwork):
     async def _ensure_vtep(self, vtep: Vtep) -> bool:
         nl, be = self._nl, self._be
         index, mac = self._state(vtep)
-        link = await be.ensure_device(nl, vtep)
+        link = await be.ensure_device(nl, mac or None, vtep)
         recreated = bool(index) and link.index != index
         if recreated:
             log.warning(
@@ -421,6 +522,8 @@ class VxlanNetwork(PeerNetwork):
         self._set_state(vtep, link.index, mac)
         if link.mtu != vtep.mtu:
             await nl.set_link(link.index, mtu=vtep.mtu)
+        if link.txqlen:  # a device an older Loden created (qlen 1000): match flanneld's
+            await nl.set_link(link.index, txqlen=0)
         if vtep.version == 6:
             # No duplicate address detection on an overlay without multicast: the probe
             # goes nowhere and would only hold the address "tentative" for a second.
@@ -429,7 +532,7 @@ class VxlanNetwork(PeerNetwork):
         else:
             await self._ensure_address(link.index)
         await self._best_effort(nl.set_sysctl(f"net/ipv6/conf/{vtep.name}/accept_ra", "0"))
-        await self._best_effort(nl.set_tx_checksum(vtep.name, be.options.tx_checksum_offload))
+        await self._best_effort(nl.set_tx_checksum(vtep.name, be.tx_checksum))
         if not link.up:
             await nl.set_link(link.index, up=True)
         check = await nl.link_by_index(link.index)
@@ -483,17 +586,19 @@ class VxlanNetwork(PeerNetwork):
     def _needs_lookup(self) -> bool:
         return self._be.options.direct_routing
 
-    def _entries_for(
-        self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]
-    ) -> tuple[Entry, ...] | str:
+    def _entries_for(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
         """Each family on its own: a peer whose IPv6 data is broken keeps its IPv4 path
-        (and the other way round); only a peer with neither is skipped."""
-        parts: list[tuple[Entry, ...] | str] = []
+        (and the other way round); only a peer with neither is skipped. A lease that
+        advertises one of our own VTEP MACs is a conflict (see the module docstring)."""
+        parts: list[Wanted] = []
         if self._be.vtep4 is not None and lease.subnet != NO_IPV4:
             parts.append(self._entries_v4(lease, lookups))
         if self._be.vtep6 is not None and lease.ipv6_subnet is not None:
             parts.append(self._entries_v6(lease, lease.ipv6_subnet, lookups))
-        entries = tuple(e for part in parts if not isinstance(part, str) for e in part)
+        conflicts = [part for part in parts if isinstance(part, Conflict)]
+        if conflicts:
+            return conflicts[0]
+        entries = tuple(e for part in parts if isinstance(part, tuple) for e in part)
         reasons = [part for part in parts if isinstance(part, str)]
         if not entries and reasons:
             return "; ".join(reasons)
@@ -501,10 +606,31 @@ class VxlanNetwork(PeerNetwork):
             self._warn_once(reason + " (its other family is programmed)")
         return entries
 
-    def _entries_v4(
-        self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]
-    ) -> tuple[Entry, ...] | str:
+    def _own_mac_clash(
+        self, lease: Lease, what: str, mac: str | None, own: str, public_ip: IPAddress
+    ) -> str | Conflict | None:
+        """Our own MAC in a lease: our older lease (skipped) or another node (conflict)."""
+        if not own or mac != own:
+            return None
+        ours = self._be.public_ip if public_ip.version == 4 else self._be.ctx.ext.ext_v6_addr
+        device = self._be.name if public_ip.version == 4 else f"flannel-v6.{self._be.options.vni}"
+        if public_ip == ours:
+            return (
+                f"vxlan: lease {what} has this node's public IP and VTEP MAC (an older"
+                " lease of this node): skipped"
+            )
+        return Conflict(
+            f"vxlan: peer {what} ({public_ip}) advertises VtepMAC {own}, which is"
+            f" this node's own ({device}): not programmed, since traffic to it"
+            " would loop back here. Two nodes share a VTEP MAC (shared or copied"
+            " state directory?): restart the agent on one of them, it picks a fresh MAC"
+        )
+
+    def _entries_v4(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
         subnet, public_ip = lease.subnet, lease.attrs.public_ip
+        clash = self._own_mac_clash(lease, str(subnet), peer_mac(lease), self._mac, public_ip)
+        if clash is not None:
+            return clash
         if self._be.options.direct_routing:
             found = lookups.get(public_ip)
             if found is not None and found.gateway is None and found.oif:
@@ -527,10 +653,13 @@ class VxlanNetwork(PeerNetwork):
         lease: Lease,
         subnet: IPv6Network,
         lookups: Mapping[IPAddress, RouteLookup | None],
-    ) -> tuple[Entry, ...] | str:
+    ) -> Wanted:
         public_ip = lease.attrs.public_ipv6
         if public_ip is None:
             return f"vxlan: peer {subnet} has an IPv6 subnet but no PublicIPv6: IPv6 skipped"
+        clash = self._own_mac_clash(lease, str(subnet), peer_mac_v6(lease), self._mac6, public_ip)
+        if clash is not None:
+            return clash
         if self._be.options.direct_routing:
             found = lookups.get(public_ip)
             if found is not None and found.gateway is None and found.oif:

@@ -64,12 +64,15 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IP
 from pathlib import Path
 
 from loden.backend.base import BackendContext, Network, ReconcileReport
+from loden.backend.identity import describe, other_nodes
 from loden.backend.wireguard_peers import (
     DevicePlan,
     Mode,
     PeerRules,
     WireguardOptions,
     desired_peers,
+    key_conflicts,
+    lease_keys,
     peer_changes,
 )
 from loden.errors import BackendError, DataplaneError, InterfaceError
@@ -77,9 +80,11 @@ from loden.kernel.netlink import RTPROT_LODEN, Link, Netlink, Route
 from loden.kernel.wireguard import (
     PeerConfig,
     WireguardGo,
+    generate_private_key,
     load_or_create_private_key,
     public_key_of,
     render_set,
+    write_key_file,
 )
 from loden.lease_watch import overlaps_own
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
@@ -181,8 +186,36 @@ class WireguardBackend:
             self.public_key,
         )
 
-    async def lease_attrs(self) -> LeaseAttrs:
+    def _unique_key(self, others: Sequence[Lease]) -> None:
+        """A key file copied from another node (its public key is in a lease with another
+        public IP) gets replaced: two nodes with one key blackhole each other."""
+        ext = self.ctx.ext
+        own_ip = ext.ext_addr if self.enable_ipv4 and ext.ext_addr else ext.ext_v6_addr
+        if own_ip is None:
+            return
+        wg = [lease for lease in others if lease.attrs.backend_type == "wireguard"]
+        clash = [lease for lease in other_nodes(wg, own_ip) if self.public_key in lease_keys(lease)]
+        if not clash:
+            return
+        old = self.public_key
+        key = generate_private_key()
+        write_key_file(self.key_file, key)
+        self.private_key = key
+        self.public_key = public_key_of(key)
+        log.warning(
+            "wireguard: the public key %s of %s is already published by another node's lease"
+            " %s (a key file copied from that node, or a cloned image): generated a new key"
+            " %s in %s",
+            old,
+            self.key_file,
+            describe(clash),
+            self.public_key,
+            self.key_file,
+        )
+
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         self.load_keys()
+        self._unique_key(others)
         rules = self.rules()
         data = v6_data = None
         if self.enable_ipv4:
@@ -241,6 +274,8 @@ class WireguardNetwork:
         self._peers: dict[str, Lease] = {}
         self._lock = asyncio.Lock()
         self._warned: set[str] = set()
+        #: Peers that publish our key, keys published by two nodes (see ``key_conflicts``).
+        self._conflicts: tuple[str, ...] = ()
         self._closed = False
 
     # -- properties --------------------------------------------------------------------
@@ -413,6 +448,11 @@ class WireguardNetwork:
         )
         for message in (*skipped, *warnings):
             self._warn(message)
+        conflicts = key_conflicts(self._peers.values(), self._be.public_key, self._lease)
+        for message in conflicts:
+            if message not in self._conflicts:
+                log.error("%s", message)
+        self._conflicts = tuple(conflicts)
         added = removed = 0
         for dev in self._devices:
             assert dev.proc is not None
@@ -462,7 +502,9 @@ class WireguardNetwork:
                 dev.fresh = False
             added += len(upserts)
             removed += len(removes)
-        return ReconcileReport(added=added, removed=removed, skipped=tuple(skipped))
+        return ReconcileReport(
+            added=added, removed=removed, skipped=tuple(skipped), conflicts=self._conflicts
+        )
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         """Exactly these peers; devices repaired first (wireguard-go restarted if needed).
@@ -492,7 +534,7 @@ class WireguardNetwork:
                 elif self._peers.pop(lease.key, None) is not None:
                     relevant = True
             if not relevant:
-                return ReconcileReport()
+                return ReconcileReport(conflicts=self._conflicts)
             recreated = False
             for dev in self._devices:
                 recreated |= await self._ensure(dev)

@@ -289,6 +289,53 @@ def desired_peers(
     return out, skipped, warnings
 
 
+def lease_keys(lease: Lease) -> set[str]:
+    """The WireGuard public keys a lease publishes (IPv4 and IPv6 data)."""
+    keys: set[str] = set()
+    for raw in (lease.attrs.backend_data, lease.attrs.backend_v6_data):
+        if raw is not None:
+            data = parse_peer_data(raw)
+            if not isinstance(data, str):
+                keys.add(data.public_key)
+    return keys
+
+
+def _node(lease: Lease) -> tuple[object, ...]:
+    return (lease.attrs.public_ip, lease.attrs.public_ipv6)
+
+
+def key_conflicts(leases: Iterable[Lease], own_key: str, own: Lease) -> list[str]:
+    """Leases of *other* nodes (another public IP) that publish our own public key, and
+    public keys published by two other nodes: one line each, for the log and /healthz.
+
+    WireGuard routes by key, so one key on two nodes sends both nodes' traffic to
+    whichever endpoint was written last. An own key in a lease of our own public IP is
+    our own older lease and no conflict (``desired_peers`` skips it).
+    """
+    out: list[str] = []
+    seen: dict[str, Lease] = {}
+    for lease in sorted(leases, key=lambda lease: lease.key):
+        if lease.attrs.backend_type != "wireguard" or _node(lease) == _node(own):
+            continue
+        for key in sorted(lease_keys(lease)):
+            if key == own_key:
+                out.append(
+                    f"wireguard: peer {lease.key} ({lease.attrs.public_ip}) publishes this"
+                    f" node's own public key {key}: not programmed. Two nodes share one key"
+                    " file (copied?): delete the key file on one of them and restart it"
+                )
+                continue
+            first = seen.setdefault(key, lease)
+            if first is not lease and _node(first) != _node(lease):
+                out.append(
+                    f"wireguard: public key {key} is published by two nodes, {first.key}"
+                    f" ({first.attrs.public_ip}) and {lease.key} ({lease.attrs.public_ip}):"
+                    " only one of them gets traffic. Delete the key file on one of them and"
+                    " restart it"
+                )
+    return out
+
+
 def peer_changes(
     want: Mapping[str, PeerConfig], have: Mapping[str, PeerConfig]
 ) -> tuple[list[PeerConfig], list[str]]:
@@ -304,6 +351,8 @@ __all__ = [
     "PeerRules",
     "WireguardOptions",
     "desired_peers",
+    "key_conflicts",
+    "lease_keys",
     "lease_peers",
     "parse_peer_data",
     "peer_changes",

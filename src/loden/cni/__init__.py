@@ -7,6 +7,8 @@ with ``host-local`` IPAM by default), saves it under ``dataDir`` so DEL can undo
 exactly what ADD did, and runs that delegate.
 
 Modules: :mod:`loden.cni.types` (CNI protocol values: error codes, versions, error
-JSON), :mod:`loden.cni.netconf` (pure parsing and delegate construction) and
-:mod:`loden.cni.plugin` (the process entry point: environment, files, delegate exec).
+JSON), :mod:`loden.cni.netconf` (the input config, Go-JSON),
+:mod:`loden.cni.subnet_env` (subnet.env the plugin's way),
+:mod:`loden.cni.delegate` (the delegate config) and :mod:`loden.cni.plugin` (the
+process entry point: environment, files, delegate exec).
 """

@@ -41,24 +41,22 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from loden import __version__
+from loden.cni.delegate import build_delegate
 from loden.cni.netconf import (
     FlannelNetConf,
-    FlannelSubnetEnv,
-    build_delegate,
     config_name,
     config_version,
     decode_object,
     marshal,
     parse_netconf,
-    parse_subnet_env,
-    struct_field,
 )
+from loden.cni.subnet_env import FlannelSubnetEnv, parse_subnet_env
 from loden.cni.types import (
     CURRENT_VERSION,
     ERR_DECODING_FAILURE,
@@ -76,6 +74,7 @@ from loden.cni.types import (
     version_reply,
 )
 from loden.errors import ParseError
+from loden.files import replace_file
 
 ABOUT = (
     f"CNI Plugin flannel version loden-{__version__} "
@@ -123,7 +122,7 @@ class Outcome:
 def reply_version(stdin: bytes) -> str:
     """The ``cniVersion`` to put in an error reply: the config's if it has one, else ours."""
     try:
-        version = struct_field(decode_object(stdin, "types.NetConf"), "cniVersion")
+        version = decode_object(stdin, "types.NetConf").field("cniVersion")
     except ParseError:
         return CURRENT_VERSION
     return version if isinstance(version, str) and version else CURRENT_VERSION
@@ -278,27 +277,8 @@ def save_delegate_config(data_dir: str, container_id: str, data: bytes) -> str:
 
     :raises OSError: the directory or file cannot be written.
     """
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
     path = os.path.join(data_dir, container_id)
-    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{container_id}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(Path(path), data, mode=0o600, dir_mode=0o700)
     return path
 
 
@@ -346,7 +326,7 @@ def _error_from_reply(stdout: bytes, stderr_text: str, returncode: int) -> CniFa
             ERR_INTERNAL,
             f"netplugin failed but error parsing its diagnostic message {json.dumps(text)}: {exc}",
         )
-    code, msg, details = (struct_field(obj, name) for name in ("code", "msg", "details"))
+    code, msg, details = (obj.field(name) for name in ("code", "msg", "details"))
     if isinstance(code, bool) or not isinstance(code, int) or code <= 0:
         code = ERR_INTERNAL  # a reply without a usable code still is an error
     return CniFailure(

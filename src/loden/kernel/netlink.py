@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 from loden.errors import DataplaneError
 from loden.kernel import rtnl
+from loden.kernel.netns import enter_netns
 from loden.kernel.rtnl import AF_BRIDGE
 from loden.kernel.types import (
     RT_TABLE_MAIN,
@@ -82,7 +83,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
 _SIOCETHTOOL = 0x8946
 _ETHTOOL_GTXCSUM = 0x16
@@ -102,19 +102,6 @@ def _error(op: str, obj: str, exc: BaseException) -> DataplaneError:
     elif isinstance(code, int) and code > 0:
         detail = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
     return DataplaneError(op, obj, detail, errno=code)
-
-
-def enter_netns(netns: str) -> None:
-    """Move the calling thread into network namespace ``netns`` (a name or a path)."""
-    path = netns if "/" in netns else f"/var/run/netns/{netns}"
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"setns({path}): {os.strerror(code)}")
-    finally:
-        os.close(fd)
 
 
 class Netlink:
@@ -247,12 +234,18 @@ class Netlink:
     async def create_vxlan(
         self, name: str, spec: VxlanSpec, *, mtu: int | None = None, mac: str | None = None
     ) -> Link:
-        """Create a vxlan device (down); ``spec.port`` is always passed explicitly."""
+        """Create a vxlan device (down); ``spec.port`` is always passed explicitly.
+
+        ``txqueuelen 0`` as Go flanneld's device has (its netlink library sends the
+        zero of an unset ``TxQLen``): a virtual device queues nothing itself, and the
+        same ``ip -d link`` as flanneld's is part of the drop-in promise.
+        """
 
         def create() -> Link:
             args: dict[str, Any] = {
                 "ifname": name,
                 "kind": "vxlan",
+                "txqlen": 0,
                 "vxlan_id": spec.vni,
                 "vxlan_port": spec.port,
                 "vxlan_learning": int(spec.learning),
@@ -282,9 +275,17 @@ class Netlink:
         return await self._call("create", f"vxlan device {name}", create)
 
     async def set_link(
-        self, index: int, *, up: bool | None = None, mtu: int | None = None, mac: str | None = None
+        self,
+        index: int,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        mac: str | None = None,
+        txqlen: int | None = None,
     ) -> None:
         args: dict[str, Any] = {"index": index}
+        if txqlen is not None:
+            args["txqlen"] = txqlen
         if up is not None:
             args["state"] = "up" if up else "down"
         if mtu is not None:
@@ -501,6 +502,7 @@ def _link(msg: Any) -> Link:
         mac=msg.get("IFLA_ADDRESS"),
         up=bool(msg["flags"] & _IFF_UP),
         vxlan=vxlan,
+        txqlen=None if msg.get("IFLA_TXQLEN") is None else int(msg.get("IFLA_TXQLEN")),
     )
 
 

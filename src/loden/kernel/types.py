@@ -135,6 +135,8 @@ class Link:
     mac: str | None
     up: bool
     vxlan: VxlanSpec | None = None
+    #: Transmit queue length (``qlen``/``txqueuelen``); None when the kernel did not say.
+    txqlen: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,6 @@ import contextlib
 import errno as errno_mod
 import logging
 import os
-import secrets
 import shutil
 import signal
 from collections.abc import Iterable, Sequence
@@ -47,6 +46,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from loden.errors import ConfigError, DataplaneError
+from loden.files import replace_file
+from loden.kernel.netns import netns_argv
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +138,7 @@ def write_key_file(path: Path, key: str) -> None:
     :raises ConfigError: the directory or file cannot be written.
     """
     try:
-        missing = [p for p in reversed(path.parents) if not p.exists()]
-        for directory in missing:
-            directory.mkdir(mode=0o755, exist_ok=True)
-            directory.chmod(0o755)  # mkdir's mode is subject to the umask
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
-        try:
-            os.fchmod(fd, 0o400)
-            os.write(fd, key.encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        replace_file(path, key.encode("ascii"), mode=0o400, dir_mode=0o755)
     except OSError as exc:
         raise ConfigError(
             f"cannot write the wireguard key file {path}: {exc.strerror or exc};"
@@ -433,10 +418,6 @@ class Uapi:
 # -- the process -----------------------------------------------------------------------
 
 
-def _netns_path(netns: str) -> str:
-    return netns if "/" in netns else f"/var/run/netns/{netns}"
-
-
 class WireguardGo:
     """One ``wireguard-go -f <name>`` child serving the TUN device ``name``.
 
@@ -474,7 +455,7 @@ class WireguardGo:
             )
         argv = [binary, "-f", self.name]
         if self.netns is not None:
-            argv = ["nsenter", f"--net={_netns_path(self.netns)}", "--", *argv]
+            argv = netns_argv(self.netns, argv)
         setpriv = shutil.which("setpriv")
         if setpriv is not None:
             argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]

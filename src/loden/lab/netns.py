@@ -12,33 +12,23 @@ node's own devices, as ``ip netns exec`` does.
 Commands run in a node through ``nsenter --mount=FILE --net=/var/run/netns/NAME``
 (nsenter execs, so the pid it starts is the program's pid). Short requests from this
 process (HTTP to an agent's /healthz, to etcd's /health) run in a thread that has
-called ``setns(CLONE_NEWNET)``: a socket belongs to the namespace of the thread that
-creates it, and nothing else in the process changes namespace.
+entered the node's network namespace (:mod:`loden.kernel.netns`, the one way Loden
+does either).
 """
 
 from __future__ import annotations
 
-import ctypes
 import http.client
-import os
 import ssl
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
-from loden.errors import LodenError
+from loden.kernel.netns import NETNS_DIR as NETNS_DIR
+from loden.kernel.netns import call_in_netns, netns_argv
+from loden.kernel.netns import netns_path as netns_path
 from loden.lab import proc
 from loden.lab.plan import LAB_ROOT
 from loden.lab.state import LabState
-
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
-NETNS_DIR = Path("/var/run/netns")
-
-
-def netns_path(name: str) -> str:
-    return str(NETNS_DIR / name)
 
 
 def add_netns(state: LabState, name: str) -> None:
@@ -56,8 +46,7 @@ def ip(ns: str, *args: str, check: bool = True) -> str:
 
 def in_net(netns: str, argv: Sequence[str]) -> list[str]:
     """argv that runs ``argv`` in network namespace ``netns`` (a name or a path)."""
-    path = netns if netns.startswith("/") else netns_path(netns)
-    return ["nsenter", f"--net={path}", "--", *argv]
+    return netns_argv(netns, argv)
 
 
 def in_node(mntns: str, netns: str, argv: Sequence[str]) -> list[str]:
@@ -143,41 +132,6 @@ def mount_points() -> set[str]:
 
 
 # -- calling into a network namespace from this process -------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def call_in_netns(netns: str, fn: Callable[[], T], *, timeout: float = 10.0) -> T:
-    """Run ``fn`` in a new thread that first enters network namespace ``netns``.
-
-    :raises LodenError: the namespace cannot be entered or ``fn`` did not return in time.
-    """
-    path = netns if netns.startswith("/") else netns_path(netns)
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err), path)
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"netns:{os.path.basename(path)}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise LodenError(f"request inside network namespace {path} took over {timeout:.0f}s")
-    if "error" in box:
-        error = box["error"]
-        assert isinstance(error, BaseException)
-        raise error
-    return box["value"]  # type: ignore[return-value]
 
 
 def http_get(

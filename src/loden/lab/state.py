@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from loden.errors import ConfigError
+from loden.files import replace_file
 from loden.lab.plan import LAB_ROOT, LabPlan
 
 LOCK_FILE = Path("/run/loden-lab.lock")
@@ -173,10 +174,7 @@ class LabState:
             "pods": [asdict(p) for p in self.pods],
             "notes": self.notes,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".state.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        replace_file(self.path, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, name: str) -> LabState:
@@ -272,8 +270,7 @@ def ensure_mountpoint(path: Path) -> None:
     known = _read_mountpoints()
     for directory in reversed(missing):
         known.append(str(directory))
-        LAB_ROOT.mkdir(parents=True, exist_ok=True)
-        MOUNTPOINTS.write_text(json.dumps(known) + "\n", encoding="utf-8")
+        replace_file(MOUNTPOINTS, (json.dumps(known) + "\n").encode("utf-8"))
         directory.mkdir(exist_ok=True)
 
 

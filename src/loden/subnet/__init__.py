@@ -1,4 +1,8 @@
-"""Where leases live: open the right store for the settings.
+"""Where leases live: open the right subnet manager for the settings.
+
+``open_subnet_manager`` is the one place that picks the implementation of
+:class:`~loden.subnet.base.SubnetManager`: etcd (below) or, with ``--kube-subnet-mgr``,
+the Kubernetes subnet manager.
 
 ``-etcd-api auto`` (the default) looks for ``<prefix>/config`` through the v3 API
 first, then the v2 API, and keeps waiting on both (saying so) until one has it. Users
@@ -9,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from loden.errors import StoreAuthError, StoreError
-from loden.health import HealthState
 from loden.settings import AgentSettings, EtcdSettings
+from loden.subnet.base import SubnetManager
 from loden.subnet.etcd_http import EtcdHTTP, tls_context
 from loden.subnet.etcd_v2 import EtcdV2Store
 from loden.subnet.etcd_v3 import EtcdV3Store
@@ -109,18 +114,26 @@ async def open_store(
         await asyncio.sleep(1.0)
 
 
-async def open_subnet_manager(
-    settings: AgentSettings, *, health: HealthState | None = None
-) -> EtcdSubnetManager:
-    """Open the agent's subnet manager (waits for the config when ``-etcd-api=auto``)."""
+async def open_subnet_manager(settings: AgentSettings) -> SubnetManager:
+    """Open the agent's subnet manager (etcd: waits for the config with
+    ``-etcd-api=auto``).
+
+    :raises StoreAuthError: TLS/auth rejected (waiting cannot fix it).
+    :raises ConfigError: the kube settings or files are unusable.
+    """
     if settings.kube.enabled:
-        raise StoreError(
-            "the Kubernetes subnet manager (--kube-subnet-mgr) is not "
-            "implemented in this Loden version; use etcd"
-        )
+        return await _open_kube_subnet_manager(settings)
     store = await open_store(settings.etcd, wait=True)
-    if health is not None:
-        health.store_last_ok = health.clock()
     return EtcdSubnetManager(
         store, ttl=settings.lease_ttl_seconds, renew_margin=settings.renew_margin_minutes * 60
     )
+
+
+async def _open_kube_subnet_manager(settings: AgentSettings) -> SubnetManager:
+    """The seam for ``--kube-subnet-mgr``: the Kubernetes subnet manager lives in
+    ``loden.subnet.kube`` and is built here (imported lazily: etcd nodes never load the
+    Kubernetes client). Its environment (``NODE_NAME``, ``POD_NAME``... spec §1.3) is
+    the process's."""
+    from loden.subnet.kube import open_kube_manager
+
+    return await open_kube_manager(settings.kube, os.environ)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from loden.model.config import NetworkConfig
@@ -25,6 +26,15 @@ class WatchResult:
 
     snapshot: tuple[Lease, ...] | None = None
     events: tuple[LeaseEvent, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PublicIPOverride:
+    """Public addresses the store imposes on this node (kube: the ``node-public-ip``
+    annotations, spec §4.1 step 5); ``None`` keeps ``--public-ip``/detection."""
+
+    ipv4: IPv4Address | None = None
+    ipv6: IPv6Address | None = None
 
 
 class SubnetManager(Protocol):
@@ -49,14 +59,38 @@ class SubnetManager(Protocol):
         """
         ...
 
+    async def public_ip_override(self) -> PublicIPOverride:
+        """Addresses that override ``--public-ip``/``--public-ipv6`` (asked once, before
+        the interface is chosen). etcd: none.
+
+        :raises StoreUnavailable: the store does not answer (the agent retries).
+        """
+        ...
+
     async def acquire_lease(self, attrs: LeaseAttrs, previous: PreviousSubnets) -> Lease:
-        """Take (or keep) this node's lease and publish ``attrs`` in it."""
+        """Take (or keep) this node's lease and publish ``attrs`` in it.
+
+        :raises SubnetsExhausted: nothing free (the agent retries).
+        :raises StoreUnavailable: the store does not answer (the agent retries).
+        :raises StoreError: anything else (the agent stops with the message).
+        """
+        ...
+
+    async def complete_lease(self, lease: Lease) -> None:
+        """Called once, after subnet.env is written and the data plane is up. etcd:
+        nothing; kube: the ``NetworkUnavailable=False`` node condition (spec §4.5).
+
+        :raises StoreUnavailable: the store does not answer (the agent retries).
+        """
         ...
 
     async def renew_lease(self, lease: Lease) -> Lease:
-        """Extend ``lease``; re-create it if it vanished and is still free.
+        """Extend ``lease``; re-create it if it vanished and is still free. A store
+        whose leases never expire (kube) returns ``lease`` unchanged.
 
-        :raises LeaseRevoked: another node holds our subnet now.
+        :raises LeaseRevoked: another node holds our subnet now (the agent exits 3).
+        :raises StoreUnavailable: the store does not answer (the agent retries).
+        :raises LeaseConflict: a compare-and-swap was lost (the agent retries at once).
         """
         ...
 
@@ -65,7 +99,11 @@ class SubnetManager(Protocol):
         ...
 
     def watch_leases(self) -> AsyncIterator[WatchResult]:
-        """Peer leases: a snapshot first, then events (a snapshot again after a relist)."""
+        """Peer leases: a snapshot first, then events (a snapshot again after a relist).
+
+        Store outages are retried inside (counted in :attr:`watch_restarts`); anything
+        that escapes the iterator is fatal for the agent.
+        """
         ...
 
     async def list_leases(self) -> list[Lease]:

@@ -20,10 +20,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
-from typing import TypeVar
 
 from loden.errors import (
     ConfigNotFound,
@@ -40,7 +38,7 @@ from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.model.net import parse_subnet_key, subnet_key
 from loden.model.subnet_env import PreviousSubnets
 from loden.subnet import allocator
-from loden.subnet.base import WatchResult
+from loden.subnet.base import PublicIPOverride, WatchResult
 from loden.subnet.store import LeaseStore, StoredKV, StoreEvent, StoreEventKind, WatchBatch
 
 log = logging.getLogger(__name__)
@@ -48,24 +46,9 @@ log = logging.getLogger(__name__)
 #: Every lost race means another node won a subnet, so the storm as a whole always
 #: progresses; the cap only guards against a store that keeps changing under us.
 MAX_CLAIM_ATTEMPTS = 200
-T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class StoreHealth:
-    """When the store last answered; read by /healthz and the metrics."""
-
-    last_ok: float = 0.0
-    last_error: str = ""
-    watch_restarts: int = 0
-    clock: Callable[[], float] = field(default=time.monotonic)
-
-    def ok(self) -> None:
-        self.last_ok = self.clock()
-        self.last_error = ""
-
-    def failed(self, exc: BaseException) -> None:
-        self.last_error = str(exc)
+#: The shortest pause between renewals, whatever the margin: a margin as long as the
+#: TTL (possible with the hidden ``--subnet-lease-ttl``) must not renew in a busy loop.
+RENEW_FLOOR_SECONDS = 1.0
 
 
 def parse_lease_name(name: str) -> tuple[IPv4Network, IPv6Network | None]:
@@ -120,13 +103,26 @@ class EtcdSubnetManager:
         self.renew_margin = renew_margin
         self.rng = rng or random.Random()
         self.relist_seconds = relist_seconds
-        self.health = StoreHealth()
         self.claim_conflicts = 0
+        self._watch_restarts = 0
         self._warned: set[str] = set()
 
     @property
     def name(self) -> str:
         return f"etcd-{self.store.api}"
+
+    @property
+    def watch_restarts(self) -> int:
+        return self._watch_restarts
+
+    async def probe(self) -> None:
+        await self.store.get_config()
+
+    async def public_ip_override(self) -> PublicIPOverride:
+        return PublicIPOverride()  # etcd has no per-node settings
+
+    async def complete_lease(self, lease: Lease) -> None:
+        return None  # renewal is the agent's lease loop; nothing to announce
 
     async def aclose(self) -> None:
         await self.store.aclose()
@@ -140,7 +136,7 @@ class EtcdSubnetManager:
         :raises NetworkConfigError: it does not parse or validate.
         :raises StoreUnavailable: etcd did not answer.
         """
-        raw = await self._call(self.store.get_config())
+        raw = await self.store.get_config()
         if raw is None:
             raise ConfigNotFound(
                 f"network config not found in etcd ({self.store.api} API) at the config key; "
@@ -179,7 +175,7 @@ class EtcdSubnetManager:
             log.warning(msg, *args)
 
     async def list_leases(self, *, with_ttl: bool = False) -> list[Lease]:
-        listing = await self._call(self.store.list(with_ttl=with_ttl))
+        listing = await self.store.list(with_ttl=with_ttl)
         return self._parse_listing(listing.kvs)
 
     def _value(self, attrs: LeaseAttrs) -> bytes:
@@ -193,7 +189,7 @@ class EtcdSubnetManager:
         lost: set[IPv4Network | IPv6Network] = set()
         for attempt in range(1, MAX_CLAIM_ATTEMPTS + 1):
             config = await self.get_network_config()
-            listing = await self._call(self.store.list())
+            listing = await self.store.list()
             leases = self._parse_listing(listing.kvs)
             plan = allocator.plan(
                 config,
@@ -216,18 +212,16 @@ class EtcdSubnetManager:
                 )
             for stale in plan.stale_own:
                 log.info("deleting our old lease %s: it does not fit the network config", stale.key)
-                await self._call(self.store.delete(stale.key))
+                await self.store.delete(stale.key)
             try:
                 if isinstance(plan.choice, allocator.Reuse):
                     old = plan.choice.lease
-                    current = await self._call(self.store.get(old.key))
+                    current = await self.store.get(old.key)
                     if current is None:
                         raise LeaseConflict(f"{old.key} vanished")
                     ttl = None if old.reserved else self.ttl
-                    kv = await self._call(
-                        self.store.update(
-                            old.key, self._value(attrs), ttl, expect_value=current.value
-                        )
+                    kv = await self.store.update(
+                        old.key, self._value(attrs), ttl, expect_value=current.value
                     )
                     lease = Lease(
                         old.subnet,
@@ -246,7 +240,7 @@ class EtcdSubnetManager:
                     return lease
                 choice = plan.choice
                 lease = Lease(choice.subnet, attrs, choice.ipv6_subnet)
-                kv = await self._call(self.store.create(lease.key, self._value(attrs), self.ttl))
+                kv = await self.store.create(lease.key, self._value(attrs), self.ttl)
                 log.info(
                     "allocated lease %s to current node %s (%s)",
                     lease.key,
@@ -283,13 +277,13 @@ class EtcdSubnetManager:
         :raises LeaseRevoked: another node now holds our subnet.
         """
         value = self._value(lease.attrs)
-        current = await self._call(self.store.get(lease.key))
+        current = await self.store.get(lease.key)
         ttl = None if lease.reserved else self.ttl
         if current is None:
             try:
-                kv = await self._call(self.store.create(lease.key, value, ttl))
+                kv = await self.store.create(lease.key, value, ttl)
             except LeaseConflict:
-                current = await self._call(self.store.get(lease.key))
+                current = await self.store.get(lease.key)
                 if current is None:
                     raise LeaseRevoked(f"our lease {lease.key} keeps vanishing") from None
             else:
@@ -306,16 +300,19 @@ class EtcdSubnetManager:
             raise LeaseRevoked(
                 f"our subnet {lease.key} is now held by {holder}; restart to get a new one"
             )
-        kv = await self._call(self.store.update(lease.key, value, ttl, expect_value=current.value))
+        kv = await self.store.update(lease.key, value, ttl, expect_value=current.value)
         return _with_expiry(lease, ttl, kv.ref)
 
     def renew_delay(self, lease: Lease) -> float:
-        """Seconds until the next renewal: ``margin`` before expiry, never below a third
-        of the TTL (so short test TTLs renew a few times per period, not in a loop)."""
-        if lease.reserved:
-            return max(self.ttl - self.renew_margin, self.ttl / 3)
-        remaining = lease.ttl_remaining() or float(self.ttl)
-        return max(remaining - self.renew_margin, self.ttl / 3, 0.5)
+        """Seconds until the next renewal: ``--subnet-lease-renew-margin`` before expiry,
+        as flanneld (spec §3.3: margin 1439 min renews a 24 h lease after 60 s). The only
+        floor is against a busy loop, kept below a third of the TTL so that short test
+        TTLs still renew before they expire."""
+        floor = min(RENEW_FLOOR_SECONDS, self.ttl / 3)
+        remaining = self.ttl if lease.reserved else lease.ttl_remaining()
+        if remaining is None:
+            remaining = float(self.ttl)
+        return max(remaining - self.renew_margin, floor)
 
     # -- watching -------------------------------------------------------------------------
 
@@ -364,7 +361,7 @@ class EtcdSubnetManager:
         while True:
             try:
                 if snapshot_needed:
-                    listing = await self._call(self.store.list())
+                    listing = await self.store.list()
                     cursor = listing.cursor
                     snapshot_needed = False
                     recovered()
@@ -379,11 +376,10 @@ class EtcdSubnetManager:
                 snapshot_needed = True  # level-triggered safety net against missed events
             except WatchCompacted as exc:
                 log.info("watch fell behind compaction (%s): relisting", exc)
-                self.health.watch_restarts += 1
+                self._watch_restarts += 1
                 snapshot_needed = True
             except StoreUnavailable as exc:
-                self.health.failed(exc)
-                self.health.watch_restarts += 1
+                self._watch_restarts += 1
                 if outage is None:
                     outage = (loop.time(), 1)
                     log.warning(
@@ -413,22 +409,11 @@ class EtcdSubnetManager:
                         batch = await anext(stream)
                 except (TimeoutError, StopAsyncIteration):
                     return
-                self.health.ok()
                 yield batch
         finally:
             closer = getattr(stream, "aclose", None)
             if closer is not None:
                 await closer()
-
-    async def _call(self, awaitable: Awaitable[T]) -> T:
-        """Await a store call, recording store health for /healthz."""
-        try:
-            result = await awaitable
-        except StoreUnavailable as exc:
-            self.health.failed(exc)
-            raise
-        self.health.ok()
-        return result
 
 
 def _with_expiry(lease: Lease, ttl: int | None, ref: int) -> Lease:

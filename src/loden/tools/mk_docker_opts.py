@@ -38,11 +38,12 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from loden.errors import ConfigError, ParseError, UsageError
+from loden.files import replace_file
 
 DEFAULT_FLANNEL_ENV = "/run/flannel/subnet.env"
 DEFAULT_DOCKER_ENV = "/run/docker_opts.env"
@@ -467,22 +468,8 @@ def read_flannel_env(path: str, scope: Mapping[str, str]) -> dict[str, str] | No
 
 def write_atomic(path: str, content: str, mode: int = 0o644) -> None:
     """Replace ``path`` (through symlinks, like ``>``) with ``content`` in one rename."""
-    target = os.path.realpath(path)
-    directory = os.path.dirname(target) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mk-docker-opts.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content.encode("utf-8", "surrogateescape"))
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    data = content.encode("utf-8", "surrogateescape")
+    replace_file(Path(os.path.realpath(path)), data, mode=mode, parents=False)
 
 
 def main(

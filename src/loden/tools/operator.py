@@ -26,6 +26,11 @@ from loden.subnet import open_store
 from loden.subnet.manager import EtcdSubnetManager
 
 _ETCD_FLAGS = tuple(f for f in AGENT_FLAGS if f.name.startswith("etcd-"))
+_KUBE_FLAGS = tuple(
+    f
+    for f in AGENT_FLAGS
+    if f.name in ("kube-subnet-mgr", "kube-api-url", "kubeconfig-file", "kube-annotation-prefix")
+)
 _EXTRA = (
     Flag("json", False, "print JSON instead of a table", kind="bool", env=False),
     Flag("delete", "", "delete the lease with this key (e.g. 10.5.3.0-24)", env=False),
@@ -37,6 +42,8 @@ USAGE = """usage:
   loden config set '<json>' | -file F [etcd flags]
   loden config validate ['<json>' | -file F]   (no argument: validate the stored config)
   loden leases [-json] [-delete KEY] [etcd flags]
+  loden leases -kube-subnet-mgr [-json] [-kubeconfig-file F] [-kube-api-url U]
+               [-kube-annotation-prefix P]   (nodes, podCIDRs and flannel annotations)
 etcd flags are the agent's: -etcd-endpoints, -etcd-prefix, -etcd-cafile, -etcd-certfile,
 -etcd-keyfile, -etcd-username, -etcd-password, -etcd-api (auto|v3|v2).
 """
@@ -61,7 +68,7 @@ def _etcd_settings(values: dict[str, object]) -> EtcdSettings:
 
 def main(argv: Sequence[str]) -> int:
     command = list(argv)
-    flagset = FlagSet(f"loden {command[0]}", _ETCD_FLAGS + _EXTRA)
+    flagset = FlagSet(f"loden {command[0]}", _ETCD_FLAGS + _KUBE_FLAGS + _EXTRA)
     try:
         if command[0] == "config":
             if len(command) < 2 or command[1] not in ("get", "set", "validate"):
@@ -145,6 +152,12 @@ def _report_validation(text: str, *, quiet: bool = False) -> int:
 
 
 async def _leases(values: dict[str, object]) -> int:
+    if values["kube-subnet-mgr"]:
+        from loden.tools import kube
+
+        if values["delete"]:
+            raise UsageError("-delete is for etcd leases; in kube mode a lease is a node")
+        return await kube.leases(values, os.environ)
     settings = _etcd_settings(values)
     store = await open_store(settings)
     try:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loden.errors import ConfigError, ParseError
+from loden.files import replace_file
 
 SEED_CAFILE = "/opt/etcd/ssl/ca.pem"
 SEED_CERTFILE = "/opt/etcd/ssl/server.pem"
@@ -197,11 +198,7 @@ def write_files(root: Path, opts: RenderOptions) -> list[Path]:
     written: list[Path] = []
     for path, content in render_files(opts).items():
         target = under_root(root, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.loden-tmp")
-        tmp.write_text(content, encoding="utf-8")
-        os.chmod(tmp, modes[path])
-        os.replace(tmp, target)
+        replace_file(target, content.encode("utf-8"), mode=modes[path])
         written.append(target)
     return written
 
