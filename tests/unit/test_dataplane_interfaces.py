@@ -172,22 +172,20 @@ def test_ipv6_only_by_regex() -> None:
 
 # -- IPv6 for every selection flag (flannel #2081) ----------------------------------------
 
-V6ONLY = {"ipv4": False, "ipv6": True}
-
 
 def test_ipv6_only_default_route_and_iface_by_name() -> None:
-    sel = choose(view(default_v4=None, default_v6=3), InterfaceOptions(**V6ONLY))
+    sel = choose(view(default_v4=None, default_v6=3), InterfaceOptions(ipv4=False, ipv6=True))
     assert (sel.ext.name, sel.ext.iface_v6_addr) == ("eth1", IPv6Address("fd00::11"))
     assert sel.reason == "chose eth1 (fd00::11): default route interface"
-    sel = choose(view(), InterfaceOptions(ifaces=("eth1",), **V6ONLY))
+    sel = choose(view(), InterfaceOptions(ifaces=("eth1",), ipv4=False, ipv6=True))
     assert sel.ext.ext_v6_addr == IPv6Address("fd00::11") and sel.ext.ext_addr is None
 
 
 def test_ipv6_only_iface_by_ipv6_address_and_refuses_ipv4() -> None:
-    sel = choose(view(), InterfaceOptions(ifaces=("fd00::11",), **V6ONLY))
+    sel = choose(view(), InterfaceOptions(ifaces=("fd00::11",), ipv4=False, ipv6=True))
     assert sel.ext.name == "eth1" and sel.ext.iface_v6_addr == IPv6Address("fd00::11")
     with pytest.raises(InterfaceError, match="IPv4 address but IPv4 is not enabled"):
-        choose(view(), InterfaceOptions(ifaces=("10.0.2.15",), **V6ONLY))
+        choose(view(), InterfaceOptions(ifaces=("10.0.2.15",), ipv4=False, ipv6=True))
 
 
 def test_ipv6_can_reach_fills_the_other_family_from_the_interface() -> None:
@@ -200,7 +198,9 @@ def test_ipv6_can_reach_fills_the_other_family_from_the_interface() -> None:
 
 
 def test_public_ipv6_alone_selects_its_owner_and_is_advertised() -> None:
-    sel = choose(view(), InterfaceOptions(public_ipv6=IPv6Address("fd00::11"), **V6ONLY))
+    sel = choose(
+        view(), InterfaceOptions(public_ipv6=IPv6Address("fd00::11"), ipv4=False, ipv6=True)
+    )
     assert sel.ext.name == "eth1" and sel.ext.ext_v6_addr == IPv6Address("fd00::11")
     assert "interface owning --public-ipv6 fd00::11" in sel.reason
 
@@ -228,4 +228,4 @@ def test_dual_stack_regex_needs_both_families_on_one_interface() -> None:
 def test_ipv6_only_interface_without_ipv6() -> None:
     v = view(addresses={2: (addr(2, "10.0.2.15/24"),)})
     with pytest.raises(InterfaceError, match="failed to find IPv6 address for interface eth0"):
-        choose(v, InterfaceOptions(ifaces=("eth0",), **V6ONLY))
+        choose(v, InterfaceOptions(ifaces=("eth0",), ipv4=False, ipv6=True))
