@@ -27,6 +27,7 @@ but points ``-d`` at /run/flannel/docker_opts.env, the way an administrator woul
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from ipaddress import IPv4Interface, IPv6Interface
@@ -221,6 +222,24 @@ def read_subnet(plan: LabPlan, node: str) -> tuple[str, int]:
     return subnet, int(mtu) if mtu.isdigit() else 0
 
 
+def lease_subnet6(state: LabState, node: NodeRecord) -> str:
+    """The IPv6 subnet of ``node``'s lease (``loden leases -json`` run in the node,
+    matched by its public IPv4), or "" when etcd does not say."""
+    argv = netns.in_node(
+        node.mntns, node.netns, [loden_executable(), "leases", "-json", *etcd_flags(state.plan)]
+    )
+    done = proc.run(argv, check=False, timeout=15, env={"PATH": proc.SERVICE_PATH})
+    try:
+        rows = json.loads(done.stdout) if done.returncode == 0 else []
+    except ValueError:
+        return ""
+    own = str(IPv4Interface(node.address).ip)
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and row.get("public_ip") == own and row.get("ipv6_subnet"):
+            return str(row["ipv6_subnet"])
+    return ""
+
+
 def start_agent(state: LabState, node: NodeRecord, *, timeout: float = 40.0) -> NodeRecord:
     """``systemctl start flanneld`` in the node; records the subnet it got.
 
@@ -229,6 +248,10 @@ def start_agent(state: LabState, node: NodeRecord, *, timeout: float = 40.0) -> 
     started = units.start_service(state, node, "flanneld.service", role="agent", timeout=timeout)
     subnet, mtu = read_subnet(state.plan, node.name)
     subnet6 = read_subnet6(state.plan, node.name)
+    if 6 in state.plan.families and not subnet6:
+        # Docker nodes: the seed's mk-docker-opts has replaced subnet.env by DOCKER_OPT_*
+        # lines, and the script has no IPv6 option: ask etcd for our lease instead.
+        subnet6 = lease_subnet6(state, node)
     families = state.plan.families
     if (4 in families and not subnet) or (6 in families and not subnet6):
         raise LodenError(

@@ -114,10 +114,10 @@ class LabPlan:
                 f"--ipv6 {self.ipv6} with --backend {self.backend}: the {self.backend} "
                 f"backend is IPv4-only, as in flannel; use {', '.join(IPV6_BACKENDS)}"
             )
-        if self.ipv6 != "off" and self.runtime != "cni":
+        if self.ipv6 == "only" and self.runtime != "cni":
             raise UsageError(
-                f"--ipv6 {self.ipv6} with --runtime {self.runtime} is not implemented by the "
-                "lab yet (dockerd would need --ipv6 --fixed-cidr-v6); use --runtime cni"
+                f"--ipv6 only with --runtime {self.runtime}: Docker's default bridge always "
+                "needs an IPv4 subnet (--bip); use --ipv6 dual or --runtime cni"
             )
         if self.ipv6 != "off" and not self.with_agent:
             raise UsageError("--ipv6 needs the agent (no --no-agent)")

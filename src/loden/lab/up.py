@@ -187,7 +187,9 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
                 record = runtime_docker.start_dockerd(state, record)
             with reporter.step(f"{name}: {plan.pods_per_node} containers (docker run)") as s:
                 made = runtime_docker.create_pods(state, record)
-                s.text = f"{name}: containers " + ", ".join(f"{p.name}={p.ip}" for p in made)
+                s.text = f"{name}: containers " + ", ".join(
+                    f"{p.name}={'+'.join(a for a in (p.ip, p.ip6) if a)}" for p in made
+                )
         else:
             with reporter.step(f"{name}: {plan.pods_per_node} pods (CNI ADD via flannel)") as s:
                 made = runtime_cni.create_pods(state, record)
