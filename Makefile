@@ -1,7 +1,7 @@
 # The two commands a new user runs: `make demo` and `make test` (as root, on Debian 12/Ubuntu).
 VENV := .venv
 PY := $(VENV)/bin/python
-.PHONY: deps demo test unit chaos lint typecheck bench clean
+.PHONY: deps demo test unit chaos lint typecheck bench clean fuzz-deps dist
 
 deps:
 	@bash scripts/install-deps.sh
@@ -30,6 +30,17 @@ bench: deps
 	$(PY) bench/alloc.py
 	$(PY) bench/scale.py
 	$(PY) bench/dataplane.py
+
+# A wheel and an sdist in dist/. The udp C loops are built when a compiler and Python's
+# headers are there (setup.py: optional=True); without them the wheel is pure Python.
+dist: deps
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
+# atheris is not a project dependency (fuzz/README.md): a venv of its own, inside .venv.
+fuzz-deps: deps
+	test -x $(VENV)/fuzz/bin/python || python3 -m venv $(VENV)/fuzz
+	$(VENV)/fuzz/bin/pip install atheris==3.1.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info src/loden/udp/_fastpath*.so

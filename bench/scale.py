@@ -1,8 +1,10 @@
-"""Control-plane scale: one real agent against 5,000 peer leases in a real etcd.
+"""Control-plane scale: one real agent against 5,000 peer leases in a real etcd, and
+against 5,000 Node objects in the Kubernetes API double (``--kube-subnet-mgr``).
 
 Run by hand as root (not part of the test suite)::
 
     .venv/bin/python bench/scale.py [--peers 5000] [--new 200] [--backends vxlan host-gw]
+                                    [--stores etcd kube]
 
 For each backend: a one-host :class:`tests.fixtures.topology.Topology` on a random
 172.x/16 underlay (so every synthetic peer public IP is on-link; no traffic is sent to
@@ -23,6 +25,15 @@ d. new lease -> route: ``--new`` leases written one at a time, each awaited (clo
    arrivals independent of the agent's periodic resync); each route's RTM_NEWROUTE is
    timestamped by a netlink multicast socket of this process inside the host namespace;
 e. burst: ``--burst`` leases written back to back (a scale-up): first write -> last route.
+
+Both stores run side by side in one run (same backends, peers, phases). ``kube``: the API
+double (``python -m loden.kubeapi``, plain HTTP like the bench's etcd) in the underlay
+namespace; every peer is a Node whose podCIDR is the peer subnet and whose annotations are
+exactly Go flanneld's (``kube-subnet-manager``, ``backend-type``, ``backend-data``,
+``public-ip``), created in bulk up front; a "new lease" is a POST of one more such Node.
+The agent runs with ``--kube-subnet-mgr --kube-api-url=http://...`` and ``NODE_NAME`` of
+its own Node (podCIDR 10.0.1.0/24). Idle CPU is the agent's CPU time over the resync
+phase (no changes; periodic resyncs only) divided by its wall time.
 
 Targets: cold start <= 3 s, idle resync <= 0.5 s, RSS <= 100 MB, new-lease latency
 p50 <= 50 ms and p99 <= 250 ms. ``--py-spy DIR`` profiles the agent per phase and prints
@@ -64,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.topology import Host, Process, Topology, TopologyError, wait_until
 
+from loden.kubeapi.control import KubeApiProcess, node_body
 from loden.model.lease import Lease, LeaseAttrs
 
 FLANNELD = str(Path(sys.executable).parent / "flanneld")
@@ -72,6 +84,9 @@ PREFIX = "/coreos.com/network"
 HEALTHZ_PORT = 8471
 RESYNC_PERIOD = 2
 TXN_OPS = 128  # etcd's default --max-txn-ops
+KUBE_PREFIX = "flannel.alpha.coreos.com/"
+AGENT_NODE = "bench-agent"
+AGENT_SUBNET = IPv4Network("10.0.1.0/24")  # below every peer_subnet()
 TARGETS = {"cold": 3.0, "resync": 0.5, "rss": 100.0, "p50": 50.0, "p99": 250.0}
 
 _CLONE_NEWNET = 0x40000000
@@ -277,6 +292,17 @@ def peer_lease(i: int, underlay: IPv4Network, kind: str) -> Lease:
     return Lease(peer_subnet(i), LeaseAttrs(public_ip, kind, data))
 
 
+def peer_node(i: int, lease: Lease) -> dict[str, Any]:
+    """A peer Node as Go flanneld leaves it: podCIDR = the lease, its four annotations."""
+    annotations = {
+        KUBE_PREFIX + "kube-subnet-manager": "true",
+        KUBE_PREFIX + "backend-type": lease.attrs.backend_type,
+        KUBE_PREFIX + "backend-data": lease.attrs.backend_data or "null",
+        KUBE_PREFIX + "public-ip": str(lease.attrs.public_ip),
+    }
+    return node_body(f"peer{i}", str(lease.subnet), annotations=annotations)
+
+
 def put_op(lease: Lease, etcd_lease: str) -> dict[str, Any]:
     key = f"{PREFIX}/subnets/{lease.key}"
     return {"key": _b64(key), "value": _b64(lease.attrs.to_json()), "lease": etcd_lease}
@@ -305,6 +331,12 @@ def _is_python(pid: int) -> bool:
         return "python" in Path(f"/proc/{pid}/exe").resolve().name
     except OSError:
         return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -431,14 +463,14 @@ class Latency:
 
 
 def write_new_leases(
-    http: HTTP,
+    put: Callable[[Lease], bool],
     monitor: RouteMonitor,
     leases: Sequence[Lease],
-    etcd_lease: str,
     mode: str,
     gap_ms: float = 0.0,
 ) -> Latency:
-    """Write ``leases``, one put each, and time each route's arrival in the kernel.
+    """Write ``leases``, one ``put`` each (an etcd put or a Node POST; True when
+    accepted), and time each route's arrival in the kernel.
 
     ``closed``: each lease's route is awaited before the next write. ``open``: writes at
     exponentially distributed gaps of mean ``gap_ms`` whatever the agent is doing
@@ -453,12 +485,11 @@ def write_new_leases(
             time.sleep(max(0.0, next_at - time.perf_counter()))
         elif mode == "closed":
             time.sleep(random.uniform(0.0, 0.01))  # no lock-step with the agent's loops
-        body = json.dumps(put_op(lease, etcd_lease)).encode()
         sent = time.perf_counter()
-        status, _ = http.request("POST", "/v3/kv/put", body)
+        accepted = put(lease)
         out.put_ms.append((time.perf_counter() - sent) * 1000)
-        if status != 200:
-            raise TopologyError(f"put of {lease.key} answered HTTP {status}")
+        if not accepted:
+            raise TopologyError(f"the write of {lease.key} was refused")
         pending.append((lease.subnet, sent))
         if mode == "closed":
             _collect(monitor, pending, out, time.monotonic() + 5.0)
@@ -490,6 +521,7 @@ def _collect(
 @dataclass
 class Result:
     kind: str
+    store: str
     peers: int
     entries: int = 0
     write_s: float = 0.0
@@ -501,6 +533,7 @@ class Result:
     rss_cold: float = 0.0
     rss_end: float = 0.0
     hwm: float = 0.0
+    idle_cpu_pct: float = 0.0
     closed: Latency = field(default_factory=lambda: Latency())
     open: Latency = field(default_factory=lambda: Latency())
     burst: Latency = field(default_factory=lambda: Latency())
@@ -510,12 +543,10 @@ class Result:
     profiles: list[Path] = field(default_factory=list)
 
 
-def run_backend(kind: str, args: argparse.Namespace, stack: contextlib.ExitStack) -> Result:
-    res = Result(kind, args.peers)
-    underlay = IPv4Network(f"172.{random.randint(16, 31)}.0.0/16")
-    topo = Topology(1, underlay=underlay, prefix="bs")
-    stack.callback(topo.close)
-    host = topo.hosts[0]
+def setup_etcd(
+    kind: str, args: argparse.Namespace, topo: Topology, stack: contextlib.ExitStack, res: Result
+) -> tuple[Callable[[Lease], bool], list[str], dict[str, str]]:
+    """etcd with the config and ``--peers`` leases; returns (put, agent args, agent env)."""
     assert topo.underlay_address is not None
     etcd_ip = str(topo.underlay_address.ip)
     etcd = EtcdServer(netns=topo.underlay.name, host=etcd_ip)
@@ -527,11 +558,67 @@ def run_backend(kind: str, args: argparse.Namespace, stack: contextlib.ExitStack
     http.post("/v3/kv/put", {"key": _b64(f"{PREFIX}/config"), "value": _b64(json.dumps(config))})
     etcd_lease = str(http.post("/v3/lease/grant", {"TTL": 86400})["ID"])
     t0 = time.perf_counter()
+    underlay = topo.network
     ops = [put_op(peer_lease(i, underlay, kind), etcd_lease) for i in range(args.peers)]
     for start in range(0, len(ops), TXN_OPS):
         batch = ops[start : start + TXN_OPS]
         http.post("/v3/kv/txn", {"success": [{"request_put": op} for op in batch]})
     res.write_s = time.perf_counter() - t0
+
+    def put(lease: Lease) -> bool:
+        body = json.dumps(put_op(lease, etcd_lease)).encode()
+        return http.request("POST", "/v3/kv/put", body)[0] == 200
+
+    return put, [f"--etcd-endpoints={etcd.client_url}"], {}
+
+
+def setup_kube(
+    kind: str, args: argparse.Namespace, topo: Topology, stack: contextlib.ExitStack, res: Result
+) -> tuple[Callable[[Lease], bool], list[str], dict[str, str]]:
+    """The API double with the agent's Node and ``--peers`` peer Nodes (see the docstring)."""
+    assert topo.underlay_address is not None
+    ip = str(topo.underlay_address.ip)
+    server = KubeApiProcess(
+        topo.workdir / "kubeapi", host=ip, netns=topo.underlay.name, insecure=True
+    )
+    stack.callback(server.stop)
+    admin = server.start()
+    admin.create_node(AGENT_NODE, str(AGENT_SUBNET))
+    underlay = topo.network
+    t0 = time.perf_counter()
+    admin.bulk_create(
+        "nodes", [peer_node(i, peer_lease(i, underlay, kind)) for i in range(args.peers)]
+    )
+    res.write_s = time.perf_counter() - t0
+    http = HTTP(topo.underlay.name, ip, admin.port)
+    stack.callback(http.close)
+    names: dict[str, int] = {}
+
+    def put(lease: Lease) -> bool:
+        index = names.setdefault(str(lease.subnet), len(names) + args.peers)
+        body = json.dumps(peer_node(index, lease)).encode()
+        return http.request("POST", "/api/v1/nodes", body)[0] == 201
+
+    net_conf = topo.workdir / "net-conf.json"
+    net_conf.write_text(json.dumps({"Network": str(NETWORK), "Backend": {"Type": kind}}))
+    agent_args = [
+        "--kube-subnet-mgr",
+        f"--kube-api-url={admin.url}",
+        f"--net-config-path={net_conf}",
+    ]
+    return put, agent_args, {"NODE_NAME": AGENT_NODE}
+
+
+def run_backend(
+    kind: str, store: str, args: argparse.Namespace, stack: contextlib.ExitStack
+) -> Result:
+    res = Result(kind, store, args.peers)
+    underlay = IPv4Network(f"172.{random.randint(16, 31)}.0.0/16")
+    topo = Topology(1, underlay=underlay, prefix="bs")
+    stack.callback(topo.close)
+    host = topo.hosts[0]
+    setup = setup_kube if store == "kube" else setup_etcd
+    put, store_args, env = setup(kind, args, topo, stack, res)
     workdir = host.ns.workdir / "agent"
     workdir.mkdir()
     subnet_file = workdir / "subnet.env"
@@ -543,17 +630,18 @@ def run_backend(kind: str, args: argparse.Namespace, stack: contextlib.ExitStack
     proc = host.ns.spawn(
         FLANNELD,
         "--log-format=json",
-        f"--etcd-endpoints={etcd.client_url}",
+        *store_args,
         f"--subnet-file={subnet_file}",
         f"--state-dir={workdir / 'state'}",
         f"--healthz-ip={host.ip}",
         f"--healthz-port={HEALTHZ_PORT}",
         f"--resync-period={RESYNC_PERIOD}",
         *args.agent_arg,
+        env=env or None,
     )
     stack.callback(proc.stop)
     stack.push(_log_tail_on_failure(proc))
-    profiler = Profiler(args.py_spy_bin, args.py_spy, kind)
+    profiler = Profiler(args.py_spy_bin, args.py_spy, f"{kind}-{store}")
     stack.callback(profiler.stop)
     if args.py_spy is not None:
         wait_until(lambda: _is_python(proc.pid), timeout=5, interval=0.002)
@@ -587,6 +675,7 @@ def run_backend(kind: str, args: argparse.Namespace, stack: contextlib.ExitStack
         raise TopologyError("the agent never recorded a reconcile in /metrics")
     count, total = reconcile_totals(host)
     res.snapshot_reconcile_s = total if count == 1 else float("nan")
+    idle_cpu0, idle_wall0 = cpu_seconds(pid), time.monotonic()
     pass_deadline = time.monotonic() + (args.resyncs + 2) * RESYNC_PERIOD + 10
     while len(res.resync_s) < args.resyncs and time.monotonic() < pass_deadline:
         time.sleep(0.25)
@@ -596,6 +685,7 @@ def run_backend(kind: str, args: argparse.Namespace, stack: contextlib.ExitStack
         elif new_count > count + 1:  # two passes between scrapes: record their mean
             res.resync_s += [(new_total - total) / (new_count - count)] * (new_count - count)
         count, total = new_count, new_total
+    res.idle_cpu_pct = 100 * (cpu_seconds(pid) - idle_cpu0) / (time.monotonic() - idle_wall0)
     # (d) new leases, one at a time: closed loop, then open loop (Poisson arrivals).
     own = subnet_file.read_text()
     fresh = (
@@ -608,12 +698,10 @@ def run_backend(kind: str, args: argparse.Namespace, stack: contextlib.ExitStack
         if f"FLANNEL_SUBNET={lease.subnet.network_address + 1}/" not in own  # not the agent's
     ][: 2 * args.new + args.burst]
     profiler.start(pid, "newlease")
-    res.closed = write_new_leases(http, monitor, new[: args.new], etcd_lease, "closed")
-    res.open = write_new_leases(
-        http, monitor, new[args.new : 2 * args.new], etcd_lease, "open", args.gap
-    )
+    res.closed = write_new_leases(put, monitor, new[: args.new], "closed")
+    res.open = write_new_leases(put, monitor, new[args.new : 2 * args.new], "open", args.gap)
     time.sleep(1.0)  # let the open-loop backlog drain
-    res.burst = write_new_leases(http, monitor, new[2 * args.new :], etcd_lease, "burst")
+    res.burst = write_new_leases(put, monitor, new[2 * args.new :], "burst")
     profiler.stop()
     mem = memory_mib(pid)
     res.rss_end, res.hwm = mem["VmRSS"], mem["VmHWM"]
@@ -666,7 +754,7 @@ def table(results: Sequence[Result], gap_ms: float) -> list[str]:
     Cell = Callable[[Result], str]
 
     def row(label: str, target: str, cell: Cell) -> None:
-        values = " ".join(f"{cell(r):>10}" for r in results)
+        values = " ".join(f"{cell(r):>13}" for r in results)
         lines.append(f"{label:<46} {target:>7} {values}")
 
     def ok(value: float, limit: float) -> str:
@@ -694,15 +782,15 @@ def table(results: Sequence[Result], gap_ms: float) -> list[str]:
             lambda r: f"{len(lat(r))}/{pick(r).missed}/{pick(r).event_lost}",
         )
         row(
-            "    etcd put round trip, p50, ms",
+            "    store write round trip, p50, ms",
             "",
             stat(puts, lambda v: f"{statistics.median(v):.1f}"),
         )
 
-    row("metric", "target", lambda r: r.kind)
-    row("peer leases in etcd", "", lambda r: str(r.peers))
+    row("metric", "target", lambda r: f"{r.kind}/{r.store}")
+    row("peer leases (etcd) / Nodes (kube)", "", lambda r: str(r.peers))
     row("kernel entries programmed", "", lambda r: str(r.entries))
-    row("lease pre-write (txn batches of 128), s", "", lambda r: f"{r.write_s:.2f}")
+    row("pre-write (etcd txn of 128 / kube bulk of 500), s", "", lambda r: f"{r.write_s:.2f}")
     row("agent start -> subnet.env written, s", "", lambda r: f"{r.ready_s:.2f}")
     row(
         "(a) agent start -> all entries in kernel, s",
@@ -721,6 +809,7 @@ def table(results: Sequence[Result], gap_ms: float) -> list[str]:
     row("(c) agent VmRSS after cold start, MB", "<= 100", lambda r: ok(r.rss_cold, TARGETS["rss"]))
     row("    agent VmRSS at the end, MB", "<= 100", lambda r: ok(r.rss_end, TARGETS["rss"]))
     row("    agent VmHWM (peak RSS), MB", "", lambda r: f"{r.hwm:.0f}")
+    row("(c') agent CPU while idle (resyncs only), %", "", lambda r: f"{r.idle_cpu_pct:.1f}")
     latency_rows("(d)", "closed loop: write, wait for the route, next", lambda r: r.closed)
     latency_rows("(d')", f"open loop: Poisson writes, mean gap {gap_ms:g} ms", lambda r: r.open)
     lines.append("(e) burst: new leases written back to back")
@@ -750,6 +839,7 @@ def main() -> int:
     parser.add_argument(
         "--backends", nargs="+", choices=["vxlan", "host-gw"], default=["vxlan", "host-gw"]
     )
+    parser.add_argument("--stores", nargs="+", choices=["etcd", "kube"], default=["etcd", "kube"])
     parser.add_argument(
         "--gap", type=float, default=50.0, help="mean gap of the open-loop writes, ms"
     )
@@ -789,9 +879,10 @@ def main() -> int:
     results: list[Result] = []
     began = time.monotonic()
     for kind in args.backends:
-        with contextlib.ExitStack() as stack:
-            print(f"  {kind}: {args.peers} peers ...", flush=True)
-            results.append(run_backend(kind, args, stack))
+        for store in args.stores:
+            with contextlib.ExitStack() as stack:
+                print(f"  {kind}/{store}: {args.peers} peers ...", flush=True)
+                results.append(run_backend(kind, store, args, stack))
     print()
     print(
         f"one flanneld agent, {args.peers} peer leases, resync period {RESYNC_PERIOD} s, "
@@ -800,7 +891,8 @@ def main() -> int:
     for line in table(results, args.gap):
         print(line)
     for result in results:
-        print(f"\n{result.kind}: cold-start timeline from the agent's log (s after spawn)")
+        label = f"{result.kind}/{result.store}"
+        print(f"\n{label}: cold-start timeline from the agent's log (s after spawn)")
         if result.cold_polled:
             print("  (route events were lost: cold start measured by polling)")
         for offset, msg in result.timeline:

@@ -177,8 +177,9 @@ def render(figures: dict[str, str], summaries: list[str], sources: list[str]) ->
         "",
         "```sh",
         ".venv/bin/python -m pytest tests/chaos -s -p no:cacheprovider | tee chaos.log",
-        "PYTHONPATH=/tmp/fz/lib/python3.11/site-packages .venv/bin/python fuzz/run_all.py "
-        "| tee fuzz.log",
+        "make fuzz-deps   # atheris in .venv/fuzz (see fuzz/README.md)",
+        "PYTHONPATH=$(echo .venv/fuzz/lib/python3*/site-packages) .venv/bin/python "
+        "fuzz/run_all.py | tee fuzz.log",
         ".venv/bin/python scripts/reliability_table.py chaos.log fuzz.log > docs/reliability.md",
         "```",
         "",

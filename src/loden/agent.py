@@ -34,6 +34,7 @@ from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets, SubnetEnv
 from loden.settings import AgentSettings
+from loden.status.agent_view import describer
 from loden.subnet import open_subnet_manager
 from loden.subnet.base import SubnetManager
 from loden.traffic import ManagedTraffic, check_br_netfilter, open_traffic_manager
@@ -215,6 +216,7 @@ async def run(settings: AgentSettings) -> int:
             networks=current,
             started=time.monotonic(),
         )
+        health.describe = describer(loops, time.time())
         return await loops.run()
     finally:
         sdnotify.notify("STOPPING=1")

@@ -209,6 +209,7 @@ class AgentLoops:
         if not report.errors or report.conflicts:  # a failed pass knows no conflicts
             self.health.identity_conflicts = report.conflicts
             self.metrics.identity_conflicts.set(len(report.conflicts))
+        self.health.note_reconcile(why, report.errors)
         if report.added or report.removed:
             self.metrics.reconcile_changes.inc(report.added + report.removed)
             log.info(

@@ -37,28 +37,30 @@ Exit status: 0 stopped by a signal; 1 startup failed (see the log line);
 """
 
 
+def log_fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, str]:
+    """The fields of one log record, shared by both ``-log-format`` values."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    fields = {
+        "ts": f"{stamp}.{int(record.msecs):03d}Z",
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    if record.exc_info:
+        fields["exc"] = formatter.formatException(record.exc_info)
+    return fields
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = (
-            f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} "
-            f"{record.name}: {record.getMessage()}"
-        )
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+        f = log_fields(record, self)
+        line = f"{f['ts']} {f['level'].upper():<7} {f['logger']}: {f['msg']}"
+        return line + ("\n" + f["exc"] if "exc" in f else "")
 
 
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "ts": record.created,
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )
+        return json.dumps(log_fields(record, self))
 
 
 def setup_logging(verbosity: int = 0, fmt: str = "text") -> None:
@@ -147,6 +149,8 @@ COMMANDS = """usage: loden <command> [args]
 commands:
   agent [flanneld flags]   run the node agent (same as `flanneld`)
   config get|set|validate  read, write or check the network config in etcd
+  status [-json] [-v]      this node: subnet, lease, peers, agent health, kernel drift
+  doctor                   check this node for flannel's known failure modes
   leases [--json]          list subnet leases in etcd (-kube-subnet-mgr: nodes)
   kube manifest|install-conf   the DaemonSet manifest (kube-flannel.yml); CNI conf install
   mk-docker-opts [opts]    turn subnet.env into Docker options (mk-docker-opts.sh)
@@ -190,6 +194,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging(0)
         return operator.main(args)
+    if command == "status":
+        from loden.status import cli as status_cli
+
+        setup_logging(0)
+        logging.getLogger().setLevel(logging.ERROR)
+        return status_cli.main(rest)
+    if command == "doctor":
+        from loden.doctor import run as doctor
+
+        setup_logging(0)
+        logging.getLogger().setLevel(logging.ERROR)
+        return doctor.main(rest)
     if command in ("lab", "demo"):
         from loden.lab import cli as lab_cli
 

@@ -5,6 +5,8 @@ user pain point 19). Loden's answers 200 ``flanneld is running`` only while the 
 answered recently, our lease is not past its expiry and the data plane reconciles
 without errors; otherwise 503 with the failing checks, one per line. ``/readyz`` keeps
 flannel's meaning (200 once subnet.env is written). ``/metrics`` is Prometheus text.
+``/status`` is Loden's: a JSON document for ``loden status`` (lease, peers, last
+reconcile, health problems; see :mod:`loden.status.agent_view`).
 The server is a few lines over asyncio streams: three fixed GET paths do not justify a
 web framework, and prometheus-client renders the metrics.
 """
@@ -12,9 +14,10 @@ web framework, and prometheus-client renders the metrics.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import (
@@ -93,8 +96,36 @@ class HealthState:
     reconcile_last_error: str = ""
     #: Peers that claim this node's identity (VTEP MAC, WireGuard key), one line each.
     identity_conflicts: tuple[str, ...] = ()
+    #: Wall-clock time, cause and errors of the last reconcile/apply (for ``/status``).
+    reconcile_last_at: float = 0.0
+    reconcile_last_why: str = ""
+    reconcile_last_errors: tuple[str, ...] = ()
+    #: What the agent knows beyond health (set once the data plane runs): ``/status``.
+    describe: Callable[[], dict[str, object]] | None = None
     clock: Callable[[], float] = field(default=time.monotonic)
     wall: Callable[[], float] = field(default=time.time)
+
+    def note_reconcile(self, why: str, errors: Sequence[str]) -> None:
+        self.reconcile_last_at = self.wall()
+        self.reconcile_last_why = why
+        self.reconcile_last_errors = tuple(errors[:10])
+
+    def status(self) -> dict[str, object]:
+        """The ``/status`` document: health first, then what the agent describes."""
+        doc: dict[str, object] = {
+            "problems": self.problems(),
+            "ready": self.ready,
+            "store_last_ok_seconds_ago": round(self.clock() - self.store_last_ok, 1),
+            "reconcile": {
+                "last_at": self.reconcile_last_at or None,
+                "why": self.reconcile_last_why,
+                "errors": list(self.reconcile_last_errors),
+                "failures_in_a_row": self.reconcile_failures,
+            },
+        }
+        if self.describe is not None:
+            doc.update(self.describe())
+        return doc
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -125,6 +156,9 @@ class HealthServer:
             if self.state.ready:
                 return 200, "text/plain", b"flanneld is ready"
             return 503, "text/plain", b"flanneld is not ready yet"
+        if path == "/status":
+            body = json.dumps(self.state.status(), indent=1, sort_keys=True).encode()
+            return 200, "application/json", body
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", generate_latest(self.metrics.registry)
         return 404, "text/plain; charset=utf-8", b"404 page not found\n"
@@ -159,5 +193,7 @@ class HealthServer:
                 f"cannot serve /healthz on {host}:{port}: {exc.strerror or exc}; pick another "
                 "-healthz-port or -healthz-ip, or stop what holds it"
             ) from exc
-        log.info("health server listening on %s:%d (/healthz, /readyz, /metrics)", host, port)
+        log.info(
+            "health server listening on %s:%d (/healthz, /readyz, /metrics, /status)", host, port
+        )
         return server

@@ -137,3 +137,13 @@ class AgentCluster:
         while failing and time.monotonic() < deadline:
             failing = [(ns, ip) for ns, ip in failing if not ns.ping(ip, wait=1.0)]
         return [f"{ns.name} -> {ip}" for ns, ip in failing]
+
+
+def wait_for_peer_routes(cluster: AgentCluster, timeout: float = 15.0) -> None:
+    """Every node has a route to every peer's subnet (agents are ready before that)."""
+    for node in cluster.nodes:
+        for peer in cluster.nodes:
+            if peer is not node:
+                show = ("route", "show", str(peer.subnet))
+                ok = wait_until(lambda: bool(node.host.ns.ip(*show).stdout), timeout=timeout)  # noqa: B023
+                assert ok, f"{node.host.name} has no route to {peer.subnet}"

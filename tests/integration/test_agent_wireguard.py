@@ -151,3 +151,30 @@ def test_agents_full_mesh_restart_and_shutdown(wg_cluster: Callable[[], WgAgentC
         lambda: a.host.ns.ip("link", "show", DEV, check=False).returncode != 0, timeout=5
     )
     assert wait_until(lambda: netns_pids(a.host.name) == "", timeout=5)
+
+
+def test_key_file_copied_from_another_node_gets_a_new_key(
+    wg_cluster: Callable[[], WgAgentCluster],
+) -> None:
+    """Issue 10: node b starts with node a's key file (a cloned image, a copied /run):
+    b publishes a new key of its own, and every node reaches every other."""
+    cluster = wg_cluster()
+    a, b, c = cluster.nodes
+    cluster.start(a)
+    a_key_file = a.dir / "run" / "flannel" / "wgkey"
+    b_key_file = b.dir / "run" / "flannel" / "wgkey"
+    b_key_file.parent.mkdir(parents=True, exist_ok=True)
+    b_key_file.write_bytes(a_key_file.read_bytes())
+    cluster.start(b)
+    cluster.start(c)
+    leases = cluster.leases()
+    keys = {}
+    for node in cluster.nodes:
+        data = leases[str(node.subnet).replace("/", "-")]["BackendData"]
+        assert isinstance(data, dict)
+        keys[node.host.name] = data["PublicKey"]
+    assert len(set(keys.values())) == 3, keys
+    assert b_key_file.read_bytes() != a_key_file.read_bytes()
+    assert b.proc is not None and "generated a new key" in b.proc.output()
+    cluster.add_pods()
+    assert cluster.mesh_failures() == []

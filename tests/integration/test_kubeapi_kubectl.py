@@ -4,14 +4,23 @@ Runs every kubectl found: /usr/bin/kubectl (1.32 here, Debian's kubernetes-clien
 on a clean Debian 12) and, where present, the cloud SDK's versioned binaries, so the
 double is checked against more than one client generation. No root needed: the double
 listens on loopback.
+
+A status change needs ``kubectl patch --subresource=status`` (kubectl 1.24+). Older
+clients have no subresource flag and no raw PATCH, so there the change goes through
+``kubectl proxy`` (the client's own authenticated connection to the API server) with a
+strategic-merge PATCH of ``/api/v1/nodes/<name>/status``; that path is checked with
+every kubectl.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,9 +28,18 @@ import pytest
 from loden.kubeapi.control import KubeApiClient
 
 SDK = Path("/usr/lib/google-cloud-sdk/bin")
-KUBECTLS = [p for p in [shutil.which("kubectl")] if p] + [
-    str(SDK / name) for name in ("kubectl.1.27",) if (SDK / name).exists()
-]
+# LODEN_KUBECTLS: more kubectl binaries (colon-separated), e.g. Debian's 1.20 extracted with
+# `apt-get download kubernetes-client && dpkg -x kubernetes-client_*.deb DIR`.
+EXTRA = [p for p in os.environ.get("LODEN_KUBECTLS", "").split(":") if p]
+KUBECTLS = (
+    [p for p in [shutil.which("kubectl")] if p]
+    + [str(SDK / name) for name in ("kubectl.1.27",) if (SDK / name).exists()]
+    + EXTRA
+)
+
+
+def _label(path: str) -> str:
+    return "none" if not path else Path(path).name if path in KUBECTLS[:2] else path
 
 
 def _version(kubectl: str) -> tuple[int, int]:
@@ -32,7 +50,7 @@ def _version(kubectl: str) -> tuple[int, int]:
     return int(info["major"]), int(info["minor"].rstrip("+"))
 
 
-@pytest.fixture(params=KUBECTLS or [""], ids=lambda p: Path(p).name if p else "none")
+@pytest.fixture(params=KUBECTLS or [""], ids=lambda p: _label(p))
 def kubectl(request: pytest.FixtureRequest) -> str:
     if not request.param:
         pytest.skip("no kubectl installed (scripts/install-deps.sh installs kubernetes-client)")
@@ -42,8 +60,9 @@ def kubectl(request: pytest.FixtureRequest) -> str:
 def run(
     kubectl: str, config: Path, *args: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
+    cache = config.parent / "kube-cache"  # never the user's ~/.kube/cache
     done = subprocess.run(
-        [kubectl, f"--kubeconfig={config}", "--request-timeout=10s", *args],
+        [kubectl, f"--kubeconfig={config}", f"--cache-dir={cache}", "--request-timeout=10s", *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -94,8 +113,8 @@ def test_get_annotate_and_patch_status(
             "-p",
             body,
         )
-    else:  # kubectl < 1.24 has no --subresource: the raw PATCH goes through the same path
-        pytest.skip("kubectl < 1.24: status patch covered by the raw-API tests")
+    else:
+        patch_status_via_proxy(kubectl, config, "node-a", body)
     node = kubeapi.get("nodes", "node-a")
     kinds = [c["type"] for c in node["status"]["conditions"]]
     assert kinds == ["Ready", "NetworkUnavailable"], "strategic merge keeps Ready (merged by type)"
@@ -118,7 +137,16 @@ def test_watch_sees_an_event(kubectl: str, kubeapi: KubeApiClient, tmp_path: Pat
     config = kubeapi.write_kubeconfig(tmp_path / "kubeconfig")
     kubeapi.create_node("node-a", "10.244.1.0/24")
     watch = subprocess.Popen(
-        [kubectl, f"--kubeconfig={config}", "get", "nodes", "-w", "-o", "name"],
+        [
+            kubectl,
+            f"--kubeconfig={config}",
+            f"--cache-dir={tmp_path / 'c'}",
+            "get",
+            "nodes",
+            "-w",
+            "-o",
+            "name",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -173,3 +201,50 @@ def test_rbac_denial_and_bad_token(kubectl: str, kubeapi: KubeApiClient, tmp_pat
     bad = kubeapi.write_kubeconfig(tmp_path / "bad", token="not-a-token")
     refused = run(kubectl, bad, "get", "nodes", check=False)
     assert refused.returncode != 0 and "Unauthorized" in refused.stderr
+
+
+def patch_status_via_proxy(kubectl: str, config: Path, node: str, body: str) -> dict[str, object]:
+    """Strategic-merge PATCH of ``nodes/<node>/status`` through ``kubectl proxy``."""
+    cache = config.parent / "kube-cache"
+    proxy = subprocess.Popen(
+        [kubectl, f"--kubeconfig={config}", f"--cache-dir={cache}", "proxy", "--port=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proxy.stdout is not None
+        line = proxy.stdout.readline()
+        match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert match, f"kubectl proxy said: {line!r}"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{match.group(1)}/api/v1/nodes/{node}/status",
+            data=body.encode(),
+            method="PATCH",
+            headers={"Content-Type": "application/strategic-merge-patch+json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            result = json.load(response)
+            assert isinstance(result, dict)
+            return result
+    finally:
+        proxy.kill()
+        proxy.communicate(timeout=10)
+
+
+def test_status_patch_through_kubectl_proxy(
+    kubectl: str, kubeapi: KubeApiClient, tmp_path: Path
+) -> None:
+    config = kubeapi.write_kubeconfig(tmp_path / "kubeconfig")
+    kubeapi.create_node("node-a", "10.244.1.0/24")
+    body = {
+        "metadata": {"annotations": {"flannel.alpha.coreos.com/backend-type": "host-gw"}},
+        "status": {"conditions": [{"type": "NetworkUnavailable", "status": "False"}]},
+    }
+    patch_status_via_proxy(kubectl, config, "node-a", json.dumps(body))
+    node = kubeapi.get("nodes", "node-a")
+    assert node["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-type"] == "host-gw"
+    assert [c["type"] for c in node["status"]["conditions"]] == ["Ready", "NetworkUnavailable"]
+    patches = [r for r in kubeapi.requests_log() if r["method"] == "PATCH"]
+    assert patches[-1]["path"] == "/api/v1/nodes/node-a/status"
+    assert patches[-1]["user"] == "kubernetes-admin", "the proxy forwards the kubeconfig's token"

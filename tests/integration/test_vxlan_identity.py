@@ -195,3 +195,20 @@ async def test_device_is_flanneld_device(make_cluster: ClusterFactory) -> None:
     if tx_checksum_decision(None, os.uname().release)[0]:  # flanneld's offloads: on
         features = [h.ns.out("ethtool", "-k", "flannel.1") for h in (loden_host, go_host)]
         assert features[0] == features[1]
+
+
+async def test_older_device_gets_txqueuelen_0_in_place(make_cluster: ClusterFactory) -> None:
+    """A compatible device with the kernel's default qlen 1000 (made by an older Loden)
+    is kept (same index, same MAC: no traffic interruption) and set to txqueuelen 0."""
+    cluster = await make_cluster(hosts=1, start=False)
+    host = cluster.topo.hosts[0]
+    host.ns.ip(
+        *("link", "add", "flannel.1", "address", OTHER_MAC, "type", "vxlan", "id", "1"),
+        *("local", str(host.ip), "dev", "eth0", "dstport", "8472", "nolearning"),
+    )
+    before = _link_json(host)
+    assert before["txqlen"] == 1000
+    await cluster.start(pods=0)
+    after = _link_json(host)
+    assert after.get("txqlen", 0) == 0
+    assert after["ifindex"] == before["ifindex"] and after["address"] == OTHER_MAC

@@ -248,3 +248,26 @@ async def test_device_deleted_or_process_killed_is_repaired(make_cluster: Cluste
     assert ns.ip("link", "show", dev, check=False).returncode != 0
     assert not Path(f"/var/run/wireguard/{dev}.sock").exists()
     cluster.nodes.pop(0)
+
+
+async def test_kernel_wireguard_or_wireguard_go_is_chosen_at_run_time(
+    make_cluster: ClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10 §5: the backend asks the running kernel (by creating a ``wireguard``
+    link), and says which it uses. Here the answer is checked against the same
+    question put to the kernel by hand in the node's namespace."""
+    with caplog.at_level(logging.INFO, logger="loden.backend.wireguard"):
+        cluster = await make_cluster(hosts=2)
+    node = cluster.nodes[0]
+    probe = f"wgp{os.getpid() % 100000}"
+    made = node.host.ns.ip("link", "add", probe, "type", "wireguard", check=False)
+    if made.returncode == 0:
+        node.host.ns.ip("link", "del", probe)
+    want = "kernel" if made.returncode == 0 else "wireguard-go"
+    served = wg_network(node).process(cluster.device(node.host))
+    assert served is not None and served.implementation == want
+    assert (served.pid is not None) == (want == "wireguard-go")
+    said = [r.getMessage() for r in caplog.records if "running kernel" in r.getMessage()]
+    assert len(said) == len(cluster.nodes)  # once per backend, not per device or pass
+    assert ("has no WireGuard" in said[0]) == (want == "wireguard-go")
+    assert full_mesh(cluster) == []

@@ -364,3 +364,37 @@ async def test_discovery(api: httpx.AsyncClient) -> None:
     assert (await api.get("/apis")).json()["groups"] == []
     assert (await api.get("/version")).json()["major"] == "1"
     assert (await api.get("/openapi/v2")).status_code == 404
+
+
+async def test_pages_across_namespaces_lose_nothing(api: httpx.AsyncClient) -> None:
+    pod = {"spec": {"containers": [{"name": "c", "image": "i"}]}}
+    for namespace, name in (("a", "z"), ("a-b", "c"), ("a", "b")):
+        if (await api.get(f"/api/v1/namespaces/{namespace}")).status_code == 404:
+            await api.post("/api/v1/namespaces", json={"metadata": {"name": namespace}})
+        created = await api.post(
+            f"/api/v1/namespaces/{namespace}/pods", json={**pod, "metadata": {"name": name}}
+        )
+        assert created.status_code == 201
+    seen: list[tuple[str, str]] = []
+    params = {"limit": "1"}
+    for _ in range(5):
+        page = (await api.get("/api/v1/pods", params=params)).json()
+        seen += [(p["metadata"]["namespace"], p["metadata"]["name"]) for p in page["items"]]
+        if not page["metadata"].get("continue"):
+            break
+        params = {"limit": "1", "continue": page["metadata"]["continue"]}
+    assert seen == [("a", "b"), ("a", "z"), ("a-b", "c")]
+    bad = await api.get("/api/v1/pods", params={"continue": "garbage!"})
+    assert bad.status_code == 400
+
+
+async def test_a_client_that_leaves_ends_its_watch(
+    api: httpx.AsyncClient, server: KubeApiServer
+) -> None:
+    await create_node(api, "a")
+    await read_events(api, "resourceVersion=0", 1)  # reads one event, then hangs up
+    for _ in range(100):
+        if not server.store.watchers:
+            break
+        await asyncio.sleep(0.02)
+    assert not server.store.watchers, "the watcher is gone with its client"

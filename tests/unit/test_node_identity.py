@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loden.backend.identity import BoundValue, NodeIdentity, other_nodes, random_mac
-from loden.backend.vxlan import kernel_version, tx_checksum_decision
+from loden.backend.vxlan import kernel_version, peer_v6_mac, tx_checksum_decision, vxlan_rivals
 from loden.backend.wireguard_peers import key_conflicts
 from loden.health import HealthState
 from loden.kernel.wireguard import generate_private_key, public_key_of
@@ -133,3 +133,27 @@ def test_conflicts_make_healthz_fail() -> None:
     assert health.problems() == []
     health.identity_conflicts = ("vxlan: peer 10.0.2.0/24 advertises VtepMAC ...",)
     assert health.problems() == ["vxlan: peer 10.0.2.0/24 advertises VtepMAC ..."]
+
+
+def test_vxlan_rivals_by_family_and_vni() -> None:
+    def lease(net: str, ip: str, v6: str | None, data: dict[str, object], v6data: object) -> Lease:
+        return Lease(
+            IPv4Network(net),
+            LeaseAttrs(
+                IPv4Address(ip),
+                "vxlan",
+                json.dumps(data),
+                public_ipv6=IPv6Address(v6) if v6 else None,
+                backend_v6_data=json.dumps(v6data) if v6data else None,
+            ),
+        )
+
+    mac = "6e:00:00:00:00:01"
+    mine = lease("10.0.1.0/24", "192.0.2.1", "2001:db8::1", {"VNI": 1, "VtepMAC": mac}, None)
+    same = lease("10.0.2.0/24", "192.0.2.2", "2001:db8::2", {"VNI": 1}, {"VNI": 1, "VtepMAC": mac})
+    other_vni = lease("10.0.3.0/24", "192.0.2.3", "2001:db8::3", {"VNI": 2}, {"VNI": 2})
+    old = lease("10.0.4.0/24", "192.0.2.4", None, {"VtepMAC": mac}, None)  # v0.11: no VNI
+    leases = [mine, same, other_vni, old]
+    assert vxlan_rivals(leases, IPv4Address("192.0.2.1"), 1) == [same, old]
+    assert vxlan_rivals(leases, IPv6Address("2001:db8::1"), 1) == [same]
+    assert [peer_v6_mac(x) for x in vxlan_rivals(leases, IPv6Address("2001:db8::1"), 1)] == [mac]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loden.errors import ConfigError
-from loden.kernel.wireguard import (
+from loden.kernel.wireguard.keys import (
     decode_key,
     generate_private_key,
     load_or_create_private_key,

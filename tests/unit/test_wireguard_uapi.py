@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loden.errors import DataplaneError
-from loden.kernel.wireguard import (
+from loden.kernel.wireguard.uapi import (
     PeerConfig,
     Uapi,
     UapiError,

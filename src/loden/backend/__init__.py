@@ -23,10 +23,14 @@ _REGISTRY: dict[str, str] = {
     "wireguard": "loden.backend.wireguard",
 }
 
-#: Types flannel knows that cannot run here or are not implemented (with the reason).
+#: Types flannel knows that Loden does not implement (with the reason). The reasons state
+#: facts about Loden and about what flannel requires, never about the machine Loden was
+#: built or tested on: the kernel that runs the agent may well have ipip or ESP.
 UNSUPPORTED: dict[str, str] = {
-    "ipip": "this kernel has no ipip module; use vxlan or host-gw",
-    "ipsec": "ipsec needs strongSwan and kernel ESP, which Loden does not support",
+    "ipip": "Loden does not implement the ipip backend (flannel's needs the kernel's ipip"
+    " module); use vxlan or host-gw",
+    "ipsec": "Loden does not implement the ipsec backend (flannel's needs strongSwan and"
+    " kernel ESP); use wireguard for encryption",
     "extension": "the extension backend is not implemented by Loden",
     "tencent-vpc": "the tencent-vpc backend is not implemented by Loden",
 }

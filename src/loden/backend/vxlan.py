@@ -202,7 +202,7 @@ def peer_mac(lease: Lease) -> str | None:
     return None if lease.attrs.backend_data is None else _mac_of(lease.attrs.backend_data)
 
 
-def peer_mac_v6(lease: Lease) -> str | None:
+def peer_v6_mac(lease: Lease) -> str | None:
     """VtepMAC of the peer's IPv6 device, from its BackendV6Data."""
     data = lease.attrs.backend_v6_data
     return None if data is None else _mac_of(data)
@@ -217,10 +217,10 @@ def _mac_of(backend_data: str) -> str | None:
         return None
 
 
-def peer_vni(lease: Lease, version: int = 4) -> int | None:
-    """VNI from a peer's BackendData (BackendV6Data for ``version`` 6); None if absent
-    (flanneld v0.11-v0.13) or bad."""
-    raw = lease.attrs.backend_data if version == 4 else lease.attrs.backend_v6_data
+def peer_vni(lease: Lease, *, v6: bool = False) -> int | None:
+    """VNI from a peer's BackendData (BackendV6Data); None if absent (flanneld
+    v0.11-v0.13) or bad."""
+    raw = lease.attrs.backend_v6_data if v6 else lease.attrs.backend_data
     try:
         data = GoObject.parse(raw or "{}")
         vni: int | None = data.get("VNI", as_int, None)
@@ -235,7 +235,8 @@ def vxlan_rivals(leases: Sequence[Lease], own_ip: IPAddress, vni: int) -> list[L
     return [
         lease
         for lease in other_nodes(leases, own_ip)
-        if lease.attrs.backend_type == "vxlan" and peer_vni(lease, own_ip.version) in (None, vni)
+        if lease.attrs.backend_type == "vxlan"
+        and peer_vni(lease, v6=own_ip.version == 6) in (None, vni)
     ]
 
 
@@ -271,7 +272,7 @@ class Vtep:
 
     def mac_of(self, lease: Lease) -> str | None:
         """What ``lease`` advertises for this device's family."""
-        return peer_mac(lease) if self.version == 4 else peer_mac_v6(lease)
+        return peer_mac(lease) if self.version == 4 else peer_v6_mac(lease)
 
 
 class VxlanBackend:
@@ -657,14 +658,14 @@ class VxlanNetwork(PeerNetwork):
         public_ip = lease.attrs.public_ipv6
         if public_ip is None:
             return f"vxlan: peer {subnet} has an IPv6 subnet but no PublicIPv6: IPv6 skipped"
-        clash = self._own_mac_clash(lease, str(subnet), peer_mac_v6(lease), self._mac6, public_ip)
+        clash = self._own_mac_clash(lease, str(subnet), peer_v6_mac(lease), self._mac6, public_ip)
         if clash is not None:
             return clash
         if self._be.options.direct_routing:
             found = lookups.get(public_ip)
             if found is not None and found.gateway is None and found.oif:
                 return (Route(subnet, gateway=public_ip, oif=found.oif, priority=IPV6_METRIC),)
-        mac = peer_mac_v6(lease)
+        mac = peer_v6_mac(lease)
         if mac is None:
             return (
                 f"vxlan: peer {subnet} ({public_ip}) has no valid VtepMAC in its"
@@ -736,5 +737,5 @@ __all__ = [
     "create",
     "derived_mac",
     "peer_mac",
-    "peer_mac_v6",
+    "peer_v6_mac",
 ]

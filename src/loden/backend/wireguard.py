@@ -27,12 +27,15 @@ configured keepalive back. A killed agent (``kill -9``) takes its wireguard-go, 
 the device, with it (parent-death signal): unlike a kernel device it cannot outlive
 its supervisor usefully.
 
-*No kernel module here.* The kernel these nodes run has no WireGuard, so each
-device is a TUN served by a ``wireguard-go`` child process that this backend starts,
-supervises and stops (see :mod:`loden.kernel.wireguard`). Reconcile restarts it (and
-recreates the device) when the process died or the device was deleted, and replays
-every peer. Configuration goes through the device's UAPI socket, the interface ``wg``
-itself uses for user-space devices.
+*Kernel WireGuard where the kernel has it, wireguard-go where it does not.* The first
+device is created as a kernel link of kind ``wireguard``, exactly flannel's state
+(configured with ``wg``). If the running kernel answers that it knows no such link
+kind, every device is instead a TUN served by a ``wireguard-go`` child process that
+this backend starts, supervises and stops, configured through its UAPI socket (the
+interface ``wg`` itself uses for user-space devices). The choice is made at run time,
+logged once, and kept for the life of the agent (see :mod:`loden.kernel.wireguard`).
+Reconcile recreates a device that was deleted (and restarts a wireguard-go that died),
+and replays every peer.
 
 *Level-triggered peers.* ``reconcile`` reads the device (``get``) and sends one
 ``set`` with exactly the difference: stale peers (a key no lease publishes any more,
@@ -77,15 +80,16 @@ from loden.backend.wireguard_peers import (
 )
 from loden.errors import BackendError, DataplaneError, InterfaceError
 from loden.kernel.netlink import RTPROT_LODEN, Link, Netlink, Route
-from loden.kernel.wireguard import (
-    PeerConfig,
-    WireguardGo,
+from loden.kernel.wireguard.device import WireguardDevice
+from loden.kernel.wireguard.kernel import KIND, KernelWireguard, unsupported
+from loden.kernel.wireguard.keys import (
     generate_private_key,
     load_or_create_private_key,
     public_key_of,
-    render_set,
     write_key_file,
 )
+from loden.kernel.wireguard.process import WireguardGo
+from loden.kernel.wireguard.uapi import PeerConfig, SetRequest
 from loden.lease_watch import overlaps_own
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
@@ -141,6 +145,13 @@ class WireguardBackend:
         )
         self.private_key = ""
         self.public_key = ""
+        #: ``"kernel"`` or ``"wireguard-go"`` once the first device exists.
+        self.implementation: str | None = None
+
+    def choose(self, implementation: str, why: str) -> None:
+        if self.implementation is None:
+            self.implementation = implementation
+            log.info("wireguard: %s", why)
 
     def plans(self) -> list[DevicePlan]:
         opts = self.options
@@ -247,7 +258,7 @@ class WireguardBackend:
 @dataclass
 class _Device:
     plan: DevicePlan
-    proc: WireguardGo | None = None
+    proc: WireguardDevice | None = None
     index: int = 0
     #: Peers as last programmed (the ``apply`` fast path diffs against this).
     programmed: dict[str, PeerConfig] = field(default_factory=dict)
@@ -296,8 +307,8 @@ class WireguardNetwork:
     def device_names(self) -> list[str]:
         return [dev.name for dev in self._devices]
 
-    def process(self, name: str) -> WireguardGo | None:
-        """The wireguard-go serving device ``name`` (tests and diagnostics)."""
+    def process(self, name: str) -> WireguardDevice | None:
+        """What serves device ``name``: a wireguard-go, or the kernel (diagnostics)."""
         return next((d.proc for d in self._devices if d.name == name), None)
 
     # -- devices -----------------------------------------------------------------------
@@ -326,12 +337,51 @@ class WireguardNetwork:
         if link is not None:
             log.warning("wireguard: %s already exists; recreating it", dev.name)
             await nl.delete_link(link.index)
+        proc, link = await self._new_device(dev)
+        dev.proc = proc
+        dev.index = link.index
+        await proc.set(
+            SetRequest(private_key=be.private_key, listen_port=dev.plan.port, replace_peers=True)
+        )
+        dev.programmed = {}
+        dev.fresh = True
+        await self._configure(dev, link)
+        log.info(
+            "wireguard: created %s (index %d, %s%s)",
+            dev.name,
+            link.index,
+            proc.implementation,
+            f" pid {proc.pid}" if proc.pid else "",
+        )
+
+    async def _new_device(self, dev: _Device) -> tuple[WireguardDevice, Link]:
+        """A kernel ``wireguard`` link if the kernel has WireGuard, else wireguard-go."""
+        nl, be = self._nl, self._be
+        if be.implementation != "wireguard-go":
+            try:
+                link = await nl.create_link(dev.name, KIND, mtu=be.mtu)
+            except DataplaneError as exc:
+                if be.implementation == "kernel" or not unsupported(exc):
+                    raise
+                be.choose(
+                    "wireguard-go",
+                    f"the running kernel has no WireGuard ({exc}): serving the devices with"
+                    " wireguard-go in user space (slower than the kernel's; a kernel >= 5.6"
+                    " or the wireguard module gives flannel's kernel devices)",
+                )
+            else:
+                be.choose(
+                    "kernel",
+                    "the running kernel has WireGuard: the devices are kernel wireguard"
+                    " links, as Go flanneld creates",
+                )
+                return KernelWireguard(dev.name, netns=be.netns), link
         proc = WireguardGo(dev.name, netns=be.netns)
         # A wireguard-go whose device was just deleted needs a moment to go away; one
         # that still answers serves a same-named device elsewhere (shared socket dir).
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2.0
-        while await proc.uapi.alive():
+        while await proc.busy():
             if loop.time() >= deadline:
                 raise DataplaneError(
                     "create",
@@ -342,20 +392,11 @@ class WireguardNetwork:
                 )
             await asyncio.sleep(0.02)
         await proc.start()
-        dev.proc = proc
-        link = await nl.link(dev.name)
-        if link is None:
+        tun = await nl.link(dev.name)
+        if tun is None:
+            await proc.stop()
             raise DataplaneError("create", f"wireguard device {dev.name}", "no such link")
-        dev.index = link.index
-        await proc.uapi.set(
-            render_set(private_key=be.private_key, listen_port=dev.plan.port, replace_peers=True)
-        )
-        dev.programmed = {}
-        dev.fresh = True
-        await self._configure(dev, link)
-        log.info(
-            "wireguard: created %s (index %d, wireguard-go pid %s)", dev.name, link.index, proc.pid
-        )
+        return proc, tun
 
     async def _configure(self, dev: _Device, link: Link) -> bool:
         """MTU, addresses, up, routes; writes only differences. True if anything changed."""
@@ -470,7 +511,7 @@ class WireguardNetwork:
                 }
             private_key = port = None
             if read_device:
-                state = await dev.proc.uapi.get()
+                state = await dev.proc.get()
                 have = state.peer_configs()
                 if state.private_key != self._be.private_key:
                     private_key = self._be.private_key
@@ -480,9 +521,12 @@ class WireguardNetwork:
                 have = dev.programmed
             upserts, removes = peer_changes(want, have)
             if upserts or removes or private_key or port:
-                await dev.proc.uapi.set(
-                    render_set(
-                        private_key=private_key, listen_port=port, peers=upserts, remove=removes
+                await dev.proc.set(
+                    SetRequest(
+                        private_key=private_key,
+                        listen_port=port,
+                        peers=tuple(upserts),
+                        remove=tuple(removes),
                     )
                 )
                 for peer in upserts:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from loden.errors import NetworkConfigError
-from loden.kernel.wireguard import PeerConfig, decode_key, endpoint_text
+from loden.kernel.wireguard.keys import decode_key
+from loden.kernel.wireguard.uapi import PeerConfig, endpoint_text
 from loden.model.config import NetworkConfig
 from loden.model.gojson import GoJSONError, GoObject, as_int, as_str
 from loden.model.lease import Lease

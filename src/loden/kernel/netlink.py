@@ -231,6 +231,25 @@ class Netlink:
             raise
         return _link(msgs[0]) if msgs else None
 
+    async def create_link(self, name: str, kind: str, *, mtu: int | None = None) -> Link:
+        """Create a link of ``kind`` with no kind-specific data (e.g. ``wireguard``),
+        down, ``txqueuelen 0`` as Go flanneld's netlink library creates every link.
+
+        :raises DataplaneError: with ``errno`` EOPNOTSUPP if the kernel has no such kind.
+        """
+
+        def create() -> Link:
+            args: dict[str, Any] = {"ifname": name, "kind": kind, "txqlen": 0}
+            if mtu is not None:
+                args["mtu"] = mtu
+            self._ipr.link("add", **args)
+            link = self._get_link({"ifname": name})
+            if link is None:
+                raise OSError(errno.ENODEV, f"{name} vanished right after creation")
+            return link
+
+        return await self._call("create", f"{kind} device {name}", create)
+
     async def create_vxlan(
         self, name: str, spec: VxlanSpec, *, mtu: int | None = None, mac: str | None = None
     ) -> Link:

@@ -281,7 +281,7 @@ class Api:
         rv_arg, match = request.arg("resourceVersion"), request.arg("resourceVersionMatch")
         limit = int(request.arg("limit") or 0) if request.arg("limit").isdigit() else 0
         token = request.arg("continue")
-        start = ""
+        start: tuple[str, str] | None = None
         if token:
             if rv_arg:
                 raise bad_request("specifying resource version is not allowed when using continue")
@@ -312,7 +312,7 @@ class Api:
             objects = self.store.items(kind.resource, namespace)
             list_rv = self.store.rv
         objects = [o for o in objects if self._matches(o, fields, labels)]
-        if start:
+        if start is not None:
             objects = [o for o in objects if _sort_key(o) >= start]
         meta: JsonObject = {"resourceVersion": str(list_rv)}
         if limit and len(objects) > limit:
@@ -468,7 +468,7 @@ class Api:
             finally:
                 store.unsubscribe(watcher)
 
-        return StreamResponse(200, stream())
+        return StreamResponse(200, stream(), on_close=lambda: store.unsubscribe(watcher))
 
     # ------------------------------------------------------------ writes
 
@@ -502,37 +502,47 @@ class Api:
         return bool(values)
 
     def create(self, request: Request, target: Target) -> Response:
-        kind = target.kind
         if target.name:
             raise method_not_allowed()
         body = self._body(request)
+        dry_run = self._dry_run(request)
+        stored = self.create_object(target.kind, target.namespace, body, dry_run=dry_run)
+        return json_response(201, stored if dry_run else self.external(target.kind, stored))
+
+    def create_object(
+        self, kind: Kind, namespace: str, body: JsonObject, *, dry_run: bool = False
+    ) -> JsonObject:
+        """A POST's work: type check, metadata, defaults, validation, then the write.
+
+        :raises ApiError: 400, 404 (namespace), 409 AlreadyExists, 422.
+        """
         self._check_type(kind, body)
         meta = body.setdefault("metadata", {})
         check_metadata(body)
         if kind.namespaced:
             given = meta.get("namespace")
-            if given and given != target.namespace:
+            if given and given != namespace:
                 raise bad_request(
                     "the namespace of the provided object does not match the namespace sent on "
                     "the request"
                 )
-            if not target.namespace:
+            if not namespace:
                 raise not_found_path()
-            if self.store.get(("namespaces", "", target.namespace)) is None:
-                raise not_found("namespaces", target.namespace)
-        new_metadata(kind, body, target.namespace)
+            if self.store.get(("namespaces", "", namespace)) is None:
+                raise not_found("namespaces", namespace)
+        new_metadata(kind, body, namespace)
         kind.prepare_create(body)
         kind.normalize(body)
         require_valid(kind, body, None)
-        key = target.key(body["metadata"]["name"])
-        if self.store.get(key) is not None:
+        key = (kind.resource, namespace if kind.namespaced else "", body["metadata"]["name"])
+        if key in self.store.objects:
             raise already_exists(kind.resource, key[2])
-        if self._dry_run(request):
-            return json_response(201, body)
+        if dry_run:
+            return body
         self.store.commit(key, body)
         stored = self.store.get(key)
         assert stored is not None
-        return json_response(201, self.external(kind, stored))
+        return stored
 
     def _write(
         self, request: Request, target: Target, new: JsonObject, old: JsonObject
@@ -691,9 +701,10 @@ class Api:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _sort_key(obj: JsonObject) -> str:
+def _sort_key(obj: JsonObject) -> tuple[str, str]:
+    """The store's order: (namespace, name), as the keys of a list are sorted."""
     meta = obj["metadata"]
-    return f"{meta.get('namespace', '')}/{meta['name']}"
+    return str(meta.get("namespace", "")), str(meta["name"])
 
 
 def parse_rv(text: str) -> int:
@@ -710,17 +721,18 @@ def parse_rv(text: str) -> int:
     return value
 
 
-def encode_continue(rv: int, start: str) -> str:
-    raw = dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": start})
+def encode_continue(rv: int, start: tuple[str, str]) -> str:
+    raw = dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": list(start)})
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_continue(token: str) -> tuple[int, str]:
+def decode_continue(token: str) -> tuple[int, tuple[str, str]]:
     """:raises ApiError: 400 for a token this server did not make."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-        return int(data["rv"]), str(data["start"])
+        namespace, name = data["start"]
+        return int(data["rv"]), (str(namespace), str(name))
     except (ValueError, KeyError, TypeError) as exc:
         raise bad_request(f"continue key is not valid: {exc}") from exc
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loden.kubeapi.status import ApiError, forbidden, unauthorized
+from loden.kubeapi.status import forbidden, unauthorized
 
 JsonObject = dict[str, Any]
 
@@ -190,7 +190,6 @@ FLANNEL_RULES: tuple[JsonObject, ...] = (
 __all__ = [
     "ADMIN_GROUP",
     "FLANNEL_RULES",
-    "ApiError",
     "Attributes",
     "Authenticator",
     "Authorizer",

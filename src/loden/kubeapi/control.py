@@ -145,50 +145,17 @@ class KubeApiClient:
         kubelet_annotation: bool = True,
     ) -> JsonObject:
         """A Node as kubelet registers it and the controller-manager assigns its podCIDR."""
-        meta: JsonObject = {
-            "name": name,
-            "labels": {
-                "kubernetes.io/hostname": name,
-                "kubernetes.io/os": "linux",
-                **(labels or {}),
-            },
-            "annotations": {
-                **(DEFAULT_NODE_ANNOTATIONS if kubelet_annotation else {}),
-                **(annotations or {}),
-            },
-        }
-        if not meta["annotations"]:
-            del meta["annotations"]
-        spec: JsonObject = {}
-        cidrs = list(pod_cidrs) or ([pod_cidr] if pod_cidr else [])
-        if cidrs:
-            spec["podCIDR"], spec["podCIDRs"] = cidrs[0], cidrs
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        status: JsonObject = {
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True" if ready else "False",
-                    "reason": "KubeletReady" if ready else "KubeletNotReady",
-                    "message": "kubelet is posting ready status",
-                    "lastHeartbeatTime": now,
-                    "lastTransitionTime": now,
-                }
-            ],
-            "addresses": [{"type": t, "address": a} for t, a in addresses]
-            + [{"type": "Hostname", "address": name}],
-            "nodeInfo": {
-                "kubeletVersion": "v1.32.0",
-                "osImage": "Debian GNU/Linux 12 (bookworm)",
-                "kernelVersion": os.uname().release,
-                "containerRuntimeVersion": "containerd://1.7.24",
-                "operatingSystem": "linux",
-                "architecture": "amd64",
-            },
-        }
-        return self.request(
-            "POST", "/api/v1/nodes", body={"metadata": meta, "spec": spec, "status": status}
+        body = node_body(
+            name,
+            pod_cidr,
+            pod_cidrs=pod_cidrs,
+            annotations=annotations,
+            labels=labels,
+            addresses=addresses,
+            ready=ready,
+            kubelet_annotation=kubelet_annotation,
         )
+        return self.request("POST", "/api/v1/nodes", body=body)
 
     def create_pod(
         self, namespace: str, name: str, node_name: str, *, host_network: bool = True
@@ -271,6 +238,18 @@ class KubeApiClient:
     def set_bookmark_interval(self, seconds: float) -> None:
         self.request("PUT", "/_loden/settings", body={"bookmarkInterval": seconds})
 
+    def bulk_create(self, resource: str, items: Sequence[JsonObject], namespace: str = "") -> int:
+        """Create many objects in one request (as many POSTs); returns the new version."""
+        rv = 0
+        for start in range(0, len(items), 500):  # requests stay under the 3 MiB body limit
+            body = {
+                "resource": resource,
+                "namespace": namespace,
+                "items": list(items[start : start + 500]),
+            }
+            rv = int(self.request("POST", "/_loden/bulk", body=body)["resourceVersion"])
+        return rv
+
     def requests_log(self, since: int = 0) -> list[JsonObject]:
         return list(self.request("GET", "/_loden/requests", params={"since": str(since)})["items"])
 
@@ -343,6 +322,63 @@ class KubeApiClient:
         return directory
 
 
+def node_body(
+    name: str,
+    pod_cidr: str | None = None,
+    *,
+    pod_cidrs: Sequence[str] = (),
+    annotations: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    addresses: Sequence[tuple[str, str]] = (),
+    ready: bool = True,
+    kubelet_annotation: bool = True,
+) -> JsonObject:
+    """A Node object as kubelet registers it, with the podCIDR(s) the controller-manager
+    assigns (``bulk_create`` takes these)."""
+    meta: JsonObject = {
+        "name": name,
+        "labels": {
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            **(labels or {}),
+        },
+        "annotations": {
+            **(DEFAULT_NODE_ANNOTATIONS if kubelet_annotation else {}),
+            **(annotations or {}),
+        },
+    }
+    if not meta["annotations"]:
+        del meta["annotations"]
+    spec: JsonObject = {}
+    cidrs = list(pod_cidrs) or ([pod_cidr] if pod_cidr else [])
+    if cidrs:
+        spec["podCIDR"], spec["podCIDRs"] = cidrs[0], cidrs
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    status: JsonObject = {
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True" if ready else "False",
+                "reason": "KubeletReady" if ready else "KubeletNotReady",
+                "message": "kubelet is posting ready status",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
+        ],
+        "addresses": [{"type": t, "address": a} for t, a in addresses]
+        + [{"type": "Hostname", "address": name}],
+        "nodeInfo": {
+            "kubeletVersion": "v1.32.0",
+            "osImage": "Debian GNU/Linux 12 (bookworm)",
+            "kernelVersion": os.uname().release,
+            "containerRuntimeVersion": "containerd://1.7.24",
+            "operatingSystem": "linux",
+            "architecture": "amd64",
+        },
+    }
+    return {"metadata": meta, "spec": spec, "status": status}
+
+
 def _path(resource: str, name: str, namespace: str) -> str:
     base = f"/api/v1/namespaces/{namespace}/{resource}" if namespace else f"/api/v1/{resource}"
     return f"{base}/{name}" if name else base
@@ -371,6 +407,13 @@ class KubeApiProcess:
     die_with_parent: bool = True
     python: str = sys.executable
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    tokens: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    """More static tokens: token -> (user, groups)."""
+    rules: dict[str, list[JsonObject]] = field(default_factory=dict)
+    """RBAC rules from the start: ``user:NAME``/``group:NAME`` -> PolicyRules."""
+    insecure: bool = False
+    """Plain HTTP where every client is admin (the old insecure port, ``--kube-api-url
+    http://...`` without credentials)."""
     popen: subprocess.Popen[bytes] | None = None
     client: KubeApiClient | None = None
 
@@ -397,8 +440,16 @@ class KubeApiProcess:
         if not self.ca_file.exists():
             pki.make_pki(self.pki_dir, [a for a in addresses if a.version == 4])
         tokens = self.workdir / "tokens.csv"
-        tokens.write_text(f'{self.admin_token},{ADMIN_USER},admin,"{",".join(ADMIN_GROUPS)}"\n')
+        rows: list[tuple[str, str, tuple[str, ...]]] = [
+            (self.admin_token, ADMIN_USER, ADMIN_GROUPS)
+        ]
+        rows += [(token, user, groups) for token, (user, groups) in self.tokens.items()]
+        tokens.write_text(
+            "".join(f'{token},{user},{user},"{",".join(groups)}"\n' for token, user, groups in rows)
+        )
         tokens.chmod(0o600)
+        rules_file = self.workdir / "rules.json"
+        rules_file.write_text(json.dumps(self.rules, indent=2) + "\n")
         port = self.port if self.port is not None else (6443 if self.netns else 0)
         argv = [
             self.python,
@@ -410,11 +461,14 @@ class KubeApiProcess:
             f"--tls-private-key-file={self.pki_dir / 'server-key.pem'}",
             f"--client-ca-file={self.ca_file}",
             f"--token-auth-file={tokens}",
+            f"--rules-file={rules_file}",
             f"--anonymous-auth={'true' if self.anonymous else 'false'}",
             f"--bookmark-interval={self.bookmark_interval}",
             f"--history-limit={self.history_limit}",
             f"--ready-file={self.workdir / 'ready'}",
         ]
+        if self.insecure:
+            argv.append("--insecure")
         if self.netns:
             argv = in_net(self.netns, argv)
         setpriv = shutil.which("setpriv")
@@ -422,35 +476,53 @@ class KubeApiProcess:
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         return argv
 
+    @property
+    def ready_file(self) -> Path:
+        return self.workdir / "ready"
+
     def start(self, *, timeout: float = 20.0) -> KubeApiClient:
         """Start and wait until ``/readyz`` answers; returns the admin client.
 
         :raises KubeApiError: the server exited or did not answer within ``timeout``.
         """
-        ready = self.workdir / "ready"
-        ready.unlink(missing_ok=True)
+        self.ready_file.unlink(missing_ok=True)
         argv = self.argv()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
+        popen = self.popen
+        try:
+            return self.connect(timeout=timeout, alive=lambda: popen.poll() is None)
+        except KubeApiError:
+            self.stop()
+            raise
+
+    def connect(self, *, timeout: float, alive: Callable[[], bool]) -> KubeApiClient:
+        """Wait for the ready file and ``/readyz``; sets and returns :attr:`client`.
+
+        :raises KubeApiError: ``alive()`` turned false or ``timeout`` passed.
+        """
         deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                self.stop()
+        while not self.ready_file.exists():
+            if not alive() or time.monotonic() > deadline:
                 raise KubeApiError(f"the API server double did not start:\n{self.log_tail()}")
             time.sleep(0.05)
-        host, _, port = ready.read_text().strip().rpartition(":")
+        host, _, port = self.ready_file.read_text().strip().rpartition(":")
         self.client = KubeApiClient(
-            host, int(port), self.ca_file, self.admin_token, netns=self.netns
+            host,
+            int(port),
+            None if self.insecure else self.ca_file,
+            self.admin_token,
+            netns=self.netns,
+            scheme="http" if self.insecure else "https",
         )
         while True:
             with contextlib.suppress(KubeApiError):
                 if self.client.raw("GET", "/readyz").status_code == 200:
                     return self.client
-            if time.monotonic() > deadline:
-                self.stop()
+            if not alive() or time.monotonic() > deadline:
                 raise KubeApiError(f"the API server double does not answer:\n{self.log_tail()}")
             time.sleep(0.05)
 

@@ -63,6 +63,8 @@ class StreamResponse:
     chunks: AsyncIterator[bytes]
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    on_close: Callable[[], None] | None = None
+    """Called once the stream is over, however it ended (even if it never started)."""
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
@@ -124,7 +126,7 @@ class HttpServer:
         peer = str(writer.get_extra_info("peername"))
         try:
             while True:
-                request = await self._read_request(conn, reader, peer_cert, peer)
+                request = await self._read_request(conn, reader, writer, peer_cert, peer)
                 if request is None:
                     return
                 try:
@@ -137,7 +139,11 @@ class HttpServer:
                     )
                 if isinstance(response, StreamResponse):
                     connection.streaming = True
-                    await self._send_stream(conn, reader, writer, response)
+                    try:
+                        await self._send_stream(conn, reader, writer, response)
+                    finally:
+                        if response.on_close is not None:
+                            response.on_close()
                     connection.streaming = False
                 else:
                     await self._send(conn, writer, response)
@@ -165,6 +171,7 @@ class HttpServer:
         self,
         conn: h11.Connection,
         reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
         peer_cert: dict[str, Any] | None,
         peer: str,
     ) -> Request | None:
@@ -182,6 +189,11 @@ class HttpServer:
                 return None
             if isinstance(event, h11.Request):
                 head = event
+                if conn.they_are_waiting_for_100_continue:  # curl does this for bodies > 1 KiB
+                    writer.write(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
+                    await writer.drain()
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY:

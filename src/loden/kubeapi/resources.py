@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loden.kubeapi.patch import PRIMITIVE_SET
-from loden.kubeapi.status import ApiError, bad_request, invalid
+from loden.kubeapi.status import bad_request, invalid
 
 JsonObject = dict[str, Any]
 
@@ -131,9 +131,6 @@ class Kind:
     field_selectors: frozenset[str] = frozenset({"metadata.name", "metadata.namespace"})
 
     # ------------------------------------------------------------ naming
-
-    def describe(self, obj: JsonObject) -> str:
-        return str(obj.get("metadata", {}).get("name", ""))
 
     def validate_name(self, name: str) -> list[tuple[str, str, str]]:
         if not name:
@@ -621,12 +618,4 @@ def require_valid(kind: Kind, obj: JsonObject, old: JsonObject | None) -> None:
         raise invalid(kind.kind, name, errors)
 
 
-__all__ = [
-    "KINDS",
-    "INITIAL_NAMESPACES",
-    "ApiError",
-    "Kind",
-    "check_metadata",
-    "new_metadata",
-    "require_valid",
-]
+__all__ = ["INITIAL_NAMESPACES", "KINDS", "Kind", "check_metadata", "new_metadata", "require_valid"]

@@ -21,7 +21,7 @@ from loden.lab import check as checks
 from loden.lab import status as statuses
 from loden.lab import teardown
 from loden.lab.node import etcd_flags, loden_executable
-from loden.lab.plan import BACKENDS, ETCD_APIS, ETCD_MODES, RUNTIMES, check_name
+from loden.lab.plan import BACKENDS, ETCD_APIS, ETCD_MODES, RUNTIMES, STORES, check_name
 from loden.lab.report import Reporter
 from loden.lab.state import LabState, lab_names
 from loden.lab.up import create_state, up
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     p_up.add_argument("--etcd", choices=ETCD_MODES, default="single")
     p_up.add_argument("--tls", action="store_true", help="etcd with TLS and client certs")
     p_up.add_argument("--etcd-api", choices=ETCD_APIS, default="v3")
+    p_up.add_argument(
+        "--store",
+        choices=STORES,
+        default="etcd",
+        help="where leases live: etcd, or kube (an API server, agents in --kube-subnet-mgr)",
+    )
     p_up.add_argument("--pods", type=int, default=2, help="pods per node (default 2)")
     p_up.add_argument("--name", default=DEFAULT_NAME)
     p_up.add_argument(
@@ -145,6 +151,7 @@ def cmd_up(console: Console, ns: argparse.Namespace) -> int:
         pods=ns.pods,
         with_agent=not ns.no_agent,
         ipv6=getattr(ns, "ipv6", None) or "off",
+        store=getattr(ns, "store", "etcd"),
     )
     plan = state.plan
     networks = {

@@ -74,8 +74,14 @@ def loden_executable() -> str:
     return str(Path(sys.argv[0]).resolve())
 
 
-def build_node(state: LabState, node: str, tls: TlsFiles | None) -> NodeRecord:
-    """Create the node's namespaces and private tree and render its units."""
+def build_node(
+    state: LabState, node: str, tls: TlsFiles | None, *, extra_ro: tuple[str, ...] = ()
+) -> NodeRecord:
+    """Create the node's namespaces and private tree and render its units.
+
+    ``extra_ro``: more private node paths, read-only inside the node (kube mode's pod
+    volumes); then nothing is rendered (the kube lab writes its own unit).
+    """
     plan = state.plan
     ns = plan.node_ns(node)
     address = plan.node_address(node)
@@ -96,6 +102,7 @@ def build_node(state: LabState, node: str, tls: TlsFiles | None) -> NodeRecord:
     root = plan.node_root(node)
     targets = list(PRIVATE_PATHS) + (list(DOCKER_PATHS) if plan.runtime == "docker" else [])
     binds: list[tuple[Path, str, bool]] = [(root / t.lstrip("/"), t, False) for t in targets]
+    binds += [(root / t.lstrip("/"), t, True) for t in extra_ro]
     if tls is not None:
         binds.append((tls.directory, ETCD_SSL, True))
     with host_lock():
@@ -107,7 +114,8 @@ def build_node(state: LabState, node: str, tls: TlsFiles | None) -> NodeRecord:
     )
     state.set_node(record)
     netns.make_mount_ns(state, mntns, ns, binds, cgroups=plan.runtime == "docker")
-    render(plan, record, tls)
+    if plan.store == "etcd":
+        render(plan, record, tls)
     return record
 
 
@@ -240,12 +248,14 @@ def lease_subnet6(state: LabState, node: NodeRecord) -> str:
     return ""
 
 
-def start_agent(state: LabState, node: NodeRecord, *, timeout: float = 40.0) -> NodeRecord:
-    """``systemctl start flanneld`` in the node; records the subnet it got.
+def start_agent(
+    state: LabState, node: NodeRecord, *, timeout: float = 40.0, unit: str = "flanneld.service"
+) -> NodeRecord:
+    """``systemctl start <unit>`` in the node; records the subnet it got.
 
     :raises LodenError: the agent failed (message has its log's tail).
     """
-    started = units.start_service(state, node, "flanneld.service", role="agent", timeout=timeout)
+    started = units.start_service(state, node, unit, role="agent", timeout=timeout)
     subnet, mtu = read_subnet(state.plan, node.name)
     subnet6 = read_subnet6(state.plan, node.name)
     if 6 in state.plan.families and not subnet6:

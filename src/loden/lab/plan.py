@@ -38,6 +38,7 @@ ETCD_APIS = ("v3", "v2")
 IPV6_MODES = ("off", "dual", "only")
 #: Backends with an IPv6 data plane (udp is IPv4-only, as in flannel).
 IPV6_BACKENDS = ("vxlan", "host-gw", "wireguard")
+STORES = ("etcd", "kube")
 HEALTHZ_PORT = 8471
 ENV_MARKER = "LODEN_LAB"
 _NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,19}")
@@ -92,6 +93,7 @@ class LabPlan:
     network: IPv4Network
     with_agent: bool = True
     ipv6: str = "off"
+    store: str = "etcd"
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -102,9 +104,17 @@ class LabPlan:
             (self.runtime, RUNTIMES, "--runtime"),
             (self.etcd, ETCD_MODES, "--etcd"),
             (self.etcd_api, ETCD_APIS, "--etcd-api"),
+            (self.store, STORES, "--store"),
         ):
             if value not in allowed:
                 raise UsageError(f"{flag} {value!r}: use one of {', '.join(allowed)}")
+        if self.store == "kube" and (
+            self.runtime != "cni" or self.etcd != "single" or self.etcd_api != "v3" or self.tls
+        ):
+            raise UsageError(
+                "--store kube runs an API server instead of etcd, with the CNI runtime: "
+                "drop --runtime docker, --etcd, --etcd-api and --tls"
+            )
         if not 0 <= self.pods_per_node <= 20:
             raise UsageError(f"--pods {self.pods_per_node}: use 0 to 20 pods per node")
         if self.ipv6 not in IPV6_MODES:
@@ -121,6 +131,11 @@ class LabPlan:
             )
         if self.ipv6 != "off" and not self.with_agent:
             raise UsageError("--ipv6 needs the agent (no --no-agent)")
+        if self.ipv6 != "off" and self.store == "kube":
+            raise UsageError(
+                "--ipv6 with --store kube is not implemented by the lab yet (the API server "
+                "double would need dual-stack podCIDRs); use --store etcd"
+            )
 
     # -- directories --------------------------------------------------------------------
 
@@ -231,6 +246,7 @@ class LabPlan:
             "network": str(self.network),
             "with_agent": self.with_agent,
             "ipv6": self.ipv6,
+            "store": self.store,
         }
 
     @classmethod
@@ -250,6 +266,7 @@ class LabPlan:
                 network=IPv4Network(str(data["network"])),
                 with_agent=bool(data.get("with_agent", True)),
                 ipv6=str(data.get("ipv6", "off")),
+                store=str(data.get("store", "etcd")),
             )
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"unreadable lab plan in state.json: {exc}") from exc

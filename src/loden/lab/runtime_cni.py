@@ -144,7 +144,8 @@ def start_container(state: LabState, pod: str, pod_netns: str, role: str) -> Con
 def create_pods(state: LabState, node: NodeRecord) -> list[PodRecord]:
     """Create this node's pods (and the two-container pod on node1)."""
     plan = state.plan
-    write_conflist(state, node.name)
+    if plan.store == "etcd":  # kube: the install-cni init container installed it
+        write_conflist(state, node.name)
     pods: list[PodRecord] = []
     for index in range(plan.pods_per_node):
         name = plan.pod_name(node.name, index)

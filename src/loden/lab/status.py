@@ -3,7 +3,9 @@
 The subnet and VTEP MAC / WireGuard key come from the leases in etcd (``loden leases
 -json`` run inside node1 with the node's own etcd flags, so it also proves the store is
 reachable from the nodes); when that fails they come from the node itself (subnet.env
-and the ``flannel.1`` device). Agent health is the agent's own ``/healthz``.
+and the ``flannel.1`` device). Agent health is the agent's own ``/healthz``. In kube
+mode (``--store kube``) the detail column is the node's flannel annotations, read with
+``loden leases -kube-subnet-mgr -json`` inside node1 through its in-cluster config.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ipaddress import IPv4Interface, IPv6Interface
 from rich.markup import escape
 from rich.table import Table
 
-from loden.lab import netns, proc
+from loden.lab import kube, netns, proc
 from loden.lab.check import VXLAN_DEVICE, VXLAN_DEVICE_V6, agent_health
 from loden.lab.node import etcd_flags, loden_executable, read_subnet, read_subnet6
 from loden.lab.plan import LabPlan
@@ -77,7 +79,9 @@ def _local_detail(state: LabState, node: NodeRecord) -> str:
 
 
 def collect(state: LabState) -> list[NodeStatus]:
-    by_ip = leases(state) if state.plan.with_agent else None
+    kube_mode = state.plan.store == "kube"
+    by_ip = leases(state) if state.plan.with_agent and not kube_mode else None
+    by_node = kube.node_annotations(state) if state.plan.with_agent and kube_mode else None
     rows: list[NodeStatus] = []
     for node in state.nodes.values():
         public_ip = str(IPv4Interface(node.address).ip)
@@ -99,6 +103,8 @@ def collect(state: LabState) -> list[NodeStatus]:
                 public_ip = f"{public_ip} {IPv6Interface(node.address6).ip}"
             if 4 not in state.plan.families:
                 subnet = ""
+        if by_node is not None and node.name in by_node:
+            detail = kube.describe(by_node[node.name])
         healthy, body = agent_health(state, node)
         rows.append(
             NodeStatus(
@@ -130,13 +136,18 @@ def table(state: LabState, rows: list[NodeStatus]) -> Table:
     plan = state.plan
     title = (
         f"lab {plan.name}: {plan.nodes} nodes, {plan.backend}, {plan.runtime} runtime, "
-        f"etcd {plan.etcd}{' TLS' if plan.tls else ''} ({plan.etcd_api}), "
-        f"{_networks(plan)} {escape(f'[{state.phase}]')}"
+        + (
+            f"API server {kube.api_url(plan)}, "
+            if plan.store == "kube"
+            else f"etcd {plan.etcd}{' TLS' if plan.tls else ''} ({plan.etcd_api}), "
+        )
+        + f"{_networks(plan)} {escape(f'[{state.phase}]')}"
     )
     out = Table(title=title, title_justify="left")
     ipv6 = 6 in plan.families
     columns = ["node", "public IP", "subnet"] + (["IPv6 subnet"] if ipv6 else [])
-    for column in (*columns, "backend", "VTEP MAC / key", "pods", "agent /healthz"):
+    detail_column = "node annotations" if plan.store == "kube" else "VTEP MAC / key"
+    for column in (*columns, "backend", detail_column, "pods", "agent /healthz"):
         out.add_column(column)
     for row in rows:
         text = escape(row.health)

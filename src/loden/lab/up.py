@@ -1,11 +1,14 @@
 """``loden lab up``: build a lab in the order the seed deploys a cluster.
 
 1. underlay namespace with bridge ``br0`` (the nodes' LAN, gateway ``.1``);
-2. etcd (one member or three, optionally TLS with certificates made now);
+2. etcd (one member or three, optionally TLS with certificates made now), or with
+   ``--store kube`` the Kubernetes API server double and the objects a cluster would
+   hold (:mod:`loden.lab.kube`);
 3. the nodes, in parallel: namespaces, private mounts, ``loden systemd render``;
 4. the network config, written from node1 the seed's way (``loden config set`` for
-   v3, ``ETCDCTL_API=2 etcdctl set`` for v2);
+   v3, ``ETCDCTL_API=2 etcdctl set`` for v2); kube: the ConfigMap's net-conf.json;
 5. ``flanneld.service`` on every node, in parallel (READY=1, then ExecStartPost);
+   kube: the DaemonSet pod's ``kube-flannel.service``;
 6. the runtime: CNI pods through the flannel plugin, or dockerd from ``docker.service``
    and ``docker run`` containers.
 
@@ -23,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from loden.errors import ConfigError, LodenError
-from loden.lab import etcd, netns, node, proc, runtime_cni, runtime_docker
+from loden.lab import etcd, kube, netns, node, proc, runtime_cni, runtime_docker
 from loden.lab.pki import TlsFiles, make_pki
 from loden.lab.plan import LAB_ROOT, LabPlan, check_name, pick_addresses
 from loden.lab.report import Reporter
@@ -85,6 +88,7 @@ def create_state(
     pods: int,
     with_agent: bool,
     ipv6: str = "off",
+    store: str = "etcd",
 ) -> LabState:
     """Pick addresses and create the lab directory with its first state.json.
 
@@ -111,6 +115,7 @@ def create_state(
             network=network,
             with_agent=with_agent,
             ipv6=ipv6,
+            store=store,
         )
         preflight(plan)
         state = LabState(plan)
@@ -140,6 +145,8 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
                 plan.underlay_ns, "-6", "addr", "add", str(plan.gateway6), "dev", "br0", "nodad"
             )
         netns.ip(plan.underlay_ns, "link", "set", "br0", "up")
+    if plan.store == "kube":
+        return up_kube(state, reporter, agent_timeout=agent_timeout)
     tls: TlsFiles | None = None
     if plan.tls:
         with reporter.step("TLS: CA and etcd server/client certificate (the seed's server.pem)"):
@@ -179,6 +186,52 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
             return ready
 
     records = parallel(plan.node_names(), start)
+    start_pods(state, reporter)
+    state.set_phase("up")
+    return state
+
+
+def up_kube(state: LabState, reporter: Reporter, *, agent_timeout: float) -> LabState:
+    """``up`` with the API server double instead of etcd (see :mod:`loden.lab.kube`)."""
+    plan = state.plan
+    with reporter.step(f"API server double at {kube.api_url(plan)} (python -m loden.kubeapi)"):
+        client = kube.start_api(state)
+    with reporter.step("Nodes with podCIDRs (controller-manager), DaemonSet pods") as s:
+        pod_names = kube.register(state, client)
+        s.text = "Nodes " + ", ".join(f"{n}={kube.pod_cidr(plan, n)}" for n in plan.node_names())
+    netns.private_dir(state, plan.workdir / "mntns")
+    loden = node.loden_executable()
+
+    def build(name: str) -> NodeRecord:
+        with reporter.step(f"{name}: namespaces, pod volumes, init container install-cni") as s:
+            record = node.build_node(state, name, None, extra_ro=kube.POD_VOLUMES)
+            kube.prepare_node(state, record, pod_names[name], loden)
+            s.text = f"{name}: {record.address} in {record.netns}, pod {pod_names[name]}"
+            return record
+
+    parallel(plan.node_names(), build)
+
+    def start(name: str) -> NodeRecord:
+        with reporter.step(f"{name}: pod {pod_names[name]} (--kube-subnet-mgr)") as s:
+            ready = node.start_agent(
+                state, state.nodes[name], timeout=agent_timeout, unit=kube.UNIT
+            )
+            s.text = f"{name}: agent ready, podCIDR {ready.subnet}, MTU {ready.mtu}"
+            return ready
+
+    if plan.with_agent:
+        parallel(plan.node_names(), start)
+    else:
+        for index, name in enumerate(plan.node_names()):
+            node.write_manual_subnet(state, state.nodes[name], index - 1)  # = podCIDR
+    start_pods(state, reporter)
+    state.set_phase("up")
+    return state
+
+
+def start_pods(state: LabState, reporter: Reporter) -> None:
+    """The runtime's pods (or docker containers) on every node."""
+    plan = state.plan
 
     def pods(name: str) -> None:
         record = state.nodes[name]
@@ -198,5 +251,3 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
                 )
 
     parallel(plan.node_names(), pods)
-    state.set_phase("up")
-    return state

@@ -1,0 +1,64 @@
+"""``loden doctor`` and ``loden status`` on a clean ``loden lab`` (the seed's deployment:
+systemd units, /run/flannel, CNI pods): nothing found; one injected fault: found."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+LODEN = str(Path(sys.prefix) / "bin" / "loden")
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)"),
+]
+
+
+def loden(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [LODEN, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def lab() -> Iterator[str]:
+    name = f"dr{secrets.token_hex(3)}"
+    try:
+        up = loden("lab", "up", "--nodes", "2", "--name", name, timeout=240)
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield name
+    finally:
+        down = loden("lab", "down", "--name", name)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def on_node(lab: str, node: str, script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in the node with the agent's own options (its EnvironmentFile)."""
+    return loden(
+        "lab", "exec", "--name", lab, node, "--",
+        "sh", "-c", f". /opt/kubernetes/cfg/flanneld; {script}",
+    )  # fmt: skip
+
+
+def test_clean_lab_then_one_fault(lab: str) -> None:
+    for node in ("node1", "node2"):
+        proc = on_node(lab, node, f"{LODEN} doctor $FLANNEL_OPTIONS")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout == "no problems found\n"
+        status = on_node(lab, node, f"{LODEN} status $FLANNEL_OPTIONS")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "kernel:    in sync (3 entries on flannel.1)" in status.stdout
+    proc = on_node(
+        lab,
+        "node1",
+        f"sysctl -qw net.ipv4.conf.flannel/1.rp_filter=1; {LODEN} doctor $FLANNEL_OPTIONS",
+    )
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("[sysctl/rp-filter] strict reverse-path filtering on flannel.1")
+    assert "sysctl -w net.ipv4.conf.flannel/1.rp_filter=2" in proc.stdout
