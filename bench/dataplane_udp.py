@@ -47,6 +47,7 @@ from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface, Network
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
+from loden.settings import BackendSettings
 
 PORT = 8285
 
@@ -196,10 +197,12 @@ async def start_loden(
     leases: list[Lease] = []
     for host, subnet in zip(topo.hosts, subnets, strict=True):
         ext = ExternalInterface("eth0", 0, 1500, host.ip, host.ip)
-        extra = {"netns": host.name, "udp_workers": str(workers) if workers else ""}
-        if tso:
-            extra["udp_tso"] = tso
-        backend = create_backend("udp", BackendContext(cfg, ext, host.state_dir, extra))
+        knobs = BackendSettings(
+            netns=host.name,
+            udp_workers=workers or None,
+            udp_tso=tso in ("1", "true") if tso else None,
+        )
+        backend = create_backend("udp", BackendContext(cfg, ext, host.state_dir, knobs))
         lease = Lease(subnet=subnet, attrs=await backend.lease_attrs())
         leases.append(lease)
         nets.append(await backend.activate(lease))

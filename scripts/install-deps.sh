@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client iproute2 iptables nftables iputils-ping iperf3 tcpdump
   conntrack containernetworking-plugins wireguard-tools wireguard-go docker.io busybox-static
-  openssl ethtool util-linux procps python3-venv make gcc libc6-dev)
+  openssl ethtool util-linux procps python3-venv make gcc libc6-dev graphviz)
 
 PY=${PYTHON:-python3}
 # The udp data path's C loops (src/loden/udp/_fastpath.c) need Python's headers; a
@@ -43,7 +43,7 @@ fi
 stamp=.venv/.loden-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
   [ src/loden/udp/_fastpath.c -nt "$stamp" ]; then
-  if ! .venv/bin/pip install -q -e '.[dev]' >.venv/pip.log 2>&1; then
+  if ! .venv/bin/pip install -q -e '.[dev,pictures]' >.venv/pip.log 2>&1; then
     cat .venv/pip.log >&2
     echo "install-deps: pip install failed (log above)" >&2
     exit 1

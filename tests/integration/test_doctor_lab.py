@@ -7,6 +7,7 @@ import os
 import secrets
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,20 @@ def on_node(lab: str, node: str, script: str) -> subprocess.CompletedProcess[str
         "lab", "exec", "--name", lab, node, "--",
         "sh", "-c", f". /opt/kubernetes/cfg/flanneld; {script}",
     )  # fmt: skip
+
+
+def test_lab_picture_after_a_check(lab: str, tmp_path: Path) -> None:
+    """``lab check`` then ``lab status --svg``: every node and pod drawn, all tunnels green."""
+    assert loden("lab", "check", "--name", lab).returncode == 0
+    svg = tmp_path / "lab.svg"
+    proc = loden("lab", "status", "--name", lab, "--svg", str(svg))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = ET.parse(svg).getroot()
+    text = "\n".join(t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    for name in ("node1", "node2", "node1-pod0", "node2-pod1", "vxlan (flannel.1)"):
+        assert name in text
+    assert "ok, " in text and "not checked" not in text
+    assert "#c62828" not in svg.read_text()  # no red: every probe answered
 
 
 def test_clean_lab_then_one_fault(lab: str) -> None:

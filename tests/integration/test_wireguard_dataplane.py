@@ -149,7 +149,7 @@ async def test_wire_carries_only_ciphertext(make_cluster: ClusterFactory) -> Non
 async def test_restart_keeps_key_and_measures_gap(make_cluster: ClusterFactory) -> None:
     cluster = await make_cluster(hosts=2)
     a, b = cluster.nodes
-    key_file = Path(a.ctx.extra["wg_key_file"])
+    key_file = a.ctx.settings.wireguard_key_file
     mode = key_file.stat().st_mode
     assert stat.S_IMODE(mode) == 0o400 and stat.S_IMODE(key_file.parent.stat().st_mode) == 0o755
     key_text = key_file.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from loden.cli import _JSONFormatter, _TextFormatter
@@ -46,5 +47,6 @@ def test_text_and_json_logs_have_the_same_fields() -> None:
     text = _TextFormatter().format(record)
     assert set(as_json) == {"ts", "level", "logger", "msg", "exc"}
     first = text.splitlines()[0]
-    assert first == f"{as_json['ts']} WARNING loden.agent: a b"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(as_json["ts"]))
+    assert first == f"{stamp}.{int(record.msecs):03d}Z WARNING loden.agent: a b"
     assert as_json["level"] == "warning" and as_json["exc"] in text

@@ -66,7 +66,7 @@ class HostGwBackend:
                     f"host-gw with EnableIPv6 needs an IPv6 address on {ext.name}: add one"
                 )
         self.ctx = ctx
-        self.netns = ctx.extra.get("netns")
+        self.netns = ctx.settings.netns
 
     async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         ext = self.ctx.ext
@@ -139,5 +139,5 @@ class HostGwNetwork(PeerNetwork):
 
 
 def create(ctx: BackendContext) -> HostGwBackend:
-    """Registry entry point. ``ctx.extra["netns"]`` runs it in another namespace (lab)."""
+    """Registry entry point. ``ctx.settings.netns`` runs it in another namespace (lab)."""
     return HostGwBackend(ctx)

@@ -104,52 +104,18 @@ from loden.kernel.netlink import (
     RouteLookup,
     VxlanSpec,
 )
-from loden.model.config import NetworkConfig
-from loden.model.gojson import GoJSONError, GoObject, as_bool, as_int, as_str
+from loden.model.backend_options import VXLAN_DEFAULT_PORT, VxlanOptions
+from loden.model.gojson import GoJSONError, GoObject, as_int, as_str
 from loden.model.lease import Lease, LeaseAttrs
 from loden.model.net import NO_IPV4
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 8472
+DEFAULT_PORT = VXLAN_DEFAULT_PORT
 OVERHEAD = 50
 #: Outer IPv6 40 + UDP 8 + VXLAN 8 + inner Ethernet 14: the kernel's cap for an IPv6 VTEP.
 OVERHEAD_V6 = 70
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
-
-
-@dataclass(frozen=True, slots=True)
-class VxlanOptions:
-    vni: int = 1
-    port: int = DEFAULT_PORT
-    gbp: bool = False
-    learning: bool = False
-    direct_routing: bool = False
-    mtu: int = 0
-    #: Loden extension (Go flanneld ignores unknown Backend keys): tx checksum offload,
-    #: and with it TSO, on ``flannel.<VNI>``. None (the default) is *auto*: see
-    #: :func:`tx_checksum_decision` and the module docstring for the trade-off.
-    tx_checksum_offload: bool | None = None
-
-    @classmethod
-    def from_config(cls, config: NetworkConfig) -> VxlanOptions:
-        """:raises NetworkConfigError: an option has the wrong JSON type."""
-        spec = config.backend
-        vni = spec.option("VNI", as_int, 1)
-        port = spec.option("Port", as_int, 0)
-        if not 0 <= vni < 1 << 24:
-            raise BackendError(f"vxlan VNI {vni} is out of range: use 0..16777215 (default 1)")
-        if not 0 <= port < 1 << 16:
-            raise BackendError(f"vxlan Port {port} is out of range: use 1..65535 (default 8472)")
-        return cls(
-            vni=vni,
-            port=port or DEFAULT_PORT,  # explicit, so the kernel's default never matters
-            gbp=spec.option("GBP", as_bool, False),
-            learning=spec.option("Learning", as_bool, False),
-            direct_routing=spec.option("DirectRouting", as_bool, False),
-            mtu=spec.option("MTU", as_int, 0),
-            tx_checksum_offload=spec.option("TxChecksumOffload", as_bool, None),
-        )
 
 
 #: The first kernel whose VXLAN checksum offload survives ``MASQUERADE --random-fully``
@@ -288,13 +254,14 @@ class VxlanBackend:
                 "set --public-ipv6"
             )
         self.ctx = ctx
-        self.options = VxlanOptions.from_config(config)
+        assert isinstance(ctx.options, VxlanOptions), ctx.options
+        self.options = ctx.options
         vni = self.options.vni
         self.public_ip: IPv4Address = ext.ext_addr or IPv4Address(0)
         self.name = f"flannel.{vni}"
         self.spec = self._spec(ext.ext_addr)
         mtu = self.options.mtu or ext.mtu
-        self.netns = ctx.extra.get("netns")
+        self.netns = ctx.settings.netns
         self.identity = NodeIdentity(self.public_ip, vni)
         self._mac_store = BoundValue(ctx.state_dir / f"{self.name}.mac", "VtepMAC")
         self.vtep4: Vtep | None = None
@@ -435,6 +402,7 @@ class VxlanBackend:
 
 class VxlanNetwork(PeerNetwork):
     backend_type = "vxlan"
+    identity_label = "VtepMAC"
 
     def __init__(self, nl: Netlink, lease: Lease, backend: VxlanBackend) -> None:
         super().__init__(nl, lease, backend.ctx.config, backend.ctx.ext)
@@ -587,6 +555,9 @@ class VxlanNetwork(PeerNetwork):
     def _needs_lookup(self) -> bool:
         return self._be.options.direct_routing
 
+    def _identity_of(self, lease: Lease) -> str | None:
+        return peer_mac(lease)
+
     def _entries_for(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
         """Each family on its own: a peer whose IPv6 data is broken keeps its IPv4 path
         (and the other way round); only a peer with neither is skipped. A lease that
@@ -725,7 +696,7 @@ def _shown(data: str | None) -> str:
 
 
 def create(ctx: BackendContext) -> VxlanBackend:
-    """Registry entry point. ``ctx.extra["netns"]`` runs it in another namespace (lab)."""
+    """Registry entry point. ``ctx.settings.netns`` runs it in another namespace (lab)."""
     return VxlanBackend(ctx)
 
 

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bookmark-interval", type=float, default=60.0)
     parser.add_argument("--history-limit", type=int, default=100_000)
     parser.add_argument("--ready-file", type=Path)
+    parser.add_argument(
+        "--state-file", type=Path, help="keep objects and versions here across restarts"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -95,6 +98,7 @@ def build(args: argparse.Namespace) -> KubeApiServer:
         authorizer=authz,
         settings=ApiSettings(bookmark_interval=args.bookmark_interval),
         store=Store(history_limit=args.history_limit),
+        state_file=args.state_file,
     )
     if args.insecure:
         server.insecure_user = User("system:admin", ("system:masters", "system:authenticated"))

@@ -12,14 +12,15 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from loden.errors import ConfigError, LodenError, UsageError
 from loden.lab import check as checks
+from loden.lab import picture, teardown
 from loden.lab import status as statuses
-from loden.lab import teardown
 from loden.lab.node import etcd_flags, loden_executable
 from loden.lab.plan import BACKENDS, ETCD_APIS, ETCD_MODES, RUNTIMES, STORES, check_name
 from loden.lab.report import Reporter
@@ -70,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     p_status = sub.add_parser("status", help="one row per node")
     p_status.add_argument("--name")
     p_status.add_argument("--all", action="store_true", help="list every lab")
+    p_status.add_argument(
+        "--svg", metavar="FILE", help="also draw the lab (nodes, pods, tunnels) into FILE"
+    )
     p_exec = sub.add_parser("exec", help="run a command in a node (or pod, or 'underlay')")
     p_exec.add_argument("--name")
     p_exec.add_argument("target")
@@ -128,7 +132,7 @@ def main(args: Sequence[str]) -> int:
                 for each in lab_names():
                     cmd_status(console, LabState.load(each))
                 return 0
-            return cmd_status(console, LabState.load(name))
+            return cmd_status(console, LabState.load(name), svg=ns.svg)
         return cmd_exec(LabState.load(name), ns.target, ns.cmd)
     except UsageError as exc:
         sys.stderr.write(f"loden lab: {exc}\n")
@@ -221,6 +225,10 @@ def matrix(state: LabState, result: checks.CheckResult, version: int = 4) -> Tab
 def cmd_check(console: Console, state: LabState, *, wait: float) -> int:
     began = time.monotonic()
     result = checks.run_check(state, wait=wait)
+    picture.save_check(
+        state.plan.workdir,
+        picture.summarise((p.source.node, p.target.node, p.ok, p.ms) for p in result.probes),
+    )
     console.print(
         f"[bold]lab {state.plan.name}[/]: the Kubernetes network model "
         f"({time.monotonic() - began:.1f}s)"
@@ -238,8 +246,26 @@ def cmd_check(console: Console, state: LabState, *, wait: float) -> int:
     return 0
 
 
-def cmd_status(console: Console, state: LabState) -> int:
-    console.print(statuses.table(state, statuses.collect(state)))
+def cmd_status(console: Console, state: LabState, svg: str | None = None) -> int:
+    rows = statuses.collect(state)
+    console.print(statuses.table(state, rows))
+    if svg:
+        plan = state.plan
+        data = picture.render_svg(
+            f"lab {plan.name}: {plan.nodes} nodes, {plan.backend}, Network {plan.network}",
+            [
+                picture.NodeBox(
+                    r.node, r.public_ip, r.subnet, r.backend, r.detail, r.healthy, r.health
+                )
+                for r in rows
+            ],  # fmt: skip
+            [picture.PodDot(p.name, p.node, p.ip) for p in state.pods],
+            picture.load_check(plan.workdir),
+            backend=plan.backend,
+            underlay=str(plan.underlay),
+        )
+        Path(svg).write_bytes(data)
+        console.print(f"drew the lab into {svg}")
     return 0
 
 

@@ -139,6 +139,7 @@ def process(plan: LabPlan, *, create: bool = False) -> KubeApiProcess:
             )
         },
         rules={f"user:{user}": rules},
+        state_file=workdir / "state.json",  # objects and versions, as etcd would keep them
     )
 
 

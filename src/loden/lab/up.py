@@ -225,6 +225,10 @@ def up_kube(state: LabState, reporter: Reporter, *, agent_timeout: float) -> Lab
         for index, name in enumerate(plan.node_names()):
             node.write_manual_subnet(state, state.nodes[name], index - 1)  # = podCIDR
     start_pods(state, reporter)
+    state.note(
+        f"kubectl: loden lab exec --name {plan.name} underlay -- kubectl "
+        f"--kubeconfig {kube.admin_kubeconfig(plan)} get nodes -o wide"
+    )
     state.set_phase("up")
     return state
 

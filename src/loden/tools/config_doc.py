@@ -144,9 +144,8 @@ def render() -> str:
         "`-log-format text` (default) prints one line per record:",
         "`2026-01-02T03:04:05.678Z INFO    loden.agent: message`.",
         "`-log-format json` prints the same fields as one JSON object per line:",
-        '`{"ts": "2026-01-02T03:04:05.678Z", "level": "info", "logger": "loden.agent",'
-        ' "msg": "message"}`',
-        "(plus `exc` with the traceback when there is one).",
+        '`{"ts": 1767323045.678, "level": "info", "logger": "loden.agent", "msg": "message"}`',
+        "(`ts` in Unix seconds; plus `exc` with the traceback when there is one).",
         "",
     ]
     return "\n".join(out)
