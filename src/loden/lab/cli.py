@@ -259,7 +259,7 @@ def cmd_status(console: Console, state: LabState, svg: str | None = None) -> int
                 )
                 for r in rows
             ],  # fmt: skip
-            [picture.PodDot(p.name, p.node, p.ip) for p in state.pods],
+            [picture.PodDot(p.name, p.node, p.ip or p.ip6) for p in state.pods],
             picture.load_check(plan.workdir),
             backend=plan.backend,
             underlay=str(plan.underlay),
