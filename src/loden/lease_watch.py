@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from loden.model.lease import EventKind, Lease, LeaseEvent
 from loden.model.net import NO_IPV4
@@ -29,10 +29,16 @@ def overlaps_own(lease: Lease, own: Lease) -> bool:
 
 
 class LeaseWatcher:
-    def __init__(self, own: Lease, network: IPv4Network | None) -> None:
+    def __init__(
+        self, own: Lease, network: IPv4Network | None, network6: IPv6Network | None = None
+    ) -> None:
         self._own_key = own.key
         self._own = own
         self._network = network
+        #: IPv6Network when IPv6 is enabled: a lease whose IPv6 subnet lies outside it
+        #: would make the backends route a foreign prefix (even ``::/0``) that no resync
+        #: could ever sweep, since only routes inside IPv6Network count as Loden's.
+        self._network6 = network6
         self._peers: dict[str, Lease] = {}
         self._by_ip: dict[IPv4Address, set[str]] = {}
         self._warned: set[str] = set()
@@ -62,6 +68,17 @@ class LeaseWatcher:
                 "`loden leases --delete %s` if stale)",
                 lease.key,
                 self._network,
+                lease.key,
+            )
+            return False
+        v6 = lease.ipv6_subnet
+        if self._network6 is not None and v6 is not None and not v6.subnet_of(self._network6):
+            self._warn_once(
+                lease.key,
+                "lease %s is outside IPv6Network %s: ignored (remove it with "
+                "`loden leases --delete %s` if stale)",
+                lease.key,
+                self._network6,
                 lease.key,
             )
             return False

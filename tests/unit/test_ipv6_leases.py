@@ -292,3 +292,18 @@ def test_watcher_keeps_v6_only_peers_and_filters_only_our_own() -> None:
     assert [(e.kind, e.lease.attrs.public_ipv6) for e in gone] == [
         (EventKind.REMOVED, IPv6Address("fd99::2"))
     ]
+
+
+def test_watcher_refuses_ipv6_subnets_outside_ipv6network(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    net6 = IPv6Network("fd00:10::/56")
+    own = Lease(IPv4Network("10.5.1.0/24"), dual_attrs(1), IPv6Network("fd00:10:0:1::/64"))
+    inside = Lease(IPv4Network("10.5.2.0/24"), dual_attrs(2), IPv6Network("fd00:10:0:2::/64"))
+    hostile = Lease(IPv4Network("10.5.3.0/24"), dual_attrs(3), IPv6Network("::/0"))
+    w = LeaseWatcher(own, IPv4Network("10.5.0.0/16"), net6)
+    events = w.reset([own, inside, hostile, hostile])
+    assert [e.lease.key for e in events] == [inside.key]
+    assert sum("outside IPv6Network" in r.getMessage() for r in caplog.records) == 1
+    # IPv6 disabled: the IPv6 part is never programmed, so it is not checked either.
+    assert len(LeaseWatcher(own, IPv4Network("10.5.0.0/16")).reset([inside, hostile])) == 2
