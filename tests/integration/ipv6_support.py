@@ -144,7 +144,10 @@ class DualCluster:
         if nftables:
             config["EnableNFTables"] = True
         self.config_json = json.dumps(config)
-        cluster.loden("config", "set", self.config_json)
+        if cluster.api == "v2":
+            cluster.etcdctl2("set", "/coreos.com/network/config", self.config_json)
+        else:
+            cluster.loden("config", "set", self.config_json)
         self.pods4: list[tuple[Namespace, str]] = []
         self.pods6: list[Pod6] = []
 

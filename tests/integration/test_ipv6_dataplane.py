@@ -42,10 +42,11 @@ def dual_cluster(make_topology: TopologyFactory) -> Iterator[Factory]:
         nftables: bool = False,
         hosts: int = 3,
         extra_args: tuple[str, ...] = (),
+        api: str = "v3",
     ) -> DualCluster:
         topo = make_topology(hosts=hosts)
         kind = WgAgentCluster if wireguard else AgentCluster
-        cluster = kind(topo, backend, extra_args=extra_args)
+        cluster = kind(topo, backend, extra_args=extra_args, api=api)
         made.append(cluster)
         return DualCluster(cluster, ipv4=ipv4, backend=backend, nftables=nftables)
 
@@ -252,3 +253,16 @@ def test_blackhole_routes_for_both_families(dual_cluster: Factory) -> None:
     assert wait_until(present, timeout=8.0)
     ns.ip("-6", "route", "del", "blackhole", str(sub6))
     assert wait_until(present, timeout=5.0)  # back within a resync (--iptables-resync=1)
+
+
+def test_dual_stack_over_etcd_v2(dual_cluster: Factory) -> None:
+    """The v2 keys API (flannel <= v0.17): dual-stack keys and the v2-era lease values."""
+    dual = dual_cluster({"Type": "vxlan"}, api="v2")
+    dual.cluster.start_all()
+    out = dual.cluster.etcdctl2("ls", "/coreos.com/network/subnets")
+    keys = [line.rsplit("/", 1)[1] for line in out.split()]
+    assert len(keys) == 3 and all("&" in k for k in keys), out
+    value = json.loads(dual.cluster.etcdctl2("get", f"/coreos.com/network/subnets/{keys[0]}"))
+    assert value["PublicIPv6"] and value["BackendV6Data"]["VNI"] == 1
+    dual.add_pods()
+    assert dual.failures() == []
