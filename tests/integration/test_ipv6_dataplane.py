@@ -104,8 +104,9 @@ def test_dual_stack_mesh(dual_cluster: Factory, name: str) -> None:
                 assert want in table, table
 
 
-def test_ipv6_only_vxlan(dual_cluster: Factory) -> None:
-    dual = dual_cluster({"Type": "vxlan"}, ipv4=False)
+@pytest.mark.parametrize("name", ["vxlan", "host-gw", "wireguard"])
+def test_ipv6_only(dual_cluster: Factory, name: str) -> None:
+    dual = dual_cluster(BACKENDS[name], ipv4=False, wireguard=name == "wireguard")
     dual.cluster.start_all()
     for node in dual.nodes:
         text = node.subnet_file.read_text()
@@ -118,7 +119,9 @@ def test_ipv6_only_vxlan(dual_cluster: Factory) -> None:
     for value in leases.values():
         attrs = json.loads(value)
         assert attrs["PublicIP"] == "0.0.0.0" and "BackendData" not in attrs
-        assert attrs["BackendV6Data"]["VNI"] == 1
+        assert attrs["PublicIPv6"] in {str(ip) for ip in dual.host_v6.values()}
+        if name == "vxlan":
+            assert attrs["BackendV6Data"]["VNI"] == 1
     dual.add_pods(ipv4=False)
     assert dual.failures() == []
 
