@@ -24,6 +24,7 @@ from tests.integration.ipv6_support import (
     subnet6_from_env,
 )
 from tests.integration.test_agent_wireguard import WgAgentCluster
+from tests.integration.wireguard_support import wg_show
 
 pytestmark = pytest.mark.root
 
@@ -66,12 +67,16 @@ BACKENDS: dict[str, dict[str, object]] = {
     "vxlan-directrouting": {"Type": "vxlan", "DirectRouting": True},
     "host-gw": {"Type": "host-gw"},
     "wireguard": {"Type": "wireguard"},
+    # One device, one peer per node, both subnets as AllowedIPs; the endpoint family by Mode.
+    "wireguard-ipv6": {"Type": "wireguard", "Mode": "ipv6"},
+    "wireguard-ipv4": {"Type": "wireguard", "Mode": "ipv4"},
+    "wireguard-auto": {"Type": "wireguard", "Mode": "auto"},
 }
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_dual_stack_mesh(dual_cluster: Factory, name: str) -> None:
-    dual = dual_cluster(BACKENDS[name], wireguard=name == "wireguard")
+    dual = dual_cluster(BACKENDS[name], wireguard=name.startswith("wireguard"))
     dual.cluster.start_all()
     for node in dual.nodes:
         text = node.subnet_file.read_text()
@@ -102,11 +107,24 @@ def test_dual_stack_mesh(dual_cluster: Factory, name: str) -> None:
                 else:
                     want = f"{peer6} via {dual.host_v6[other.host.name]} dev eth0 proto 76"
                 assert want in table, table
+    if name in ("wireguard", "wireguard-ipv6", "wireguard-ipv4"):
+        cluster = dual.cluster
+        assert isinstance(cluster, WgAgentCluster)
+        node = dual.nodes[0]
+        v6_endpoints = name in ("wireguard-ipv6",)
+        devices = ["flannel-wg", "flannel-wg-v6"] if name == "wireguard" else ["flannel-wg"]
+        for device in devices:
+            assert node.proc is not None
+            peers = wg_show(None, device, pid=node.proc.pid)
+            assert len(peers) == 2, (device, peers)
+            for peer in peers.values():
+                v6_here = v6_endpoints or device.endswith("-v6")
+                assert peer.endpoint.startswith("[") is v6_here, (device, peer.endpoint)
 
 
 @pytest.mark.parametrize("name", ["vxlan", "host-gw", "wireguard"])
 def test_ipv6_only(dual_cluster: Factory, name: str) -> None:
-    dual = dual_cluster(BACKENDS[name], ipv4=False, wireguard=name == "wireguard")
+    dual = dual_cluster(BACKENDS[name], ipv4=False, wireguard=name.startswith("wireguard"))
     dual.cluster.start_all()
     for node in dual.nodes:
         text = node.subnet_file.read_text()
