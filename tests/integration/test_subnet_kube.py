@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -535,3 +535,36 @@ async def test_bookmarks_and_periodic_resync(
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
         await manager.aclose()
+
+
+async def test_dual_stack_lease_and_annotations(kubeapi: KubeApiClient, tmp_path: Path) -> None:
+    (tmp_path / "net-conf.json").write_text(
+        json.dumps(
+            {
+                "Network": "10.244.0.0/16",
+                "EnableIPv6": True,
+                "IPv6Network": "fd00:10:244::/56",
+                "Backend": {"Type": "vxlan"},
+            }
+        )
+    )
+    kubeapi.create_node("node1", pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"])
+    manager = await open_in_cluster(kubeapi, tmp_path)
+    v6data = '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e4"}'
+    dual = LeaseAttrs(
+        public_ip=IPv4Address("192.0.2.1"),
+        backend_type="vxlan",
+        backend_data=VXLAN,
+        public_ipv6=IPv6Address("2001:db8::1"),
+        backend_v6_data=v6data,
+    )
+    try:
+        lease = await manager.acquire_lease(dual, PREVIOUS)
+    finally:
+        await manager.aclose()
+    assert str(lease.subnet) == "10.244.1.0/24"
+    assert str(lease.ipv6_subnet) == "fd00:10:244:1::/64"
+    annotations = kubeapi.get("nodes", "node1")["metadata"]["annotations"]
+    assert annotations[P + "public-ipv6"] == "2001:db8::1"
+    assert annotations[P + "backend-v6-data"] == v6data
+    assert annotations[P + "public-ip"] == "192.0.2.1"

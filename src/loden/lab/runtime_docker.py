@@ -33,6 +33,7 @@ import threading
 from pathlib import Path
 
 from loden.errors import LodenError
+from loden.files import replace_file
 from loden.lab import proc, units
 from loden.lab.runtime_cni import APP_PORT
 from loden.lab.state import ContainerRecord, LabState, NodeRecord, PodRecord
@@ -70,7 +71,7 @@ def prepare(state: LabState, node: NodeRecord) -> None:
         daemon.update({"ipv6": True, "fixed-cidr-v6": node.subnet6})
     config = state.plan.node_root(node.name) / "etc/docker/daemon.json"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps(daemon, indent=2) + "\n", encoding="utf-8")
+    replace_file(config, (json.dumps(daemon, indent=2) + "\n").encode("utf-8"))
     if not os.path.exists(SEED_DOCKERD):
         dockerd = proc.require("dockerd", "docker.io")
         units.write_dropin(
