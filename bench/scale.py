@@ -46,6 +46,7 @@ import argparse
 import base64
 import contextlib
 import ctypes
+import datetime
 import json
 import os
 import random
@@ -720,6 +721,15 @@ def _log_tail_on_failure(proc: Process) -> Callable[..., None]:
     return on_exit
 
 
+def _log_time(ts: float | str) -> float:
+    """The JSON log's ``ts``: epoch seconds, or (since the log fields were shared with the
+    text format) RFC 3339 UTC text like ``2026-12-05T08:15:58.202Z``."""
+    if isinstance(ts, int | float):
+        return float(ts)
+    stamp = datetime.datetime.strptime(ts.rstrip("Z"), "%Y-%m-%dT%H:%M:%S.%f")
+    return stamp.replace(tzinfo=datetime.UTC).timestamp()
+
+
 def read_log(text: str, wall0: float, res: Result) -> None:
     """Count errors/warnings; keep the start-up lines (until the first reconcile report)
     with their offsets from the spawn, for the cold-start timeline."""
@@ -733,7 +743,7 @@ def read_log(text: str, wall0: float, res: Result) -> None:
         res.log_errors += level in ("error", "critical")
         res.log_warnings += level == "warning"
         if startup:
-            res.timeline.append((record["ts"] - wall0, f"{level}: {record['msg']}"))
+            res.timeline.append((_log_time(record["ts"]) - wall0, f"{level}: {record['msg']}"))
             startup = "data plane repaired" not in record["msg"]
 
 

@@ -32,6 +32,7 @@ from loden.kernel import interfaces
 from loden.kernel.netlink import Netlink
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
+from loden.settings import BackendSettings
 
 
 def rss_mib() -> tuple[float, float]:
@@ -67,7 +68,7 @@ async def run(kind: str, peers: int, repeat: int) -> None:
             selection = await interfaces.select(nl, interfaces.InterfaceOptions(ifaces=("eth0",)))
         finally:
             await nl.aclose()
-        ctx = BackendContext(config, selection.ext, Path(tmp), {"netns": host.name})
+        ctx = BackendContext(config, selection.ext, Path(tmp), BackendSettings(netns=host.name))
         backend = create_backend(kind, ctx)
         t0 = time.perf_counter()
         attrs = await backend.lease_attrs()
@@ -91,7 +92,9 @@ async def run(kind: str, peers: int, repeat: int) -> None:
             one = await network.apply([LeaseEvent(EventKind.ADDED, extra)])
             t_one = time.perf_counter() - t0
             assert one.added >= 1 and not one.errors, one
-            routes = len(host.ns.ip("route").stdout.splitlines())
+            nl = await Netlink.open(host.name)
+            async with nl:
+                routes = len(await nl.routes())
         finally:
             await network.aclose()
         now, peak = rss_mib()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from loden.agent_loops import AgentLoops
 from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface, Network
 from loden.errors import (
+    ConfigError,
     ConfigNotFound,
     LodenError,
     NetworkConfigError,
@@ -30,6 +32,7 @@ from loden.health import HealthServer, HealthState, Metrics
 from loden.kernel.interfaces import InterfaceOptions, select
 from loden.kernel.netlink import Netlink
 from loden.lease_watch import LeaseWatcher
+from loden.model.backend_options import UdpOptions, WireguardMode, WireguardOptions
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets, SubnetEnv
@@ -107,6 +110,52 @@ async def leases_now(manager: SubnetManager) -> list[Lease]:
         return []
 
 
+async def check_traffic(config: NetworkConfig) -> ManagedTraffic:
+    """The rules mode's preconditions: br_netfilter (iptables mode) and the tools.
+
+    :raises TrafficRulesError: says what to load or install.
+    """
+    if not config.enable_nftables:
+        check_br_netfilter(ipv6=config.enable_ipv6)
+    traffic = open_traffic_manager(nftables=config.enable_nftables)
+    await traffic.check(ipv6=config.enable_ipv6)
+    return traffic
+
+
+async def backend_ports(context: BackendContext) -> list[tuple[str, int, str]]:
+    """UDP ports the data plane will bind: (address, port, what). The udp backend binds
+    ``IfaceAddr:Port`` (spec §6.3); wireguard its ListenPort(s) on every address, unless
+    its device from the last run still exists (its socket holds the port legitimately
+    until the backend recreates it). vxlan's kernel socket is shared by design."""
+    options, knobs = context.options, context.settings
+    if isinstance(options, UdpOptions) and context.ext.iface_addr is not None:
+        return [(str(context.ext.iface_addr), options.port, "the udp backend's Port")]
+    if not isinstance(options, WireguardOptions):
+        return []
+    config = context.config
+    wanted = [(knobs.wireguard_device, options.listen_port, "ListenPort")]
+    if options.mode is WireguardMode.SEPARATE:
+        wanted = [w for w in wanted if config.enable_ipv4]
+        if config.enable_ipv6:
+            wanted.append((knobs.wireguard_device_v6, options.listen_port_v6, "ListenPortV6"))
+    async with await Netlink.open(knobs.netns) as nl:
+        free = [(d, port, key) for d, port, key in wanted if await nl.link(d) is None]
+    return [("0.0.0.0", port, f"the wireguard backend's {key}") for _, port, key in free]
+
+
+def check_ports(ports: list[tuple[str, int, str]]) -> None:
+    """:raises ConfigError: a port is taken (names the port and what to do)."""
+    for address, port, what in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot bind UDP {address}:{port} ({what}): {exc.strerror or exc}; stop "
+                    "what holds it or set another port in the Backend config"
+                ) from exc
+
+
 def subnet_env_for(
     config: NetworkConfig, lease: Lease, network: Network, ip_masq: bool
 ) -> SubnetEnv:
@@ -149,13 +198,14 @@ async def run(settings: AgentSettings) -> int:
             settings.healthz_ip, settings.healthz_port
         )
     manager = await open_subnet_manager(settings)
+    health.store = manager.name
     health.store_last_ok = health.clock()
     network: Network | None = None
     traffic: ManagedTraffic | None = None
     try:
         config = await wait_for_config(manager, health)
         log.info(
-            "network config: Network=%s SubnetLen=%d backend=%s (%s)",
+            "network config: Network=%s SubnetLen=%d backend=%s (from %s)",
             config.network,
             config.subnet_len,
             config.backend_type,
@@ -172,18 +222,18 @@ async def run(settings: AgentSettings) -> int:
                 ),
             )
         ext = await pick_interface(settings, config)
-        state_dir = Path(settings.state_dir)
-        backend = create_backend(
-            config.backend_type, BackendContext(config=config, ext=ext, state_dir=state_dir)
-        )
+        # Every precondition before the first kernel object or lease: a start that fails
+        # one of them leaves nothing behind (flanneld checked br_netfilter and the rules
+        # mode only after its device and lease existed).
+        traffic = await check_traffic(config)
+        context = BackendContext(config, ext, Path(settings.state_dir), settings.backend)
+        backend = create_backend(config.backend_type, context)
+        check_ports(await backend_ports(context))
+        await traffic.cleanup_other_mode()
         attrs = await backend.lease_attrs(await leases_now(manager))
         previous = read_previous_subnets(settings.subnet_file)
         lease = await acquire(manager, attrs, previous)
         network = await backend.activate(lease)
-        if not config.enable_nftables:
-            check_br_netfilter(ipv6=config.enable_ipv6)
-        traffic = open_traffic_manager(nftables=config.enable_nftables)
-        await traffic.cleanup_other_mode()
         current = networks_of(config, lease)
         old = networks_of(config, None, previous)
         random_fully = not settings.rules.fully_random_disable
@@ -202,7 +252,6 @@ async def run(settings: AgentSettings) -> int:
             network.mtu,
         )
         sdnotify.notify("READY=1")
-        await manager.complete_lease(lease)
         loops = AgentLoops(
             settings=settings,
             manager=manager,

@@ -7,7 +7,18 @@
 * ``reconcile``: every ``--resync-period`` s a full level-triggered pass;
 * ``rules``: every ``--iptables-resync`` s re-check masquerade/forward rules;
 * ``probe``: ask the store every 2 s so /healthz knows whether it answers;
-* ``config``: notice a changed network config and tell the operator what to do.
+* ``config``: notice a changed network config and tell the operator what to do;
+* ``blackhole``: ``--ip-blackhole-route``;
+* ``complete``: tell the subnet manager once that the node is up (kube: node condition).
+
+Every loop runs under :meth:`AgentLoops._supervise`, which decides what a failure
+means. Transient (the store not answering, a lost compare-and-swap, an etcd 4xx, a
+netlink or iptables failure, even an unexpected exception): retry with backoff (1 s
+doubling to 60 s), one log line when it starts and one when it ends, and /healthz
+names the loop once it failed three times in a row. Fatal (retrying cannot help):
+:class:`LeaseRevoked` (exit 3) and :class:`StoreAuthError` (exit 4) stop the agent
+with one line saying what to do. The exit statuses are listed in ``cli.py`` and the
+README.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from loden.backend.base import Network, ReconcileReport
@@ -23,20 +35,54 @@ from loden.errors import (
     LeaseRevoked,
     LodenError,
     NetworkConfigError,
+    StoreAuthError,
+    StoreError,
     StoreUnavailable,
 )
 from loden.health import HealthState, Metrics
+from loden.kernel.netlink import Netlink
+from loden.kernel.types import RTN_BLACKHOLE, Route
 from loden.lease_watch import LeaseWatcher
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 from loden.settings import AgentSettings
 from loden.subnet.base import SubnetManager, WatchResult
 from loden.traffic.base import Networks, TrafficManager
-from loden.traffic.commands import run_command
 
 log = logging.getLogger(__name__)
 
+#: Exit statuses of a running agent (the startup ones are in ``cli.py``).
 EXIT_LEASE_REVOKED = 3
+EXIT_STORE_REFUSED = 4
+
+
+class AgentStop(Exception):
+    """A loop met something that retrying cannot fix: stop with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def fatal(exc: BaseException) -> AgentStop | None:
+    """The :class:`AgentStop` for a fatal error; None when it is worth retrying."""
+    if isinstance(exc, AgentStop):
+        return exc
+    if isinstance(exc, LeaseRevoked):
+        return AgentStop(
+            EXIT_LEASE_REVOKED,
+            f"{exc}; shutting down. The subnet may now belong to another node: restart "
+            "the agent to get a new one",
+        )
+    if isinstance(exc, StoreAuthError):
+        return AgentStop(
+            EXIT_STORE_REFUSED,
+            f"{exc}; shutting down (retrying cannot fix credentials). Fix them (etcd: the "
+            "-etcd-* TLS/auth settings or the files they name; kube: the kubeconfig or the "
+            "service account's RBAC) and restart the agent",
+        )
+    return None
 
 
 @dataclass(slots=True)
@@ -60,34 +106,89 @@ class AgentLoops:
     #: Watch results read from the store, waiting for ``_peers_loop`` (bounded: a stuck
     #: data plane makes the reader wait instead of buffering without limit).
     _results: asyncio.Queue[WatchResult] = field(default_factory=lambda: asyncio.Queue(1024))
+    #: Backoff of a failing loop: ``retry_initial`` doubling up to ``retry_max`` seconds.
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+    #: How the blackhole loop gets its netlink handle (tests inject failures).
+    open_netlink: Callable[[], Awaitable[Netlink]] = Netlink.open
+    #: Consecutive failures per loop; a loop is absent while it works.
+    _failures: dict[str, int] = field(default_factory=dict)
 
     async def run(self) -> int:
+        """Run every loop until cancelled (returns nothing then) or one meets a fatal
+        error: then the others are cancelled and the exit status is returned."""
         self._publish_lease()
-        revoked: LeaseRevoked | None = None
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "lease": self._lease_loop,
+            "watch": self._watch_loop,
+            "peers": self._peers_loop,
+            "reconcile": self._reconcile_loop,
+            "rules": self._rules_loop,
+            "probe": self._probe_loop,
+            "config": self._config_loop,
+            "complete": self._complete_once,
+        }
+        if self.settings.rules.blackhole_route:
+            loops["blackhole"] = self._blackhole_loop
+        stop: AgentStop | None = None
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._lease_loop(), name="lease")
-                group.create_task(self._watch_loop(), name="watch")
-                group.create_task(self._peers_loop(), name="peers")
-                group.create_task(self._reconcile_loop(), name="reconcile")
-                group.create_task(self._rules_loop(), name="rules")
-                group.create_task(self._probe_loop(), name="probe")
-                group.create_task(self._config_loop(), name="config")
-                if self.settings.rules.blackhole_route:
-                    group.create_task(self._blackhole_loop(), name="blackhole")
-        except* LeaseRevoked as group_error:
+                for name, body in loops.items():
+                    group.create_task(self._supervise(name, body), name=name)
+        except* AgentStop as group_error:
             first = group_error.exceptions[0]
-            assert isinstance(first, LeaseRevoked)
-            revoked = first
-        if revoked is not None:
+            assert isinstance(first, AgentStop)
+            stop = first
+        if stop is None:
+            return 0
+        log.error("%s (exit %d)", stop.message, stop.status)
+        return stop.status
+
+    # -- supervision -----------------------------------------------------------------------
+
+    async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run ``body`` until it returns; retry transient failures, stop on fatal ones."""
+        while True:
+            try:
+                await body()
+                return
+            except Exception as exc:
+                stop = fatal(exc)
+                if stop is not None:
+                    raise stop from exc
+                delay = self._failed(name, exc)
+            await asyncio.sleep(delay)
+
+    def _failed(self, name: str, exc: Exception) -> float:
+        """Record one failure of loop ``name``; returns the delay before the retry."""
+        count = self._failures.get(name, 0) + 1
+        self._failures[name] = count
+        delay: float = min(self.retry_initial * 2.0 ** min(count - 1, 30), self.retry_max)
+        text = _one_line(exc)
+        self.health.loop_failures[name] = (count, text)
+        self.metrics.loop_errors.labels(name).inc()
+        if not isinstance(exc, LodenError | OSError):
+            # Not one of ours: a bug, but a node's data plane must not go down for it.
+            log.debug("%s loop: unexpected %s", name, type(exc).__name__, exc_info=exc)
+            text += " (unexpected: please report it; -v=2 logs the traceback)"
+        if count == 1:
             log.error(
-                "%s; shutting down (exit %d). The subnet may now belong to another "
-                "node: restart the agent to get a new one",
-                revoked,
-                EXIT_LEASE_REVOKED,
+                "%s loop failed: %s; retrying with backoff up to %gs (/healthz reports it "
+                "if it persists)",
+                name,
+                text,
+                self.retry_max,
             )
-            return EXIT_LEASE_REVOKED
-        return 0
+        else:
+            log.debug("%s loop failed again (%d in a row): %s", name, count, text)
+        return delay
+
+    def _ok(self, name: str) -> None:
+        """Loop ``name`` did its job once: clear its failure state."""
+        count = self._failures.pop(name, 0)
+        if count:
+            self.health.loop_failures.pop(name, None)
+            log.warning("%s loop works again after %d failed attempts", name, count)
 
     def _publish_lease(self) -> None:
         ttl = self.lease.ttl_remaining()
@@ -97,31 +198,21 @@ class AgentLoops:
     # -- lease -----------------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
-        retry = 5.0
+        """Renew ``margin`` before expiry, or at once when our key changed. After a
+        failure the supervisor's backoff is the wait: the renewal is retried at once."""
         while True:
-            delay = self.manager.renew_delay(self.lease)
-            try:
-                async with asyncio.timeout(delay):
-                    await self._renew_now.wait()
-            except TimeoutError:
-                pass
+            if "lease" not in self._failures:
+                try:
+                    async with asyncio.timeout(self.manager.renew_delay(self.lease)):
+                        await self._renew_now.wait()
+                except TimeoutError:
+                    pass
             self._renew_now.clear()
-            try:
-                self.lease = await self.manager.renew_lease(self.lease)
-                self.watcher.set_own(self.lease)
-                self._publish_lease()
-                retry = 5.0
-                log.debug("renewed lease %s", self.lease.key)
-            except StoreUnavailable as exc:
-                log.warning(
-                    "error renewing lease %s: %s (trying again in %.0fs)",
-                    self.lease.key,
-                    exc,
-                    retry,
-                )
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, 60.0)
-                self._renew_now.set()
+            self.lease = await self.manager.renew_lease(self.lease)
+            self.watcher.set_own(self.lease)
+            self._publish_lease()
+            self._ok("lease")
+            log.debug("renewed lease %s", self.lease.key)
 
     def _own_lease_changed(self, result: WatchResult) -> None:
         key = self.lease.key
@@ -145,10 +236,22 @@ class AgentLoops:
     # -- peers -----------------------------------------------------------------------------
 
     async def _watch_loop(self) -> None:
-        """Read the store's watch into ``_results`` as fast as it delivers."""
-        async for result in self.manager.watch_leases():
-            self.health.store_last_ok = self.health.clock()  # the store just answered
-            await self._results.put(result)
+        """Read the store's watch into ``_results`` as fast as it delivers. The manager
+        retries outages itself; what escapes restarts the watch (a fresh snapshot)."""
+        # A snapshot only proves that listing works, not the watch after it: the loop
+        # counts as working again at its first event or once it stayed up for
+        # ``retry_max`` seconds (else a watch that fails right after each relist would
+        # flap between "failed" and "works" without backing off).
+        stable = asyncio.get_running_loop().call_later(self.retry_max, self._ok, "watch")
+        try:
+            async for result in self.manager.watch_leases():
+                self.health.store_last_ok = self.health.clock()  # the store just answered
+                if result.events:
+                    self._ok("watch")
+                await self._results.put(result)
+        finally:
+            stable.cancel()
+        raise StoreError(f"the {self.manager.name} lease watch ended; restarting it")
 
     async def _peers_loop(self) -> None:
         """Handle watch results. Whatever piled up meanwhile (while a reconcile or an
@@ -172,6 +275,7 @@ class AgentLoops:
             changes = self.watcher.update(events) if events else []
             if changes:
                 await self._apply(changes)
+            self._ok("peers")
 
     async def _apply(self, changes: list[LeaseEvent]) -> None:
         # Not behind _reconcile_lock: a periodic resync must not delay a new peer's
@@ -186,8 +290,8 @@ class AgentLoops:
             )
         try:
             report = await self.network.apply(changes)
-        except LodenError as exc:
-            report = ReconcileReport(errors=(str(exc),))
+        except Exception as exc:  # the next reconcile repairs it: level-triggered
+            report = _failed_pass("apply", exc)
         self._record(report, "apply")
 
     async def _reconcile(self, why: str) -> None:
@@ -197,8 +301,8 @@ class AgentLoops:
                 # The live mapping, read by the backend when its pass starts: a copy made
                 # here could predate events that apply() handles while we wait.
                 report = await self.network.reconcile(self.watcher.peers)
-            except LodenError as exc:
-                report = ReconcileReport(errors=(str(exc),))
+            except Exception as exc:  # retried by the next pass
+                report = _failed_pass("reconcile", exc)
             self.metrics.reconcile_seconds.observe(time.perf_counter() - began)
             self.metrics.peers_skipped.set(len(report.skipped))
             self._record(report, why)
@@ -228,6 +332,7 @@ class AgentLoops:
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
             await self._reconcile("resync")
+            self._ok("reconcile")
 
     # -- rules, probe, config --------------------------------------------------------------
 
@@ -236,44 +341,35 @@ class AgentLoops:
         random_fully = not rules.fully_random_disable
         while True:
             await asyncio.sleep(rules.resync_seconds)
-            try:
-                changed = False
-                if rules.ip_masq:
-                    changed |= await self.traffic.ensure_masq_rules(
-                        self.networks, self.networks, random_fully=random_fully
-                    )
-                if rules.forward_rules:
-                    changed |= await self.traffic.ensure_forward_rules(self.networks)
-                if changed:
-                    self.metrics.rules_repairs.inc()
-            except LodenError as exc:
-                log.error(
-                    "traffic rules resync failed: %s (retrying in %ds)", exc, rules.resync_seconds
+            changed = False
+            if rules.ip_masq:
+                changed |= await self.traffic.ensure_masq_rules(
+                    self.networks, self.networks, random_fully=random_fully
                 )
+            if rules.forward_rules:
+                changed |= await self.traffic.ensure_forward_rules(self.networks)
+            if changed:
+                self.metrics.rules_repairs.inc()
+            self._ok("rules")
 
     async def _blackhole_loop(self) -> None:
         """``--ip-blackhole-route``: keep ``blackhole <own subnet>`` (spec §7.4).
 
         Added, never replaced: with a bridge (cni0) the connected route for the same
-        subnet wins and the add fails with "File exists", exactly as in flannel; the
+        subnet wins and the add is refused ("File exists"), exactly as in flannel; the
         blackhole is for bridge-less setups (Canal), where it stops traffic for unused
         pod addresses from leaving the node.
         """
-        subnet = str(self.lease.subnet)
-        while True:
-            await asyncio.sleep(self.settings.rules.resync_seconds)
-            present = await run_command(
-                ["ip", "route", "show", "type", "blackhole", subnet], check=False
-            )
-            if present.stdout.strip():
-                continue
-            added = await run_command(
-                ["ip", "route", "add", "blackhole", subnet, "proto", "76"], check=False
-            )
-            if added.returncode == 0:
-                log.info("added blackhole route for %s", subnet)
-            else:
-                log.debug("blackhole route for %s not added: %s", subnet, added.error_text)
+        route = Route(dst=self.lease.subnet, type=RTN_BLACKHOLE)
+        nl = await self.open_netlink()
+        try:
+            while True:
+                if await nl.add_route(route):
+                    log.info("added blackhole route for %s", route.dst)
+                self._ok("blackhole")
+                await asyncio.sleep(self.settings.rules.resync_seconds)
+        finally:
+            await nl.aclose()
 
     async def _probe_loop(self) -> None:
         down_since: float | None = None
@@ -284,7 +380,8 @@ class AgentLoops:
                 self.metrics.store_up.set(1)
                 if down_since is not None:
                     log.warning(
-                        "etcd answers again after %.0fs; /healthz is back to 200",
+                        "%s answers again after %.0fs; /healthz is back to 200",
+                        self.manager.name,
                         self.health.clock() - down_since,
                     )
                     down_since = None
@@ -294,16 +391,22 @@ class AgentLoops:
                     # Once per outage, not per probe: the data plane keeps working meanwhile.
                     down_since = self.health.clock()
                     log.warning(
-                        "etcd is not answering (%s); /healthz reports 503 after %.0fs of "
+                        "%s is not answering (%s); /healthz reports 503 after %.0fs of "
                         "this. Routes and rules stay as they are; peer changes are picked "
                         "up once it is back",
+                        self.manager.name,
                         exc,
                         self.health.store_grace_seconds,
                     )
             self.metrics.watch_restarts.set(self.manager.watch_restarts)
             ttl = self.lease.ttl_remaining()
             self.metrics.lease_ttl.set(-1 if ttl is None else ttl)
+            self._ok("probe")
             await asyncio.sleep(2.0)
+
+    async def _complete_once(self) -> None:
+        await self.manager.complete_lease(self.lease)
+        self._ok("complete")
 
     async def _config_loop(self) -> None:
         warned_raw = self.config.raw
@@ -316,6 +419,7 @@ class AgentLoops:
                 log.debug("config check skipped: %s", exc)
                 continue
             except (ConfigNotFound, NetworkConfigError) as exc:
+                self._ok("config")  # the store answered; the config is the problem
                 if str(exc) != warned_bad:  # once per distinct problem, not per check
                     warned_bad = str(exc)
                     log.warning(
@@ -326,6 +430,7 @@ class AgentLoops:
                     )
                 continue
             warned_bad = ""
+            self._ok("config")
             if config == self.config or config.raw == warned_raw:
                 continue
             warned_raw = config.raw
@@ -338,3 +443,17 @@ class AgentLoops:
                 config.subnet_len,
                 config.backend_type,
             )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if not isinstance(exc, LodenError):
+        text = f"{type(exc).__name__}: {text}"
+    return text.splitlines()[0][:300]
+
+
+def _failed_pass(what: str, exc: Exception) -> ReconcileReport:
+    """A data-plane pass that raised instead of reporting: an error like any other."""
+    if not isinstance(exc, LodenError | OSError):
+        log.debug("%s raised %s", what, type(exc).__name__, exc_info=exc)
+    return ReconcileReport(errors=(_one_line(exc),))

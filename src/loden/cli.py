@@ -10,6 +10,11 @@ logging. Exit codes of the agent (also shown by ``flanneld --help``):
      leave no device, rules or subnet.env behind (tests/chaos/test_chaos_local_input.py)
   2  bad command line or FLANNELD_* value
   3  our lease was taken by another node while we ran; restart to get a new one
+  4  the store refused our credentials while we ran (TLS certificate, etcd
+     user/role, Kubernetes RBAC); fix them and restart
+Everything else that fails while the agent runs (etcd down, a lost compare-and-swap,
+an etcd error reply, netlink or iptables failures) is retried with backoff and shown
+by /healthz; the agent does not exit for it (agent_loops.py).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ log = logging.getLogger("loden")
 
 EXIT_CODES_HELP = """
 Exit status: 0 stopped by a signal; 1 startup failed (see the log line);
-2 bad flag or FLANNELD_* value; 3 our lease was taken by another node.
+2 bad flag or FLANNELD_* value; 3 our lease was taken by another node;
+4 the store refused our credentials while running (fix them and restart).
 """
 
 
@@ -91,7 +97,7 @@ def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
         parsed = flagset.parse(argv, os.environ)
         if parsed.positional:
             raise UsageError(f"unexpected argument {parsed.positional[0]!r}")
-        settings = AgentSettings.from_flags(parsed)
+        settings = AgentSettings.from_flags(parsed, os.environ)
     except HelpRequested as help_:
         sys.stderr.write(help_.usage + EXIT_CODES_HELP)
         return 0
@@ -99,11 +105,12 @@ def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
         return _usage_error(prog, str(exc))
     setup_logging(settings.verbosity, settings.log_format)
     log.info(
-        "loden %s starting as %s: etcd %s (api %s), subnet file %s",
+        "loden %s starting as %s: %s, subnet file %s",
         __version__,
         prog,
-        ",".join(settings.etcd.endpoints),
-        settings.etcd.api,
+        "Kubernetes subnet manager (--kube-subnet-mgr)"
+        if settings.kube.enabled
+        else f"etcd {','.join(settings.etcd.endpoints)} (api {settings.etcd.api})",
         settings.subnet_file,
     )
     return asyncio.run(_run_agent(settings))
@@ -139,6 +146,15 @@ async def _run_agent(settings: AgentSettings) -> int:
         raise
     except LodenError as exc:
         log.error("%s", exc)
+        return 1
+    except Exception as exc:  # never a raw traceback: one line, the trace on -v=2
+        log.debug("startup failed", exc_info=exc)
+        log.error(
+            "startup failed: unexpected %s: %s (a Loden bug: please report it with the "
+            "traceback that -v=2 logs)",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return 1
 
 

@@ -73,6 +73,12 @@ class Metrics:
         self.lease_events = Counter(
             "loden_lease_events_total", "Peer lease events applied", ["kind"], registry=r
         )
+        self.loop_errors = Counter(
+            "loden_loop_errors_total",
+            "Agent loop failures that were retried with backoff",
+            ["loop"],
+            registry=r,
+        )
         self.identity_conflicts = Gauge(
             "loden_identity_conflicts",
             "Peer leases that advertise this node's own VTEP MAC or WireGuard key"
@@ -89,11 +95,17 @@ class Metrics:
 @dataclass(slots=True)
 class HealthState:
     store_grace_seconds: float = 6.0
+    #: The subnet manager's name (``etcd-v3``, ``kube``...), for the /healthz lines.
+    store: str = "etcd"
     ready: bool = False
     store_last_ok: float = 0.0
     lease_expiration: float | None = None
     reconcile_failures: int = 0
     reconcile_last_error: str = ""
+    #: Agent loops failing right now: loop name -> (consecutive failures, last error).
+    loop_failures: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: After how many consecutive failures a loop makes /healthz answer 503.
+    loop_failures_unhealthy: int = 3
     #: Peers that claim this node's identity (VTEP MAC, WireGuard key), one line each.
     identity_conflicts: tuple[str, ...] = ()
     #: Wall-clock time, cause and errors of the last reconcile/apply (for ``/status``).
@@ -131,12 +143,16 @@ class HealthState:
         out: list[str] = []
         if self.clock() - self.store_last_ok > self.store_grace_seconds:
             out.append(
-                f"subnet store (etcd) has not answered for {self.clock() - self.store_last_ok:.0f}s"
+                f"subnet store ({self.store}) has not answered for "
+                f"{self.clock() - self.store_last_ok:.0f}s"
             )
         if self.lease_expiration is not None and self.lease_expiration < self.wall():
             out.append("our subnet lease has expired")
         if self.reconcile_failures >= 3:
             out.append(f"data plane reconcile failing: {self.reconcile_last_error}")
+        for name, (count, error) in sorted(self.loop_failures.items()):
+            if count >= self.loop_failures_unhealthy:
+                out.append(f"{name} loop failing ({count} attempts in a row): {error}")
         out += self.identity_conflicts[:10]
         return out
 

@@ -198,6 +198,28 @@ class IfaceSettings:
     public_ipv6: IPv6Address | None
 
 
+#: flanneld's WireGuard private key file (``WIREGUARD_KEY_FILE`` overrides it).
+DEFAULT_WIREGUARD_KEY_FILE = Path("/run/flannel/wgkey")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """The data plane's knobs that belong to the agent, not to the network config:
+    where the data plane runs and what it names. The agent sets ``wireguard_key_file``
+    from ``WIREGUARD_KEY_FILE`` (as flanneld); the lab, tests and benchmarks set the rest.
+    """
+
+    #: Run the data plane inside this network namespace (lab, tests, benchmarks).
+    netns: str | None = None
+    wireguard_key_file: Path = DEFAULT_WIREGUARD_KEY_FILE
+    wireguard_device: str = "flannel-wg"
+    wireguard_device_v6: str = "flannel-wg-v6"
+    #: udp data-plane worker processes; None: one per CPU, at most 4.
+    udp_workers: int | None = None
+    #: udp TUN segmentation offload; None: on where the C loops exist.
+    udp_tso: bool | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RulesSettings:
     ip_masq: bool
@@ -223,10 +245,12 @@ class AgentSettings:
     state_dir: Path
     verbosity: int
     log_format: str
+    backend: BackendSettings = BackendSettings()
 
     @classmethod
-    def from_flags(cls, parsed: ParsedFlags) -> AgentSettings:
-        """Validate and group parsed flags.
+    def from_flags(cls, parsed: ParsedFlags, env: Mapping[str, str] | None = None) -> AgentSettings:
+        """Validate and group parsed flags (``env``: the variables that are not flags,
+        such as ``WIREGUARD_KEY_FILE``).
 
         :raises UsageError: a value is out of range or malformed (names the flag).
         """
@@ -296,6 +320,11 @@ class AgentSettings:
             state_dir=Path(v["state-dir"]),
             verbosity=v["v"],
             log_format=v["log-format"],
+            backend=BackendSettings(
+                wireguard_key_file=Path(
+                    (env or {}).get("WIREGUARD_KEY_FILE") or DEFAULT_WIREGUARD_KEY_FILE
+                )
+            ),
         )
 
 
@@ -324,4 +353,4 @@ def _can_reach(text: str) -> IPv4Address | IPv6Address | None:
 def parse_agent_args(
     argv: Sequence[str], env: Mapping[str, str], prog: str = "flanneld"
 ) -> AgentSettings:
-    return AgentSettings.from_flags(agent_flagset(prog).parse(argv, env))
+    return AgentSettings.from_flags(agent_flagset(prog).parse(argv, env), env)

@@ -1,7 +1,7 @@
 """A small "cluster" for data-plane tests: hosts of a Topology driven by real backends.
 
 No agent and no etcd: every host's backend is created directly (in the host's
-namespace through ``BackendContext.extra["netns"]``) and given the other hosts'
+namespace through ``BackendContext.settings.netns``) and given the other hosts'
 leases, as the agent would after reading them from the store.
 """
 
@@ -19,6 +19,7 @@ from loden.kernel import interfaces
 from loden.kernel.netlink import Netlink
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
+from loden.settings import BackendSettings
 from tests.fixtures.topology import Host, Pod, Topology
 
 
@@ -64,7 +65,9 @@ class Cluster:
             selection = await interfaces.select(nl, interfaces.InterfaceOptions())
         finally:
             await nl.aclose()
-        return BackendContext(self.config, selection.ext, host.state_dir, {"netns": host.name})
+        return BackendContext(
+            self.config, selection.ext, host.state_dir, BackendSettings(netns=host.name)
+        )
 
     async def start_node(self, i: int) -> Node:
         host = self.topo.hosts[i]

@@ -270,3 +270,72 @@ def test_blackhole_route_for_own_subnet(node: Node) -> None:
     assert wait_until(
         lambda: subnet in node.ns.ip("route", "show", "type", "blackhole").stdout, timeout=10
     )
+
+
+def _leases(node: Node) -> list[str]:
+    out = node.topo.underlay.run(
+        "etcdctl",
+        f"--endpoints={node.etcd.client_url}",
+        "get",
+        "--prefix",
+        "--keys-only",
+        "/coreos.com/network/subnets/",
+    ).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "hold_udp_port", "fragment"),
+    [
+        (
+            '{"Network": "10.7.0.0/16", "EnableNFTables": true, "Backend": {"Type": "vxlan"}}',
+            {"PATH": "/nonexistent"},
+            None,
+            "nft is not installed",
+        ),
+        (
+            '{"Network": "10.7.0.0/16", "Backend": {"Type": "vxlan"}}',
+            {"PATH": "/nonexistent"},
+            None,
+            "iptables",
+        ),
+        ('{"Network": "10.7.0.0/16", "Backend": {"Type": "udp"}}', None, "host:8285", "8285"),
+        (
+            '{"Network": "10.7.0.0/16", "Backend": {"Type": "wireguard"}}',
+            None,
+            "0.0.0.0:51820",
+            "ListenPort",
+        ),
+    ],
+    ids=["nft-missing", "iptables-missing", "udp-port-taken", "wireguard-port-taken"],
+)
+def test_failed_precondition_leaves_no_device_and_no_lease(
+    node: Node, config: str, env: dict[str, str] | None, hold_udp_port: str | None, fragment: str
+) -> None:
+    """Issue 10 §3: every precondition is checked before the first kernel object or
+    lease exists (vxlan creates flannel.1 before its lease, to publish the MAC)."""
+    node.loden("config", "set", config)
+    if hold_udp_port:
+        host, _, port = hold_udp_port.partition(":")
+        address = str(node.host.ip) if host == "host" else host
+        holder = node.ns.spawn(
+            "python3",
+            "-c",
+            "import socket,time\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            f"s.bind(('{address}',{port}))\nprint('bound',flush=True)\ntime.sleep(60)\n",
+        )
+        assert wait_until(lambda: "bound" in holder.output(), timeout=10)
+    setenv = [f"{k}={v}" for k, v in (env or {}).items()]
+    proc = node.ns.spawn(
+        "/usr/bin/env", *setenv, *node.agent_args("a", "--iptables-forward-rules=true")
+    )
+    assert proc.wait(30) == 1, proc.output()
+    output = proc.output()
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and fragment in errors[0], output
+    assert "Traceback" not in output
+    links = node.ns.ip("-o", "link", "show").stdout
+    assert "flannel" not in links, links
+    assert _leases(node) == []
+    assert not (node.dir / "a" / "subnet.env").exists()

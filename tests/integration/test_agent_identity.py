@@ -67,23 +67,24 @@ def lease_macs(cluster: AgentCluster) -> dict[str, str]:
     return {lease["public_ip"]: lease["detail"] for lease in leases}
 
 
-def test_agents_sharing_one_state_dir_get_distinct_macs(agent_cluster: ClusterFactory) -> None:
+@pytest.mark.parametrize("order", ["one after the other", "all at once"])
+def test_agents_sharing_one_state_dir_get_distinct_macs(
+    agent_cluster: ClusterFactory, order: str
+) -> None:
     cluster = agent_cluster()
     shared = share_state_dir(cluster)
-    for node in cluster.nodes:  # one after the other: each finds the previous one's file
-        cluster.start(node)
+    if order == "all at once":
+        cluster.start_all()
+    else:  # deterministic: each agent finds the previous one's file
+        for node in cluster.nodes:
+            cluster.start(node)
     macs = [device_mac(node) for node in cluster.nodes]
     assert len(set(macs)) == 3, macs
-    assert lease_macs(cluster) == {
-        str(n.host.ip): m for n, m in zip(cluster.nodes, macs, strict=True)
-    }
-    # The shared file names the node it belongs to (the last writer).
-    last = cluster.nodes[-1]
-    assert json.loads((shared / "flannel.1.mac").read_text()) == {
-        "PublicIP": str(last.host.ip),
-        "VNI": 1,
-        "VtepMAC": macs[-1],
-    }
+    by_ip = {str(n.host.ip): m for n, m in zip(cluster.nodes, macs, strict=True)}
+    assert lease_macs(cluster) == by_ip
+    # The shared file names the node it belongs to (whichever wrote last).
+    stored = json.loads((shared / "flannel.1.mac").read_text())
+    assert stored["VNI"] == 1 and by_ip[stored["PublicIP"]] == stored["VtepMAC"]
     cluster.add_pods()
     assert cluster.mesh_failures() == []
 

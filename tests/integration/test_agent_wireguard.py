@@ -1,6 +1,6 @@
 """wireguard end to end: three real agents, real etcd, default device names.
 
-The agent passes no ``ctx.extra``, so every node uses flannel's names: ``flannel-wg``,
+The agent passes default ``ctx.settings``, so every node uses flannel's names: ``flannel-wg``,
 key file ``/run/flannel/wgkey``. wireguard-go's UAPI socket lives in
 ``/var/run/wireguard``, shared by all network namespaces on this machine, so each agent
 runs with its own /run/wireguard and /run/flannel bind-mounted from the host's work

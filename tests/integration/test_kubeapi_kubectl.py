@@ -248,3 +248,25 @@ def test_status_patch_through_kubectl_proxy(
     patches = [r for r in kubeapi.requests_log() if r["method"] == "PATCH"]
     assert patches[-1]["path"] == "/api/v1/nodes/node-a/status"
     assert patches[-1]["user"] == "kubernetes-admin", "the proxy forwards the kubeconfig's token"
+
+
+def test_apply_and_label(kubectl: str, kubeapi: KubeApiClient, tmp_path: Path) -> None:
+    """Client-side apply (GET, then create or a strategic PATCH with last-applied)."""
+    config = kubeapi.write_kubeconfig(tmp_path / "kubeconfig")
+    manifest = tmp_path / "node.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: n9\n  labels: {a: b}\n"
+        "spec:\n  podCIDR: 10.9.0.0/24\n"
+    )
+    # --validate=false: the double serves no OpenAPI document
+    assert (
+        "created" in run(kubectl, config, "apply", "--validate=false", "-f", str(manifest)).stdout
+    )
+    again = run(kubectl, config, "apply", "--validate=false", "-f", str(manifest)).stdout
+    assert "unchanged" in again
+    run(kubectl, config, "label", "node", "n9", "c=d")
+    shown = run(kubectl, config, "get", "node", "n9", "--show-labels").stdout
+    assert "a=b,c=d" in shown
+    node = kubeapi.get("nodes", "n9")
+    assert "kubectl.kubernetes.io/last-applied-configuration" in node["metadata"]["annotations"]
+    assert node["spec"]["podCIDRs"] == ["10.9.0.0/24"]

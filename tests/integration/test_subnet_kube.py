@@ -8,14 +8,16 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 
 import pytest
 
-from loden.errors import ConfigError, StoreForbidden, StoreUnavailable
+from loden.errors import ConfigError, StoreError, StoreForbidden, StoreUnavailable
 from loden.kubeapi.auth import FLANNEL_RULES
 from loden.model.lease import EventKind, Lease, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets
@@ -450,3 +452,119 @@ async def test_api_down_probe_and_recovery(kubeapi: KubeApiClient, tmp_path: Pat
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
         await manager.aclose()
+
+
+async def test_cache_sync_timeout_and_cont_when_cache_not_ready(
+    kubeapi: KubeApiClient, tmp_path: Path
+) -> None:
+    token = kubeapi.service_account()
+    sa = kubeapi.write_serviceaccount_dir(tmp_path / "sa", token)
+    env = {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": "1",  # nothing listens: the node list never syncs
+        "NODE_NAME": "node1",
+    }
+    with pytest.raises(StoreError, match="CONT_WHEN_CACHE_NOT_READY=true") as info:
+        await open_kube_manager(settings(tmp_path), env, sa_dir=sa, sync_timeout=1.5)
+    assert "did not sync within 2s" in str(info.value)
+    manager = await open_kube_manager(
+        settings(tmp_path),
+        {**env, "CONT_WHEN_CACHE_NOT_READY": "true"},
+        sa_dir=sa,
+        sync_timeout=1.5,
+    )
+    try:
+        assert manager.node_name == "node1"
+        with pytest.raises(StoreUnavailable):
+            await manager.probe()
+    finally:
+        await manager.aclose()
+
+
+def test_loden_leases_in_kube_mode(kubeapi: KubeApiClient, tmp_path: Path) -> None:
+    kubeapi.create_node("node1", "10.244.1.0/24", annotations=go_annotations("192.0.2.1"))
+    kubeapi.create_node("node2", "10.244.2.0/24")
+    kubeapi.create_node("bad", "10.244.3.0/24", annotations=go_annotations("nope"))
+    path = kubeapi.write_kubeconfig(tmp_path / "kubeconfig")
+    loden = str(Path(sys.executable).parent / "loden")
+    argv = [loden, "leases", "-kube-subnet-mgr", f"-kubeconfig-file={path}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
+    out = subprocess.run([*argv, "-json"], capture_output=True, text=True, timeout=30, env=env)
+    assert out.returncode == 0, out.stderr
+    rows = {row["node"]: row for row in json.loads(out.stdout)}
+    assert rows["node1"]["pod_cidrs"] == ["10.244.1.0/24"]
+    assert rows["node1"]["annotations"]["public-ip"] == "192.0.2.1"
+    assert rows["node1"]["status"] == "peer"
+    assert (
+        rows["node2"]["status"].startswith("skipped: ") and "not managed" in rows["node2"]["status"]
+    )
+    assert "not an IPv4 address" in rows["bad"]["status"]
+    table = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+    assert table.returncode == 0 and "node1" in table.stdout and "10.244.1.0/24" in table.stdout
+
+
+async def test_bookmarks_and_periodic_resync(
+    kubeapi: KubeApiClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kubeapi.create_node("node1", "10.244.1.0/24")
+    kubeapi.create_node("n2", "10.244.2.0/24", annotations=go_annotations("192.0.2.2"))
+    kubeapi.set_bookmark_interval(0.2)
+    manager = await open_in_cluster(kubeapi, tmp_path)
+    manager.resync_seconds = 1.0
+    stream = aiter(manager.watch_leases())
+    caplog.set_level(logging.WARNING)
+    try:
+        first = await next_result(stream)
+        assert first.snapshot is not None
+        kubeapi.create_node("plain", "10.244.9.0/24")  # a change nobody is told about
+        # Bookmarks are not nodes; the cache is re-offered as a snapshot every resync.
+        again = await next_result(stream, 5.0)
+        assert again.snapshot is not None and not again.events
+        assert {lease.key for lease in again.snapshot} == {"10.244.2.0-24"}
+        assert manager._rv == str(kubeapi.state()["resourceVersion"])
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        # Resuming from the last version seen (events and bookmarks) survives a
+        # compaction up to it: no relist needed.
+        lists = len(_lists(kubeapi))
+        kubeapi.compact()
+        kubeapi.cut_watches()
+        kubeapi.create_node("n3", "10.244.3.0/24", annotations=go_annotations("192.0.2.3"))
+        peers = {lease.key: lease for lease in again.snapshot}
+        await collect(stream, {"10.244.2.0-24", "10.244.3.0-24"}, peers)
+        assert len(_lists(kubeapi)) == lists
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+        await manager.aclose()
+
+
+async def test_dual_stack_lease_and_annotations(kubeapi: KubeApiClient, tmp_path: Path) -> None:
+    (tmp_path / "net-conf.json").write_text(
+        json.dumps(
+            {
+                "Network": "10.244.0.0/16",
+                "EnableIPv6": True,
+                "IPv6Network": "fd00:10:244::/56",
+                "Backend": {"Type": "vxlan"},
+            }
+        )
+    )
+    kubeapi.create_node("node1", pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"])
+    manager = await open_in_cluster(kubeapi, tmp_path)
+    v6data = '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e4"}'
+    dual = LeaseAttrs(
+        public_ip=IPv4Address("192.0.2.1"),
+        backend_type="vxlan",
+        backend_data=VXLAN,
+        public_ipv6=IPv6Address("2001:db8::1"),
+        backend_v6_data=v6data,
+    )
+    try:
+        lease = await manager.acquire_lease(dual, PREVIOUS)
+    finally:
+        await manager.aclose()
+    assert str(lease.subnet) == "10.244.1.0/24"
+    assert str(lease.ipv6_subnet) == "fd00:10:244:1::/64"
+    annotations = kubeapi.get("nodes", "node1")["metadata"]["annotations"]
+    assert annotations[P + "public-ipv6"] == "2001:db8::1"
+    assert annotations[P + "backend-v6-data"] == v6data
+    assert annotations[P + "public-ip"] == "192.0.2.1"

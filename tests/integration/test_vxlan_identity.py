@@ -212,3 +212,19 @@ async def test_older_device_gets_txqueuelen_0_in_place(make_cluster: ClusterFact
     after = _link_json(host)
     assert after.get("txqlen", 0) == 0
     assert after["ifindex"] == before["ifindex"] and after["address"] == OTHER_MAC
+
+
+async def test_two_peers_sharing_a_mac_are_reported(make_cluster: ClusterFactory) -> None:
+    cluster = await make_cluster()
+    node = cluster.nodes[0]
+    shared = "6e:00:00:00:00:42"
+    one = vxlan_lease(IPv4Network("10.250.11.0/24"), IPv4Address("192.0.2.111"), shared)
+    two = vxlan_lease(IPv4Network("10.250.12.0/24"), IPv4Address("192.0.2.112"), shared)
+    report = await cluster.reconcile(0, {one.key: one, two.key: two})
+    assert len(report.conflicts) == 1
+    assert "192.0.2.111" in report.conflicts[0] and "192.0.2.112" in report.conflicts[0]
+    assert "VtepMAC 6e:00:00:00:00:42" in report.conflicts[0]
+    assert full_mesh(cluster) == []  # the real peers are untouched
+    assert len((await node.network.apply([])).conflicts) == 1
+    report = await cluster.reconcile(0, {one.key: one})
+    assert report.conflicts == ()

@@ -36,13 +36,13 @@ class WgCluster(Cluster):
 
     async def context(self, host: Host) -> BackendContext:
         ctx = await super().context(host)
-        extra = {
-            **ctx.extra,
-            "wg_device": self.device(host),
-            "wg_device_v6": f"{self.device(host)}v6",
-            "wg_key_file": str(host.state_dir / "wg" / "wgkey"),
-        }
-        return replace(ctx, extra=extra)
+        settings = replace(
+            ctx.settings,
+            wireguard_device=self.device(host),
+            wireguard_device_v6=f"{self.device(host)}v6",
+            wireguard_key_file=host.state_dir / "wg" / "wgkey",
+        )
+        return replace(ctx, settings=settings)
 
 
 def wg_network(node: Node) -> WireguardNetwork:

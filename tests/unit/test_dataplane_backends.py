@@ -10,7 +10,7 @@ import pytest
 from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface
 from loden.backend.vxlan import VxlanBackend, VxlanOptions, compatible, derived_mac, peer_mac
-from loden.errors import BackendError
+from loden.errors import BackendError, NetworkConfigError
 from loden.kernel.netlink import Link, VxlanSpec
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
@@ -40,8 +40,8 @@ def test_vxlan_options_defaults_and_explicit_port() -> None:
         True,
         9000,
     )
-    with pytest.raises(BackendError, match="VNI 16777216 is out of range"):
-        VxlanOptions.from_config(ctx('{"Type":"vxlan","VNI":16777216}').config)
+    with pytest.raises(NetworkConfigError, match="VNI 16777216 is out of range"):
+        ctx('{"Type":"vxlan","VNI":16777216}')
 
 
 def test_vxlan_mtu_and_device_name() -> None:

@@ -225,6 +225,31 @@ def test_any_range_reply_gives_a_listing_or_a_store_error(body: str) -> None:
     asyncio.run(main())
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        JSON.map(json.dumps),
+        st.fixed_dictionaries({"token": JSON}).map(json.dumps),
+    )
+)
+def test_any_auth_reply_gives_a_token_or_a_store_error(body: str) -> None:
+    """``auth/authenticate`` is read inside the reply guard like every other reply: a
+    non-etcd answer is a (retried) StoreError, never a KeyError out of the agent."""
+
+    async def main() -> None:
+        http = FakeHTTP(body=body)
+        store = EtcdV3Store(cast(EtcdHTTP, http), PREFIX, username="u", password="p")
+        try:
+            await store.get_config()
+        except StoreError:
+            return
+        token = http.headers.get("Authorization")
+        assert isinstance(token, str) and token
+
+    asyncio.run(main())
+
+
 V2_NODES = st.fixed_dictionaries(
     {},
     optional={

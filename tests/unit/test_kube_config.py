@@ -14,6 +14,7 @@ import yaml
 
 from loden.errors import ConfigError
 from loden.subnet.kube.config import from_kubeconfig, in_cluster, load
+from loden.subnet.kube.manager import KubeEnv
 from tests.fixtures.etcd import EtcdPKI, make_pki
 
 
@@ -216,3 +217,24 @@ def test_load_picks_the_source(tmp_path: Path, pki: EtcdPKI) -> None:
     only_url = load(api_url="http://127.0.0.1:8080", kubeconfig_file="", env=ENV, sa_dir=sa)
     assert only_url.server == "http://127.0.0.1:8080"
     assert only_url.tokens.token == ""
+
+
+@pytest.mark.parametrize(
+    ("env", "depth", "cont"),
+    [
+        ({}, 5000, False),
+        ({"EVENT_QUEUE_DEPTH": "64"}, 64, False),
+        ({"EVENT_QUEUE_DEPTH": "0"}, 5000, False),
+        ({"EVENT_QUEUE_DEPTH": "-3"}, 5000, False),
+        ({"CONT_WHEN_CACHE_NOT_READY": "true"}, 5000, True),
+        ({"CONT_WHEN_CACHE_NOT_READY": "True"}, 5000, False),  # flanneld compares to "true"
+    ],
+)
+def test_kube_env(env: dict[str, str], depth: int, cont: bool) -> None:
+    kenv = KubeEnv.from_env(env)
+    assert (kenv.event_queue_depth, kenv.cont_when_cache_not_ready) == (depth, cont)
+
+
+def test_kube_env_bad_queue_depth() -> None:
+    with pytest.raises(ConfigError, match="EVENT_QUEUE_DEPTH='1k' is not an integer"):
+        KubeEnv.from_env({"EVENT_QUEUE_DEPTH": "1k"})

@@ -185,3 +185,72 @@ def test_structured_garbage_raises_only_its_own_error(obj: dict[str, object]) ->
         NetworkConfig.parse(json.dumps(obj))
     except NetworkConfigError:
         pass
+
+
+_BACKEND_ERRORS = [
+    ('{"Type":"vxlan","VNI":"x"}', "Backend.VNI", "error decoding VXLAN backend config"),
+    ('{"Type":"vxlan","VNI":1.5}', "Backend.VNI", "error decoding VXLAN backend config"),
+    ('{"Type":"vxlan","VNI":16777216}', "Backend.VNI", "out of range"),
+    ('{"Type":"vxlan","Port":-1}', "Backend.Port", "is not a UDP port"),
+    ('{"Type":"vxlan","Port":"8472"}', "Backend.Port", "expected a number"),
+    ('{"Type":"vxlan","GBP":"yes"}', "Backend.GBP", "expected true or false"),
+    ('{"Type":"vxlan","DirectRouting":1}', "Backend.DirectRouting", "expected true or false"),
+    ('{"Type":"vxlan","Learning":null,"MTU":-5}', "Backend.MTU", "is negative"),
+    ('{"Type":"vxlan","TxChecksumOffload":"on"}', "Backend.TxChecksumOffload", '"auto", true'),
+    ('{"Type":"udp","Port":0}', "Backend.Port", "error decoding UDP backend config"),
+    ('{"Type":"udp","Port":70000}', "Backend.Port", "1..65535 (default 8285)"),
+    ('{"Type":"wireguard","ListenPort":"x"}', "Backend.ListenPort", "expected a number"),
+    ('{"Type":"wireguard","ListenPortV6":0}', "Backend.ListenPortV6", "is not a UDP port"),
+    ('{"Type":"wireguard","PSK":"c2VjcmV0"}', "Backend.PSK", "wg genpsk"),
+    ('{"Type":"wireguard","PSK":7}', "Backend.PSK", "expected a string"),
+    ('{"Type":"wireguard","Mode":"both"}', "Backend.Mode", "no valid Mode configured"),
+    (
+        '{"Type":"wireguard","PersistentKeepaliveInterval":-1}',
+        "Backend.PersistentKeepaliveInterval",
+        "out of range",
+    ),
+]
+
+
+@pytest.mark.parametrize(("backend", "field", "fragment"), _BACKEND_ERRORS)
+def test_backend_options_are_validated_with_the_config(
+    backend: str, field: str, fragment: str
+) -> None:
+    """Go flanneld decodes the Backend options when its backend starts ("error decoding
+    VXLAN backend config: ..."); Loden refuses them with the config, so `loden config
+    validate`/`set` and the agent's config check see them."""
+    with pytest.raises(NetworkConfigError) as caught:
+        NetworkConfig.parse(f'{{"Network":"10.5.0.0/16","Backend":{backend}}}')
+    assert caught.value.field == field
+    assert fragment in str(caught.value)
+    assert "c2VjcmV0" not in str(caught.value)  # a PSK is never echoed
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        '{"Type":"vxlan","VNI":4096,"Port":4789,"GBP":true,"Learning":false,"MTU":9000}',
+        '{"Type":"vxlan","vni":0,"port":0,"directrouting":true,"TxChecksumOffload":false}',
+        '{"Type":"vxlan","TxChecksumOffload":"auto"}',
+        '{"Type":"udp","Port":8285}',
+        '{"Type":"host-gw","Whatever":"ignored, as Go ignores unknown keys"}',
+        '{"Type":"wireguard","ListenPort":51820,"PSK":"' + "A" * 43 + '=","Mode":"auto",'
+        '"PersistentKeepaliveInterval":25}',
+        '{"Type":"ipip","DirectRouting":"not checked: not a Loden backend"}',
+    ],
+)
+def test_valid_backend_options_pass(backend: str) -> None:
+    NetworkConfig.parse(f'{{"Network":"10.5.0.0/16","Backend":{backend}}}')
+
+
+def test_config_validate_command_checks_backend_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from loden.tools import operator
+
+    bad = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":"x"}}'
+    assert operator.main(["config", "validate", bad]) == 1
+    err = capsys.readouterr().err
+    assert "error decoding VXLAN backend config: Backend.VNI" in err
+    good = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":2}}'
+    assert operator.main(["config", "validate", good]) == 0

@@ -28,6 +28,7 @@ from loden.errors import BackendError, InterfaceError, NetworkConfigError
 from loden.kernel.wireguard import PeerConfig, public_key_of
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
+from loden.settings import BackendSettings, parse_agent_args
 
 PRIV = base64.b64encode(bytes.fromhex("77" + "07" * 31)).decode()
 K1 = base64.b64encode(b"\x01" * 32).decode()
@@ -59,7 +60,7 @@ def ctx(
     key = tmp / "wgkey"
     if not key.exists():
         key.write_text(PRIV)
-    return BackendContext(config(backend, extra), ext, tmp, {"wg_key_file": str(key)})
+    return BackendContext(config(backend, extra), ext, tmp, BackendSettings(wireguard_key_file=key))
 
 
 # -- options ---------------------------------------------------------------------------
@@ -111,16 +112,20 @@ def test_registry_creates_the_backend_and_checks_mtu(tmp_path: Path) -> None:
     with pytest.raises(InterfaceError, match=r"IPv6 public IP"):
         WireguardBackend(ctx(tmp_path, extra=DUAL))
     with pytest.raises(BackendError, match=r"not a valid link name"):
-        WireguardBackend(BackendContext(config(), EXT, tmp_path, {"wg_device": "x" * 16}))
+        WireguardBackend(
+            BackendContext(config(), EXT, tmp_path, BackendSettings(wireguard_device="x" * 16))
+        )
 
 
-def test_key_file_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("WIREGUARD_KEY_FILE", raising=False)
+def test_key_file_precedence(tmp_path: Path) -> None:
+    """flanneld's default, ``WIREGUARD_KEY_FILE`` over it (read by the agent's settings,
+    never by the backend), an explicit setting over both."""
     assert str(WireguardBackend(BackendContext(config(), EXT, tmp_path)).key_file) == (
         "/run/flannel/wgkey"
     )
-    monkeypatch.setenv("WIREGUARD_KEY_FILE", str(tmp_path / "env"))
-    assert WireguardBackend(BackendContext(config(), EXT, tmp_path)).key_file == tmp_path / "env"
+    settings = parse_agent_args([], {"WIREGUARD_KEY_FILE": str(tmp_path / "env")}).backend
+    context = BackendContext(config(), EXT, tmp_path, settings)
+    assert WireguardBackend(context).key_file == tmp_path / "env"
     assert WireguardBackend(ctx(tmp_path)).key_file == tmp_path / "wgkey"
 
 
@@ -171,7 +176,9 @@ async def test_key_file_copied_from_another_node_is_replaced(tmp_path: Path) -> 
 
 
 async def test_lease_attrs_generate_a_missing_key(tmp_path: Path) -> None:
-    context = BackendContext(config(), EXT, tmp_path, {"wg_key_file": str(tmp_path / "k" / "w")})
+    context = BackendContext(
+        config(), EXT, tmp_path, BackendSettings(wireguard_key_file=tmp_path / "k" / "w")
+    )
     backend = WireguardBackend(context)
     attrs = await backend.lease_attrs()
     assert (tmp_path / "k" / "w").exists()

@@ -26,6 +26,7 @@ from loden.kernel.wireguard.kernel import KernelWireguard, parse_dump, set_argv,
 from loden.kernel.wireguard.uapi import PeerConfig, SetRequest
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
+from loden.settings import BackendSettings
 
 K1 = base64.b64encode(b"\x01" * 32).decode()
 K2 = base64.b64encode(b"\x02" * 32).decode()
@@ -105,7 +106,9 @@ def _network(tmp_path: Path, nl: FakeNetlink) -> tuple[WireguardBackend, Wiregua
     config = NetworkConfig.parse('{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}')
     ip = IPv4Address("192.0.2.10")
     ext = ExternalInterface("eth0", 2, 1500, ip, ip)
-    backend = WireguardBackend(BackendContext(config, ext, tmp_path, {"wg_key_file": str(key)}))
+    backend = WireguardBackend(
+        BackendContext(config, ext, tmp_path, BackendSettings(wireguard_key_file=key))
+    )
     backend.load_keys()
     lease = Lease(IPv4Network("10.5.1.0/24"), LeaseAttrs(ip, "wireguard"))
     return backend, WireguardNetwork(backend, lease, nl)  # type: ignore[arg-type]

@@ -25,8 +25,10 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Protocol
 
+from loden.model.backend_options import BackendOptions
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs, LeaseEvent
+from loden.settings import BackendSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +54,14 @@ class BackendContext:
     ext: ExternalInterface
     #: Directory for state that must survive restarts (e.g. the VTEP MAC); created 0700.
     state_dir: Path
-    #: Options that are the agent's, not the config's (e.g. wireguard key file).
-    extra: Mapping[str, str] = field(default_factory=dict)
+    #: The data plane's knobs that are the agent's, not the config's (netns, key file).
+    settings: BackendSettings = BackendSettings()
+    #: ``config``'s Backend options, typed (parsed once, here).
+    options: BackendOptions = field(init=False)
+
+    def __post_init__(self) -> None:
+        """:raises NetworkConfigError: the Backend options do not validate."""
+        object.__setattr__(self, "options", self.config.backend.typed())
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ class HostGwBackend:
         if ext.ext_addr is None:
             raise BackendError("host-gw needs an IPv4 address on the external interface")
         self.ctx = ctx
-        self.netns = ctx.extra.get("netns")
+        self.netns = ctx.settings.netns
 
     async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
         ext = self.ctx.ext
@@ -95,5 +95,5 @@ class HostGwNetwork(PeerNetwork):
 
 
 def create(ctx: BackendContext) -> HostGwBackend:
-    """Registry entry point. ``ctx.extra["netns"]`` runs it in another namespace (lab)."""
+    """Registry entry point. ``ctx.settings.netns`` runs it in another namespace (lab)."""
     return HostGwBackend(ctx)

@@ -207,6 +207,8 @@ class PeerNetwork:
     """
 
     backend_type = ""
+    #: What :meth:`_identity_of` returns, for messages.
+    identity_label = "value"
 
     def __init__(
         self, nl: Netlink, lease: Lease, config: NetworkConfig, ext: ExternalInterface
@@ -232,6 +234,8 @@ class PeerNetwork:
         self._wanted: dict[str, tuple[Lease, Wanted]] = {}
         #: Peers that claim our identity, by lease key (see :class:`Conflict`).
         self._conflicts: dict[str, str] = {}
+        #: Values (VTEP MACs) that several other nodes advertise, with the report line.
+        self._shared: dict[str, str] = {}
         self._desired: frozenset[Entry] | None = None
         self._warned: set[str] = set()
         #: Route lookups of peer public IPs, valid while the routes that are not ours
@@ -264,6 +268,45 @@ class PeerNetwork:
     def _needs_lookup(self) -> bool:
         """Whether :meth:`_entries_for` uses route lookups of peer public IPs."""
         return False
+
+    def _identity_of(self, lease: Lease) -> str | None:
+        """The per-node value ``lease`` advertises that no other node may share (vxlan:
+        its VTEP MAC), or None if the backend has none."""
+        return None
+
+    # -- identity ------------------------------------------------------------------------
+
+    def _check_shared(self, wanted: Iterable[tuple[str, Lease]]) -> None:
+        """Find values several programmed peers with different public IPs advertise (a
+        copied state directory, a cloned image): every node's forwarding holds one
+        destination per value, so one of those peers is unreachable. Checked when the
+        peer set changed; peers that got no entries (ours, skipped) are not counted."""
+        by_value: dict[str, list[Lease]] = {}
+        for key, lease in wanted:
+            cached = self._wanted.get(key)
+            if cached is None or not isinstance(cached[1], tuple):
+                continue
+            value = self._identity_of(lease)
+            if value is not None:
+                by_value.setdefault(value, []).append(lease)
+        shared: dict[str, str] = {}
+        for value, holders in by_value.items():
+            if len(holders) > 1 and len({h.attrs.public_ip for h in holders}) > 1:
+                names = ", ".join(
+                    f"{h.key} ({h.attrs.public_ip})" for h in sorted(holders, key=lambda h: h.key)
+                )
+                shared[value] = (
+                    f"{self.backend_type}: peers {names} all advertise {self.identity_label}"
+                    f" {value}: only one of"
+                    " them is reachable. Restart the agent on all but one of them (each picks"
+                    " a fresh value)"
+                )
+                if self._shared.get(value) != shared[value]:
+                    log.error("%s", shared[value])
+        self._shared = shared
+
+    def _all_conflicts(self) -> tuple[str, ...]:
+        return (*self._conflicts.values(), *self._shared.values())
 
     async def _kernel(self) -> list[Entry]:
         """Every kernel entry this backend might own (dumped once per reconcile)."""
@@ -374,9 +417,10 @@ class PeerNetwork:
             keep = {lease.attrs.public_ip for _, lease in wanted}
             self._lookup_cache = {k: v for k, v in self._lookup_cache.items() if k in keep}
         desired = self._desired
-        if desired is None:
+        if desired is None:  # the peer set changed since the last pass
             desired = frozenset(e for es in entries.values() for e in es)
             self._desired = desired
+            self._check_shared(wanted)
         changes = diff(desired, kernel, self._owns)
         async with self._lock:
             touched = self._touched_keys or set()
@@ -395,7 +439,7 @@ class PeerNetwork:
                     self._peers.pop(key, None)
                 else:
                     self._peers[key] = lease
-        out = report(result, changes, skipped, self._conflicts.values())
+        out = report(result, changes, skipped, self._all_conflicts())
         if changes or out.errors:
             log.info(
                 "%s reconcile: %d peers (%d skipped), %d written (%d adopted), %d removed, "
@@ -425,7 +469,7 @@ class PeerNetwork:
                 if self.accepts(event.lease):
                     fallback[key] = event.lease
         if not latest:
-            return ReconcileReport(conflicts=tuple(self._conflicts.values()))
+            return ReconcileReport(conflicts=self._all_conflicts())
         async with self._lock:
             alive = [(key, lease) for key, lease in latest.items() if lease is not None]
             lookups = await self._lookups([*(lease for _, lease in alive), *fallback.values()])
@@ -458,7 +502,7 @@ class PeerNetwork:
                 else:
                     self._peers[key] = lease
             if not broken:
-                return report(result, changes, skipped, self._conflicts.values())
+                return report(result, changes, skipped, self._all_conflicts())
             peers = dict(self._peers)
         log.warning(
             "%s: writes failed and the device is gone: replaying every peer", self.backend_type

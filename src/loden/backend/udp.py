@@ -10,7 +10,7 @@ no BackendData, and every peer lease is accepted whatever its BackendType, as fl
 does.
 
 The data path runs in worker processes (:mod:`loden.udp.engine`), one per CPU by
-default (at most 4; ``ctx.extra["udp_workers"]`` overrides), each on its own TUN queue
+default (at most 4; ``ctx.settings.udp_workers`` overrides), each on its own TUN queue
 and reuseport socket. This object only feeds them: :meth:`UdpNetwork.apply` and
 :meth:`UdpNetwork.reconcile` send a complete new peer table, which the workers swap in
 without pausing. ``reconcile`` also repairs the device: if ``flannel0`` was deleted
@@ -18,7 +18,7 @@ it is recreated (same name, address, MTU, route) and the new queues are handed t
 running workers; a worker that died is restarted. ``aclose`` stops the workers, and
 the TUN disappears with their fds.
 
-``ctx.extra["netns"]`` runs everything in another network namespace (tests, the lab):
+``ctx.settings.netns`` runs everything in another network namespace (tests, the lab):
 the TUN, the sockets and the workers are created from a thread that entered it.
 
 One addition to flannel's device setup: ``accept_local=1`` on the TUN. The proxy's ICMP
@@ -41,7 +41,7 @@ from loden.backend.base import BackendContext, Network, ReconcileReport
 from loden.errors import BackendError, DataplaneError, InterfaceError
 from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route
 from loden.kernel.netns import enter_netns
-from loden.model.gojson import as_int
+from loden.model.backend_options import UdpOptions
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.udp.engine import WorkerPool, WorkerSpec
 from loden.udp.native import native
@@ -68,21 +68,15 @@ class UdpBackend:
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
-        self.port: int = ctx.config.backend.option("Port", as_int, DEFAULT_PORT)
-        if not 0 < self.port < 65536:
-            raise BackendError(f"udp backend: Port {self.port} is not a UDP port (1..65535)")
-        self.netns = ctx.extra.get("netns")
-        raw = ctx.extra.get("udp_workers", "")
-        try:
-            self.workers = int(raw) if raw else _default_workers()
-        except ValueError as exc:
-            raise BackendError(f"udp_workers {raw!r} is not a number of processes") from exc
-        self.workers = max(1, self.workers)
+        assert isinstance(ctx.options, UdpOptions), ctx.options
+        self.port = ctx.options.port
+        self.netns = ctx.settings.netns
+        self.workers = max(1, ctx.settings.udp_workers or _default_workers())
         # TSO super-packets from the TUN pay off only when segmenting them is cheap: with
         # the C loop ~2.8x a per-packet read (0.155 vs 0.06 of the underlay here); with
-        # the Python loop per-packet reads win. Benchmarks force either ("1"/"0").
-        tso = ctx.extra.get("udp_tso", "")
-        self.tso = tso in ("1", "true") if tso else native is not None
+        # the Python loop per-packet reads win. Benchmarks force either.
+        tso = ctx.settings.udp_tso
+        self.tso = tso if tso is not None else native is not None
         if ctx.ext.iface_addr is None or ctx.ext.ext_addr is None:
             raise InterfaceError(
                 f"udp backend needs an IPv4 address on {ctx.ext.name} to bind port {self.port}"

@@ -65,7 +65,6 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 
 from loden.backend.base import BackendContext, Network
@@ -90,49 +89,15 @@ from loden.kernel.netlink import (
     RouteLookup,
     VxlanSpec,
 )
-from loden.model.config import NetworkConfig
-from loden.model.gojson import GoJSONError, GoObject, as_bool, as_int, as_str
+from loden.model.backend_options import VXLAN_DEFAULT_PORT, VxlanOptions
+from loden.model.gojson import GoJSONError, GoObject, as_int, as_str
 from loden.model.lease import Lease, LeaseAttrs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 8472
+DEFAULT_PORT = VXLAN_DEFAULT_PORT
 OVERHEAD = 50
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
-
-
-@dataclass(frozen=True, slots=True)
-class VxlanOptions:
-    vni: int = 1
-    port: int = DEFAULT_PORT
-    gbp: bool = False
-    learning: bool = False
-    direct_routing: bool = False
-    mtu: int = 0
-    #: Loden extension (Go flanneld ignores unknown Backend keys): tx checksum offload,
-    #: and with it TSO, on ``flannel.<VNI>``. None (the default) is *auto*: see
-    #: :func:`tx_checksum_decision` and the module docstring for the trade-off.
-    tx_checksum_offload: bool | None = None
-
-    @classmethod
-    def from_config(cls, config: NetworkConfig) -> VxlanOptions:
-        """:raises NetworkConfigError: an option has the wrong JSON type."""
-        spec = config.backend
-        vni = spec.option("VNI", as_int, 1)
-        port = spec.option("Port", as_int, 0)
-        if not 0 <= vni < 1 << 24:
-            raise BackendError(f"vxlan VNI {vni} is out of range: use 0..16777215 (default 1)")
-        if not 0 <= port < 1 << 16:
-            raise BackendError(f"vxlan Port {port} is out of range: use 1..65535 (default 8472)")
-        return cls(
-            vni=vni,
-            port=port or DEFAULT_PORT,  # explicit, so the kernel's default never matters
-            gbp=spec.option("GBP", as_bool, False),
-            learning=spec.option("Learning", as_bool, False),
-            direct_routing=spec.option("DirectRouting", as_bool, False),
-            mtu=spec.option("MTU", as_int, 0),
-            tx_checksum_offload=spec.option("TxChecksumOffload", as_bool, None),
-        )
 
 
 #: The first kernel whose VXLAN checksum offload survives ``MASQUERADE --random-fully``
@@ -248,7 +213,8 @@ class VxlanBackend:
         if ctx.ext.ext_addr is None:
             raise BackendError("vxlan needs an IPv4 public IP: enable IPv4 or set --public-ip")
         self.ctx = ctx
-        self.options = VxlanOptions.from_config(ctx.config)
+        assert isinstance(ctx.options, VxlanOptions), ctx.options
+        self.options = ctx.options
         self.public_ip: IPv4Address = ctx.ext.ext_addr
         self.name = f"flannel.{self.options.vni}"
         self.spec = VxlanSpec(
@@ -260,7 +226,7 @@ class VxlanBackend:
             gbp=self.options.gbp,
         )
         self.mtu = (self.options.mtu or ctx.ext.mtu) - OVERHEAD
-        self.netns = ctx.extra.get("netns")
+        self.netns = ctx.settings.netns
         self.identity = NodeIdentity(self.public_ip, self.options.vni)
         self._mac_store = BoundValue(ctx.state_dir / f"{self.name}.mac", "VtepMAC")
         self.tx_checksum, why = tx_checksum_decision(
@@ -368,6 +334,7 @@ class VxlanBackend:
 
 class VxlanNetwork(PeerNetwork):
     backend_type = "vxlan"
+    identity_label = "VtepMAC"
 
     def __init__(self, nl: Netlink, lease: Lease, backend: VxlanBackend) -> None:
         super().__init__(nl, lease, backend.ctx.config, backend.ctx.ext)
@@ -464,6 +431,9 @@ class VxlanNetwork(PeerNetwork):
     def _needs_lookup(self) -> bool:
         return self._be.options.direct_routing
 
+    def _identity_of(self, lease: Lease) -> str | None:
+        return peer_mac(lease)
+
     def _entries_for(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
         subnet, public_ip = lease.subnet, lease.attrs.public_ip
         if self._mac and peer_mac(lease) == self._mac:
@@ -523,7 +493,7 @@ class VxlanNetwork(PeerNetwork):
 
 
 def create(ctx: BackendContext) -> VxlanBackend:
-    """Registry entry point. ``ctx.extra["netns"]`` runs it in another namespace (lab)."""
+    """Registry entry point. ``ctx.settings.netns`` runs it in another namespace (lab)."""
     return VxlanBackend(ctx)
 
 

@@ -8,10 +8,11 @@ peer lease of type ``wireguard`` becomes a WireGuard peer: its public key from t
 lease's BackendData, endpoint ``<PublicIP>:<Port>`` (``Port`` from the peer's data, 0
 meaning "my own listen port", for peers older than that field), AllowedIPs = the
 peer's subnet, plus the configured PSK and persistent keepalive. The private key
-lives in ``/run/flannel/wgkey`` (``WIREGUARD_KEY_FILE``; ``ctx.extra["wg_key_file"]``
-wins over both) and is generated on first start; the lease publishes
-``{"PublicKey":"<b64>","Port":<ListenPort>}``. An existing device of the same name
-is deleted and recreated at start, and the devices are **deleted on shutdown**.
+lives in ``/run/flannel/wgkey`` (``WIREGUARD_KEY_FILE``, read into
+``ctx.settings.wireguard_key_file`` by the agent) and is generated on first start;
+the lease publishes ``{"PublicKey":"<b64>","Port":<ListenPort>}``. An existing device
+of the same name is deleted and recreated at start, and the devices are **deleted on
+shutdown**.
 
 *Restart gap (kept on purpose: flannel semantics).* Because shutdown deletes the
 device and start recreates it, an agent restart interrupts pod traffic through this
@@ -59,12 +60,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
-from pathlib import Path
 
 from loden.backend.base import BackendContext, Network, ReconcileReport
 from loden.backend.identity import describe, other_nodes
@@ -96,7 +95,6 @@ log = logging.getLogger(__name__)
 
 DEVICE = "flannel-wg"
 DEVICE_V6 = "flannel-wg-v6"
-DEFAULT_KEY_FILE = "/run/flannel/wgkey"
 #: Outer IPv4/IPv6 header (20/40) + UDP 8 + type 4 + key index 4 + nonce 8 + tag 16.
 OVERHEAD = 80
 #: Keepalive given to the peers of a freshly created device (see the module docstring).
@@ -111,7 +109,8 @@ class WireguardBackend:
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         config = ctx.config
-        self.options = WireguardOptions.from_config(config)
+        assert isinstance(ctx.options, WireguardOptions), ctx.options
+        self.options = ctx.options
         self.enable_ipv4 = config.enable_ipv4
         self.enable_ipv6 = config.enable_ipv6
         ext = ctx.ext
@@ -133,15 +132,13 @@ class WireguardBackend:
                 f"wireguard device MTU would be {self.mtu} ({source} {base} - {OVERHEAD}),"
                 f" below the minimum {minimum}: set Backend.MTU to at least {minimum + OVERHEAD}"
             )
-        self.netns = ctx.extra.get("netns")
-        self.device = ctx.extra.get("wg_device") or DEVICE
-        self.device_v6 = ctx.extra.get("wg_device_v6") or DEVICE_V6
+        self.netns = ctx.settings.netns
+        self.device = ctx.settings.wireguard_device
+        self.device_v6 = ctx.settings.wireguard_device_v6
         for name in (self.device, self.device_v6):
             if not 0 < len(name) <= 15 or "/" in name:
                 raise BackendError(f"wireguard device name {name!r} is not a valid link name")
-        self.key_file = Path(
-            ctx.extra.get("wg_key_file") or os.environ.get("WIREGUARD_KEY_FILE") or DEFAULT_KEY_FILE
-        )
+        self.key_file = ctx.settings.wireguard_key_file
         self.private_key = ""
         self.public_key = ""
         #: ``"kernel"`` or ``"wireguard-go"`` once the first device exists.
@@ -604,8 +601,8 @@ class WireguardNetwork:
 
 
 def create(ctx: BackendContext) -> WireguardBackend:
-    """Registry entry point. ``ctx.extra``: ``netns`` (run in another namespace),
-    ``wg_device``/``wg_device_v6`` (device names; tests), ``wg_key_file``."""
+    """Registry entry point. ``ctx.settings``: ``netns`` (run in another namespace),
+    ``wireguard_device``/``_v6`` (device names; tests), ``wireguard_key_file``."""
     return WireguardBackend(ctx)
 
 

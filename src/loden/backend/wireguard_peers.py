@@ -16,21 +16,24 @@ IPv4 is RFC 1918 and both sides have non-ULA IPv6).
 
 from __future__ import annotations
 
-import enum
 import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from loden.errors import NetworkConfigError
 from loden.kernel.wireguard.keys import decode_key
 from loden.kernel.wireguard.uapi import PeerConfig, endpoint_text
-from loden.model.config import NetworkConfig
+from loden.model.backend_options import (
+    WIREGUARD_DEFAULT_PORT,
+    WIREGUARD_DEFAULT_PORT_V6,
+    WireguardMode,
+    WireguardOptions,
+)
 from loden.model.gojson import GoJSONError, GoObject, as_int, as_str
 from loden.model.lease import Lease
 
-DEFAULT_PORT = 51820
-DEFAULT_PORT_V6 = 51821
+DEFAULT_PORT = WIREGUARD_DEFAULT_PORT
+DEFAULT_PORT_V6 = WIREGUARD_DEFAULT_PORT_V6
 _RFC1918 = (
     IPv4Network("10.0.0.0/8"),
     IPv4Network("172.16.0.0/12"),
@@ -39,77 +42,7 @@ _RFC1918 = (
 _ULA = IPv6Network("fc00::/7")
 
 
-class Mode(enum.Enum):
-    SEPARATE = "separate"
-    AUTO = "auto"
-    IPV4 = "ipv4"
-    IPV6 = "ipv6"
-
-
-@dataclass(frozen=True, slots=True)
-class WireguardOptions:
-    """The ``Backend`` options of a wireguard network config, validated."""
-
-    listen_port: int = DEFAULT_PORT
-    listen_port_v6: int = DEFAULT_PORT_V6
-    mtu: int = 0
-    psk: str | None = None
-    keepalive: int = 0
-    mode: Mode = Mode.SEPARATE
-
-    @classmethod
-    def from_config(cls, config: NetworkConfig) -> WireguardOptions:
-        """:raises NetworkConfigError: an option has the wrong type or an invalid value."""
-        spec = config.backend
-        port = _port(spec.option("ListenPort", as_int, DEFAULT_PORT), "ListenPort", DEFAULT_PORT)
-        port6 = _port(
-            spec.option("ListenPortV6", as_int, DEFAULT_PORT_V6), "ListenPortV6", DEFAULT_PORT_V6
-        )
-        mtu = spec.option("MTU", as_int, 0)
-        if mtu < 0:
-            raise NetworkConfigError(
-                f"Backend.MTU {mtu} is negative: leave it out (external MTU) or give the"
-                " underlay MTU, e.g. 1500",
-                field="Backend.MTU",
-                value=mtu,
-            )
-        psk = spec.option("PSK", as_str, "")
-        if psk and decode_key(psk) is None:
-            # The value is a secret: never echo it.
-            raise NetworkConfigError(
-                "Backend.PSK is not a base64 WireGuard key: use 44 characters as printed"
-                " by `wg genpsk`",
-                field="Backend.PSK",
-            )
-        keepalive = spec.option("PersistentKeepaliveInterval", as_int, 0)
-        if not 0 <= keepalive <= 65535:
-            raise NetworkConfigError(
-                f"Backend.PersistentKeepaliveInterval {keepalive} is out of range: use"
-                " 0 (off) to 65535 seconds, e.g. 25",
-                field="Backend.PersistentKeepaliveInterval",
-                value=keepalive,
-            )
-        raw_mode = spec.option("Mode", as_str, Mode.SEPARATE.value)
-        try:
-            mode = Mode(raw_mode)
-        except ValueError:
-            raise NetworkConfigError(
-                f"no valid Mode configured: Backend.Mode is {raw_mode!r}; use"
-                ' "separate" (the default), "auto", "ipv4" or "ipv6"',
-                field="Backend.Mode",
-                value=raw_mode,
-            ) from None
-        return cls(port, port6, mtu, psk.strip() or None, keepalive, mode)
-
-
-def _port(value: int, name: str, default: int) -> int:
-    if not 0 < value < 65536:
-        raise NetworkConfigError(
-            f"Backend.{name} {value} is not a UDP port: use 1..65535 (default {default})",
-            field=f"Backend.{name}",
-            value=value,
-        )
-    return value
+Mode = WireguardMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,11 +227,17 @@ def lease_keys(lease: Lease) -> set[str]:
     """The WireGuard public keys a lease publishes (IPv4 and IPv6 data)."""
     keys: set[str] = set()
     for raw in (lease.attrs.backend_data, lease.attrs.backend_v6_data):
-        if raw is not None:
-            data = parse_peer_data(raw)
-            if not isinstance(data, str):
-                keys.add(data.public_key)
+        key = None if raw is None else _key_of(raw)
+        if key is not None:
+            keys.add(key)
     return keys
+
+
+@functools.lru_cache(maxsize=16384)
+def _key_of(raw: str) -> str | None:
+    # Cached: every sync checks every peer, and the texts rarely change.
+    data = parse_peer_data(raw)
+    return None if isinstance(data, str) else data.public_key
 
 
 def _node(lease: Lease) -> tuple[object, ...]:

@@ -438,6 +438,26 @@ class Netlink:
         """Delete entries (already gone is fine); raises the first other failure."""
         await self._strict([Change(e, delete=True) for e in entries])
 
+    async def add_route(self, route: Route) -> bool:
+        """Create ``route`` only if no route with its key (destination, table, metric)
+        exists, as ``ip route add``; never overwrites one. False: one exists.
+
+        :raises DataplaneError: the kernel refused it for another reason.
+        """
+        kind, flags, body = rtnl.encode(route, delete=False)
+        flags = (flags & ~rtnl.NLM_F_REPLACE) | rtnl.NLM_F_EXCL
+
+        def run() -> list[rtnl.Outcome]:
+            return self._wsock.transact([(kind, flags, body)])
+
+        what = f"route {route.dst}"
+        (outcome,) = await self._call("add", what, run, lane=True)
+        if outcome.error is None:
+            return True
+        if outcome.error.errno == errno.EEXIST:
+            return False
+        raise _error("add", what, outcome.error)
+
     async def _strict(self, changes: list[Change]) -> None:
         result = await self.apply(changes)
         if result.failed:

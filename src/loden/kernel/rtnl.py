@@ -57,6 +57,7 @@ NLM_F_ACK_TLVS: Final = 0x200
 NLM_F_DUMP: Final = 0x300
 NLM_F_REPLACE: Final = 0x100
 NLM_F_CREATE: Final = 0x400
+NLM_F_EXCL: Final = 0x200
 
 AF_BRIDGE: Final = 7
 RTNH_F_ONLINK: Final = 0x4

@@ -14,11 +14,11 @@ import asyncio
 import csv
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
+from loden.files import replace_file
 from loden.kubeapi.api import ApiSettings
 from loden.kubeapi.auth import Authenticator, Authorizer, User
 from loden.kubeapi.server import KubeApiServer, TlsConfig
@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bookmark-interval", type=float, default=60.0)
     parser.add_argument("--history-limit", type=int, default=100_000)
     parser.add_argument("--ready-file", type=Path)
+    parser.add_argument(
+        "--state-file", type=Path, help="keep objects and versions here across restarts"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -95,6 +98,7 @@ def build(args: argparse.Namespace) -> KubeApiServer:
         authorizer=authz,
         settings=ApiSettings(bookmark_interval=args.bookmark_interval),
         store=Store(history_limit=args.history_limit),
+        state_file=args.state_file,
     )
     if args.insecure:
         server.insecure_user = User("system:admin", ("system:masters", "system:authenticated"))
@@ -106,9 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     log.info("serving on %s:%s", server.host, server.port)
     if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(f"{server.host}:{server.port}\n")
-        os.replace(tmp, args.ready_file)
+        replace_file(args.ready_file, f"{server.host}:{server.port}\n".encode())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

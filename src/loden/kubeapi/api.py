@@ -322,12 +322,10 @@ class Api:
             meta["remainingItemCount"] = len(rest)
         if wants_table(request):
             return json_response(200, self.table(request, kind, objects, meta))
-        for obj in objects:
-            obj.pop("kind", None)
-            obj.pop("apiVersion", None)
+        items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in objects]
         return json_response(
             200,
-            {"kind": f"{kind.kind}List", "apiVersion": "v1", "metadata": meta, "items": objects},
+            {"kind": f"{kind.kind}List", "apiVersion": "v1", "metadata": meta, "items": items},
         )
 
     # ------------------------------------------------------------ watch
@@ -357,6 +355,7 @@ class Api:
                 return False
             return self._matches(obj, fields, labels)
 
+        start = 0 if initial_events or rv_arg in ("", "0") else parse_rv(rv_arg)  # 400 first
         watcher = self.store.subscribe(kind.resource)
         # Subscribed first, then the snapshot: nothing falls between the two.
         snapshot_rv = self.store.rv
@@ -367,7 +366,6 @@ class Api:
             initial = [o for o in self.store.items(kind.resource, namespace) if visible(o)]
         else:
             try:
-                start = parse_rv(rv_arg)
                 if start > self.store.rv:
                     await self._wait_for_version(start)
                     snapshot_rv = self.store.rv

@@ -32,7 +32,7 @@ import httpx
 from loden.errors import LodenError
 from loden.kernel.netns import call_in_netns
 from loden.kubeapi.auth import FLANNEL_RULES
-from loden.lab import pki
+from loden.lab import pki, proc
 from loden.lab.netns import in_net
 
 JsonObject = dict[str, Any]
@@ -217,9 +217,10 @@ class KubeApiClient:
     def cut_watches(self, *, abort: bool = False) -> int:
         return int(self.request("POST", "/_loden/cut-watches", body={"abort": abort})["cut"])
 
-    def go_down(self, seconds: float) -> None:
-        """The server refuses connections for ``seconds`` (returns at once)."""
-        self.request("POST", "/_loden/down", body={"seconds": seconds})
+    def go_down(self, seconds: float, *, restart: bool = False) -> None:
+        """The server refuses connections for ``seconds`` (returns at once); ``restart``:
+        it comes back with a fresh watch cache (older versions then get ``410``)."""
+        self.request("POST", "/_loden/down", body={"seconds": seconds, "restart": restart})
 
     def set_rules(self, subject: str, rules: Iterable[Mapping[str, Any]]) -> None:
         """Replace the RBAC rules of ``user:NAME`` or ``group:NAME``."""
@@ -411,6 +412,8 @@ class KubeApiProcess:
     """More static tokens: token -> (user, groups)."""
     rules: dict[str, list[JsonObject]] = field(default_factory=dict)
     """RBAC rules from the start: ``user:NAME``/``group:NAME`` -> PolicyRules."""
+    state_file: Path | None = None
+    """``--state-file``: objects and versions survive :meth:`stop` + :meth:`start`."""
     insecure: bool = False
     """Plain HTTP where every client is admin (the old insecure port, ``--kube-api-url
     http://...`` without credentials)."""
@@ -469,6 +472,8 @@ class KubeApiProcess:
         ]
         if self.insecure:
             argv.append("--insecure")
+        if self.state_file is not None:
+            argv.append(f"--state-file={self.state_file}")
         if self.netns:
             argv = in_net(self.netns, argv)
         setpriv = shutil.which("setpriv")
@@ -527,10 +532,13 @@ class KubeApiProcess:
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return proc.tail(self.log_path, lines) or "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL, no goodbye (a crash); :meth:`start` brings it back."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=5)
 
     def stop(self) -> None:
         if self.popen is not None and self.popen.poll() is None:

@@ -9,9 +9,11 @@ process, since it usually runs inside a network namespace:
   exact reads from before ``N`` get ``410``;
 * ``POST /_loden/cut-watches`` ``{"abort": true|false}`` - every watch stream ends (a
   clean end of the chunked body, or a torn connection);
-* ``POST /_loden/down`` ``{"seconds": S}`` - stop listening and drop every connection for
-  ``S`` seconds, then serve again with the same state (an apiserver restart: versions go
-  on from where they were);
+* ``POST /_loden/down`` ``{"seconds": S, "restart": false}`` - stop listening and drop
+  every connection for ``S`` seconds, then serve again with the same objects and versions
+  (they go on from where they were, as etcd keeps them). ``restart``: the server comes
+  back with a new watch cache, as a restarted kube-apiserver does: it starts at the
+  current version, so a watch from an older version gets ``410``;
 * ``PUT /_loden/rules`` ``{"subject": "user:NAME"|"group:NAME", "rules": [PolicyRule]}``;
 * ``PUT /_loden/tokens`` ``{"token": T, "user": NAME, "groups": [...]}`` and
   ``DELETE /_loden/tokens?token=T``;
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loden.kubeapi import persist
 from loden.kubeapi.api import Api, ApiSettings, json_response
 from loden.kubeapi.auth import ADMIN_GROUP, Attributes, Authenticator, Authorizer, User
 from loden.kubeapi.http import HttpServer, Request, Response, StreamResponse
@@ -103,6 +106,7 @@ class KubeApiServer:
     settings: ApiSettings = field(default_factory=ApiSettings)
     store: Store = field(default_factory=Store)
     log_limit: int = 20_000
+    state_file: Path | None = None
 
     def __post_init__(self) -> None:
         self.api = Api(self.store, self.authenticator, self.authorizer, self.settings)
@@ -113,12 +117,25 @@ class KubeApiServer:
         self._seq = 0
         self._down_task: asyncio.Task[None] | None = None
         self.insecure_user: User | None = None  # plain-http "insecure port": everyone is admin
-        for name in INITIAL_NAMESPACES:
-            self.create_object("namespaces", {"metadata": {"name": name}})
+        self.saver: persist.Saver | None = None
+        if self.state_file is not None and persist.load(self.store, self.state_file):
+            log.info(
+                "state from %s: %d objects, resourceVersion %d",
+                self.state_file,
+                len(self.store.objects),
+                self.store.rv,
+            )
+        else:
+            for name in INITIAL_NAMESPACES:
+                self.create_object("namespaces", {"metadata": {"name": name}})
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        if self.state_file is not None:
+            self.saver = persist.Saver(self.store, self.state_file)
+            self.store.on_commit = self.saver.schedule
+            self.saver.flush()
         await self.http.start()
         self.port = self.http.port
 
@@ -128,13 +145,18 @@ class KubeApiServer:
         await self.http.stop_listening()
         self.store.close_watchers()
         self.http.abort_all()
+        if self.saver is not None:
+            self.saver.flush()
 
-    async def go_down(self, seconds: float) -> None:
-        """Refuse connections for ``seconds``, then serve again with the same state."""
+    async def go_down(self, seconds: float, *, restart: bool = False) -> None:
+        """Refuse connections for ``seconds``, then serve again with the same objects
+        (``restart``: and an empty event history, the new watch cache)."""
         await self.http.stop_listening()
         self.store.close_watchers()
         self.http.abort_all()
         await asyncio.sleep(seconds)
+        if restart:
+            self.store.compact()
         for _ in range(100):
             try:
                 await self.http.start()
@@ -206,7 +228,10 @@ class KubeApiServer:
                 raise forbidden(
                     "", "", f'User "{user.name}" cannot {request.method.lower()} path "{path}"'
                 )
-            return await self.control(request, path)
+            try:
+                return await self.control(request, path)
+            except (ValueError, TypeError, KeyError) as exc:  # a malformed control body
+                raise bad_request(f"{path}: {exc!r}") from exc
         verb = {
             "GET": "get",
             "HEAD": "head",
@@ -271,7 +296,8 @@ class KubeApiServer:
             return json_response(200, {"cut": count})
         if action == "down" and request.method == "POST":
             seconds = float(body.get("seconds", 1.0))
-            self._down_task = asyncio.create_task(self._later_down(seconds))
+            restart = bool(body.get("restart", False))
+            self._down_task = asyncio.create_task(self._later_down(seconds, restart))
             return json_response(200, {"down": seconds})
         if action == "rules" and request.method == "PUT":
             try:
@@ -308,9 +334,9 @@ class KubeApiServer:
             )
         raise not_found_path()
 
-    async def _later_down(self, seconds: float) -> None:
+    async def _later_down(self, seconds: float, restart: bool) -> None:
         await asyncio.sleep(0.05)  # let the control response leave first
-        await self.go_down(seconds)
+        await self.go_down(seconds, restart=restart)
 
     def state(self) -> JsonObject:
         return {

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ class Store:
         self.objects: dict[Key, JsonObject] = {}
         self.history: deque[Event] = deque()
         self.watchers: set[Watcher] = set()
+        self.on_commit: Callable[[], None] | None = None  # persistence hook
 
     # -------------------------------------------------------------- reads
 
@@ -88,9 +89,14 @@ class Store:
         return copy.deepcopy(obj) if obj is not None else None
 
     def items(self, resource: str, namespace: str | None = None) -> list[JsonObject]:
-        """Current objects of ``resource`` (optionally one namespace), sorted by key."""
+        """Current objects of ``resource`` (optionally one namespace), sorted by key.
+
+        Read-only views (no copies: a list of thousands of nodes is served often); a
+        stored object is only ever replaced, never changed in place, so the views stay
+        valid, but callers must not modify them.
+        """
         return [
-            copy.deepcopy(self.objects[key])
+            self.objects[key]
             for key in sorted(self.objects)
             if key[0] == resource and (namespace is None or key[1] == namespace)
         ]
@@ -117,7 +123,7 @@ class Store:
                 state.pop(event.key, None)
             elif event.prev is not None:
                 state[event.key] = event.prev
-        return [copy.deepcopy(state[key]) for key in sorted(state)]
+        return [state[key] for key in sorted(state)]  # read-only views, as items()
 
     def check_not_compacted(self, rv: int) -> None:
         if rv < self.compacted:
@@ -168,6 +174,8 @@ class Store:
         for watcher in list(self.watchers):
             if watcher.resource == event.resource:
                 watcher.offer(event)
+        if self.on_commit is not None:
+            self.on_commit()
         return event
 
     def compact(self, rv: int | None = None) -> int:

@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from loden.errors import NetworkConfigError
+from loden.model.backend_options import BackendOptions, parse_backend_options
 from loden.model.gojson import GoJSONError, GoObject, as_bool, as_str, as_uint
 from loden.model.net import subnet_count
 
@@ -28,6 +29,13 @@ class BackendSpec:
     type: str
     options: GoObject | None = field(default=None, compare=False, repr=False)
     raw: str = "{}"
+
+    def typed(self) -> BackendOptions:
+        """The options of this backend type, typed.
+
+        :raises NetworkConfigError: an option has the wrong type or value.
+        """
+        return parse_backend_options(self.type, self.options)
 
     def option(self, name: str, kind: Any, default: Any) -> Any:
         """Option ``name`` (case-insensitive) converted by a ``gojson.as_*`` function.
@@ -124,6 +132,7 @@ class NetworkConfig:
             config = config._validated_v4()
         if self.enable_ipv6:
             config = config._validated_v6()
+        self.backend.typed()  # the backend's options too, as its backend will read them
         return config
 
     def _validated_v4(self) -> NetworkConfig:

@@ -101,7 +101,11 @@ class EtcdV3Store:
             raise StoreAuthError(
                 f"etcd authentication as {self._username!r} failed: {response.text.strip()[:200]}"
             )
-        self.http.headers["Authorization"] = response.json()["token"]
+        with reading_reply("auth/authenticate"):
+            token = response.json()["token"]
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"token is {token!r}, not a non-empty string")
+        self.http.headers["Authorization"] = token
 
     def _key(self, name: str) -> str:
         return self.subnets + name

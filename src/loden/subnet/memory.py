@@ -158,8 +158,12 @@ class MemoryStore:
                 continue
             timed_out = False
             async with self._changed:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
+                # cancellation that arrives as the notification does (gh-86296), and the
+                # agent then never stops.
                 try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+                    async with asyncio.timeout(0.5):
+                        await self._changed.wait()
                 except TimeoutError:
                     timed_out = True
             if timed_out:

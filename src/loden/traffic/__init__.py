@@ -38,7 +38,17 @@ __all__ = [
 
 
 class ManagedTraffic(TrafficManager, Protocol):
-    """A :class:`TrafficManager` that can also remove everything it installed."""
+    """A :class:`TrafficManager` that can also check its tools and remove everything it
+    installed."""
+
+    async def check(self, *, ipv6: bool) -> None:
+        """Are this mode's tools there and usable? Called before the agent creates any
+        kernel object or lease, so a node that cannot have rules fails with nothing
+        left behind.
+
+        :raises TrafficRulesError: a tool is missing or unusable (says what to install).
+        """
+        ...
 
     async def remove_all(self) -> bool:
         """Remove this mode's chains/tables (for ``--cleanup-on-exit``-style flags).

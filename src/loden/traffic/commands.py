@@ -82,7 +82,10 @@ async def run_command(
     except PermissionError as exc:
         raise TrafficRulesError(f"{args[0]} cannot be executed: {exc}; run Loden as root") from exc
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        # Not wait_for: on Python 3.11 it swallows a SIGTERM cancellation that arrives as
+        # the command finishes (gh-86296), and the agent would not stop.
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await proc.communicate(stdin)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

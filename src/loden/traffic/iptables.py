@@ -271,6 +271,12 @@ class IptablesManager:
             self._tools[family] = xt
         return xt
 
+    async def check(self, *, ipv6: bool) -> None:
+        """Detect the iptables binaries now (missing ones raise), not at the first rule."""
+        await self.xtables(4)
+        if ipv6:
+            await self.xtables(6)
+
     async def cleanup_other_mode(self) -> None:
         """Delete the nftables-mode tables ``ip flannel-ipv4`` / ``ip6 flannel-ipv6``."""
         async with self._lock:

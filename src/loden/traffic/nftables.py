@@ -168,6 +168,16 @@ class NftablesManager:
         self._announced: set[str] = set()
         self._lock = asyncio.Lock()
 
+    async def check(self, *, ipv6: bool) -> None:
+        """``nft`` must be installed and answer (it needs CAP_NET_ADMIN)."""
+        del ipv6  # one binary serves both families
+        if not self._runner.has("nft"):
+            raise TrafficRulesError(
+                "EnableNFTables is true but nft is not installed: install nftables "
+                "(Debian: apt-get install nftables) or set EnableNFTables to false"
+            )
+        await self._runner.run(["nft", "list", "tables"])
+
     async def cleanup_other_mode(self) -> None:
         """Remove iptables mode's jumps and chains (FLANNEL-POSTRTG in nat, FLANNEL-FWD in
         filter), both families and every installed iptables backend.
