@@ -361,3 +361,19 @@ def test_etcd_tls_server_name(make_topology: TopologyFactory, tmp_path: Path) ->
     assert proc.returncode == 1
     assert "IP address mismatch" in found["tls/server"]["evidence"], found
     assert other in found["tls/server"]["what"]
+
+
+def test_etcd_tls_key_of_another_certificate(
+    make_topology: TopologyFactory, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    host = make_topology(1).hosts[0]
+    proc = host.ns.run(
+        LODEN, "doctor", "-json", "-etcd-endpoints=https://127.0.0.1:1",
+        f"-etcd-cafile={pki.ca_cert}", f"-etcd-certfile={pki.client_cert}",
+        f"-etcd-keyfile={pki.server_key}", f"-subnet-file={tmp_path / 'subnet.env'}",
+        check=False, timeout=60,
+    )  # fmt: skip
+    found = {f["check"]: f for f in json.loads(proc.stdout)}
+    assert proc.returncode == 1
+    assert str(pki.server_key) in found["tls/load"]["evidence"], found
