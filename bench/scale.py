@@ -51,6 +51,11 @@ exactly Go flanneld's (``kube-subnet-manager``, ``backend-type``, ``backend-data
 The agent runs with ``--kube-subnet-mgr --kube-api-url=http://...`` and ``NODE_NAME`` of
 its own Node (podCIDR 10.0.1.0/24). Each store is one function returning a :class:`Store`
 (:func:`setup_etcd`, :func:`setup_kube`).
+
+``--ipv6`` (etcd store): every lease is dual-stack (``<v4>-24&<v6>-64``, ``PublicIPv6`` on
+an on-link IPv6 underlay, vxlan ``BackendV6Data``), the config enables IPv6, and the
+agent programs both families (vxlan: ``flannel.1`` and ``flannel-v6.1``): twice the
+entries, the new-lease latency still timed on the IPv4 route.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -99,6 +104,9 @@ TXN_OPS = 128  # etcd's default --max-txn-ops
 KUBE_PREFIX = "flannel.alpha.coreos.com/"
 AGENT_NODE = "bench-agent"
 AGENT_SUBNET = IPv4Network("10.0.1.0/24")  # below every peer_subnet()
+#: ``--ipv6``: the overlay's IPv6Network and an IPv6 underlay /64 (inside the host netns).
+NETWORK6 = IPv6Network("fd5d::/48")
+UNDERLAY6 = IPv6Network("fd5c::/64")
 TARGETS = {
     "cold": 1.6,
     "resync": 0.5,
@@ -308,13 +316,20 @@ def peer_subnet(i: int) -> IPv4Network:
     return IPv4Network((int(NETWORK.network_address) + ((i + 2) << 8), 24))
 
 
-def peer_lease(i: int, underlay: IPv4Network, kind: str) -> Lease:
+def peer_lease(i: int, underlay: IPv4Network, kind: str, dual: bool = False) -> Lease:
     public_ip = underlay.network_address + 256 + i  # never .1 (etcd) or .11 (the host)
-    data = None
+    data = data6 = None
     if kind == "vxlan":
         mac = bytes([0x0A, 0x58, (i >> 16) & 255, (i >> 8) & 255, i & 255, 1]).hex(":")
         data = LeaseAttrs.encode_data({"VNI": 1, "VtepMAC": mac})
-    return Lease(peer_subnet(i), LeaseAttrs(public_ip, kind, data))
+        if dual:
+            mac6 = bytes([0x0A, 0x58, (i >> 16) & 255, (i >> 8) & 255, i & 255, 2]).hex(":")
+            data6 = LeaseAttrs.encode_data({"VNI": 1, "VtepMAC": mac6})
+    if not dual:
+        return Lease(peer_subnet(i), LeaseAttrs(public_ip, kind, data))
+    subnet6 = IPv6Network((int(NETWORK6.network_address) + ((i + 2) << 64), 64))
+    public_ip6 = UNDERLAY6.network_address + 256 + i
+    return Lease(peer_subnet(i), LeaseAttrs(public_ip, kind, data, public_ip6, data6), subnet6)
 
 
 def peer_node(i: int, lease: Lease) -> dict[str, Any]:
@@ -367,13 +382,17 @@ def memory_mib(pid: int) -> dict[str, float]:
     return values
 
 
-def kernel_counts(host: Host, vxlan: bool) -> tuple[int, ...]:
-    routes = host.ns.ip("-4", "route", "show", "proto", "76").stdout.count("\n")
+def kernel_counts(host: Host, vxlan: bool, dual: bool = False) -> tuple[int, ...]:
+    families = ("-4", "-6") if dual else ("-4",)
+    routes = [host.ns.ip(f, "route", "show", "proto", "76").stdout.count("\n") for f in families]
     if not vxlan:
-        return (routes,)
-    neigh = host.ns.ip("neigh", "show", "dev", "flannel.1", "nud", "permanent", check=False)
-    fdb = host.ns.run("bridge", "fdb", "show", "dev", "flannel.1", check=False).stdout
-    return routes, neigh.stdout.count("\n"), sum(1 for ln in fdb.splitlines() if " dst " in ln)
+        return tuple(routes)
+    counts = list(routes)
+    for dev in ("flannel.1", "flannel-v6.1") if dual else ("flannel.1",):
+        neigh = host.ns.ip("neigh", "show", "dev", dev, "nud", "permanent", check=False)
+        fdb = host.ns.run("bridge", "fdb", "show", "dev", dev, check=False).stdout
+        counts += [neigh.stdout.count("\n"), sum(1 for ln in fdb.splitlines() if " dst " in ln)]
+    return tuple(counts)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", re.M)
@@ -605,7 +624,7 @@ class Store:
     delete_many: Callable[[Sequence[Lease]], None] | None
 
 
-def setup_etcd(kind: str, topo: Topology, stack: contextlib.ExitStack) -> Store:
+def setup_etcd(kind: str, topo: Topology, stack: contextlib.ExitStack, ipv6: bool) -> Store:
     """A real etcd in the underlay namespace with the network config written."""
     assert topo.underlay_address is not None
     etcd_ip = str(topo.underlay_address.ip)
@@ -614,7 +633,13 @@ def setup_etcd(kind: str, topo: Topology, stack: contextlib.ExitStack) -> Store:
     etcd.start()
     http = HTTP(topo.underlay.name, etcd_ip, etcd.client_port)
     stack.callback(http.close)
-    config = {"Network": str(NETWORK), "SubnetLen": 24, "Backend": {"Type": kind}}
+    config: dict[str, object] = {
+        "Network": str(NETWORK),
+        "SubnetLen": 24,
+        "Backend": {"Type": kind},
+    }
+    if ipv6:
+        config.update(EnableIPv6=True, IPv6Network=str(NETWORK6))
     http.post("/v3/kv/put", {"key": _b64(f"{PREFIX}/config"), "value": _b64(json.dumps(config))})
     etcd_lease = str(http.post("/v3/lease/grant", {"TTL": 86400})["ID"])
 
@@ -637,7 +662,7 @@ def setup_etcd(kind: str, topo: Topology, stack: contextlib.ExitStack) -> Store:
     return Store([f"--etcd-endpoints={etcd.client_url}"], {}, put, put_many, delete_many)
 
 
-def setup_kube(kind: str, topo: Topology, stack: contextlib.ExitStack) -> Store:
+def setup_kube(kind: str, topo: Topology, stack: contextlib.ExitStack, ipv6: bool) -> Store:
     """The API double with the agent's Node (see the docstring)."""
     assert topo.underlay_address is not None
     ip = str(topo.underlay_address.ip)
@@ -671,7 +696,7 @@ def setup_kube(kind: str, topo: Topology, stack: contextlib.ExitStack) -> Store:
     return Store(agent_args, {"NODE_NAME": AGENT_NODE}, put, put_many, None)
 
 
-STORES: dict[str, Callable[[str, Topology, contextlib.ExitStack], Store]] = {
+STORES: dict[str, Callable[[str, Topology, contextlib.ExitStack, bool], Store]] = {
     "etcd": setup_etcd,
     "kube": setup_kube,
 }
@@ -708,17 +733,25 @@ def wait_ready(proc: Process, subnet_file: Path, deadline: float) -> None:
 
 
 def wait_entries(
-    host: Host, kind: str, want: int, proc: Process, timeout: float
+    host: Host, kind: str, want: int, proc: Process, dual: bool, timeout: float
 ) -> tuple[int, ...]:
     """Poll the kernel until every count (routes; vxlan: + neighbours, FDB) is ``want``."""
     deadline = time.monotonic() + timeout
     while True:
-        counts = kernel_counts(host, kind == "vxlan")
+        counts = kernel_counts(host, kind == "vxlan", dual)
         if min(counts) >= want and max(counts) == want:
             return counts
         if time.monotonic() > deadline or not proc.running():
             raise TopologyError(f"{counts} entries, want {want} each:\n{proc.output()[-3000:]}")
         time.sleep(0.05)
+
+
+def ipv6_host(host: Host) -> None:
+    """``--ipv6``: the peers' public IPv6 addresses are on-link, like their IPv4 ones."""
+    for key in ("all", "default", "eth0"):
+        host.ns.sysctl(f"net.ipv6.conf.{key}.accept_dad", "0")
+    host.ns.ip("-6", "addr", "add", f"{UNDERLAY6.network_address + 11}/64", "dev", "eth0")
+    host.ns.ip("-6", "route", "add", "default", "dev", "eth0")
 
 
 def run_backend(
@@ -729,9 +762,11 @@ def run_backend(
     topo = Topology(1, underlay=underlay, prefix="bs")
     stack.callback(topo.close)
     host = topo.hosts[0]
-    store = STORES[store_name](kind, topo, stack)
+    if args.ipv6:
+        ipv6_host(host)
+    store = STORES[store_name](kind, topo, stack, args.ipv6)
     t0 = time.perf_counter()
-    peers = [peer_lease(i, underlay, kind) for i in range(args.peers)]
+    peers = [peer_lease(i, underlay, kind, args.ipv6) for i in range(args.peers)]
     store.put_many(peers)
     res.write_s = time.perf_counter() - t0
     want = args.peers
@@ -750,10 +785,12 @@ def run_backend(
     # (a) the arrival of the last route (routes are written after neighbours/FDB), then
     # one kernel dump to confirm every entry is there (polling if events were lost).
     last_route = monitor.wait_count(want, max(0.0, deadline - time.perf_counter()))
-    counts = kernel_counts(host, kind == "vxlan")
+    counts = kernel_counts(host, kind == "vxlan", args.ipv6)
     if min(counts) < want:
         last_route = None
-        counts = wait_entries(host, kind, want, proc, max(0.0, deadline - time.perf_counter()))
+        counts = wait_entries(
+            host, kind, want, proc, args.ipv6, max(0.0, deadline - time.perf_counter())
+        )
     res.cold_s = (last_route or time.perf_counter()) - t0
     res.cold_polled = last_route is None
     res.entries = sum(counts)
@@ -779,13 +816,17 @@ def run_backend(
     # (d) new leases, one at a time: closed loop, then open loop (Poisson arrivals).
     own = subnet_file.read_text()
     fresh = (
-        peer_lease(i, underlay, kind)
+        peer_lease(i, underlay, kind, args.ipv6)
         for i in range(args.peers, args.peers + 3 * args.new + 2 * args.burst)
     )
     new = [
         lease
         for lease in fresh
         if f"FLANNEL_SUBNET={lease.subnet.network_address + 1}/" not in own  # not the agent's
+        and (
+            lease.ipv6_subnet is None
+            or f"FLANNEL_IPV6_SUBNET={lease.ipv6_subnet.network_address + 1}/" not in own
+        )
     ][: 2 * args.new + args.burst]
     profiler.start(pid, "newlease")
     res.closed = write_new_leases(store.put, monitor, new[: args.new], "closed")
@@ -806,7 +847,7 @@ def run_backend(
     # (g) drift: delete owned entries by hand, time until the kernel holds them again.
     profiler.start(pid, "drift")
     if args.drift:
-        drift(host, kind, peers, args.drift, res, proc)
+        drift(host, kind, peers, args.drift, res, proc, args.ipv6)
     profiler.stop()
     mem = memory_mib(pid)
     res.rss_end, res.hwm = mem["VmRSS"], mem["VmHWM"]
@@ -818,10 +859,16 @@ def run_backend(
 
 
 def drift(
-    host: Host, kind: str, peers: Sequence[Lease], count: int, res: Result, proc: Process
+    host: Host,
+    kind: str,
+    peers: Sequence[Lease],
+    count: int,
+    res: Result,
+    proc: Process,
+    dual: bool = False,
 ) -> None:
     """Delete ``count`` owned entries of random peers in one go; time until all are back."""
-    before = kernel_counts(host, kind == "vxlan")
+    before = kernel_counts(host, kind == "vxlan", dual)
     routes: list[str] = []
     neighs: list[str] = []
     fdbs: list[str] = []
@@ -842,7 +889,7 @@ def drift(
     res.drift_deleted = count
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline and proc.running():
-        if kernel_counts(host, kind == "vxlan") == before:
+        if kernel_counts(host, kind == "vxlan", dual) == before:
             res.drift_s = time.perf_counter() - began
             break
         time.sleep(0.02)
@@ -862,12 +909,14 @@ def growth(kind: str, store_name: str, mode: str, args: argparse.Namespace, res:
         topo = Topology(1, underlay=underlay, prefix="bg")
         stack.callback(topo.close)
         host = topo.hosts[0]
-        store = STORES[store_name](kind, topo, stack)
+        if args.ipv6:
+            ipv6_host(host)
+        store = STORES[store_name](kind, topo, stack, args.ipv6)
         proc, subnet_file = spawn_agent(host, store, mode, args, stack)
         wait_ready(proc, subnet_file, time.perf_counter() + args.timeout)
         pid = agent_pid(proc)
         own = subnet_file.read_text()
-        pool = (peer_lease(i, underlay, kind) for i in range(65000))
+        pool = (peer_lease(i, underlay, kind, args.ipv6) for i in range(65000))
         leases = [
             lease
             for lease in pool
@@ -879,14 +928,14 @@ def growth(kind: str, store_name: str, mode: str, args: argparse.Namespace, res:
         for step in sorted({min(1000, args.peers), args.peers}):
             store.put_many(leases[len(live) : step])
             live = leases[:step]
-            wait_entries(host, kind, step, proc, args.timeout)
+            wait_entries(host, kind, step, proc, args.ipv6, args.timeout)
             time.sleep(2.0)
             res.growth[str(step)] = memory_mib(pid)["VmRSS"]
         if args.churn and store.delete_many is not None:
             gone, fresh = live[: args.churn], leases[args.peers : args.peers + args.churn]
             store.delete_many(gone)
             store.put_many(fresh)
-            wait_entries(host, kind, args.peers, proc, args.timeout)
+            wait_entries(host, kind, args.peers, proc, args.ipv6, args.timeout)
             time.sleep(2.0)
             res.growth["churn"] = memory_mib(pid)["VmRSS"]
         res.growth["hwm"] = memory_mib(pid)["VmHWM"]
@@ -1077,6 +1126,9 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="cold-start limit, s")
     parser.add_argument(
+        "--ipv6", action="store_true", help="dual-stack leases and config (etcd store only)"
+    )
+    parser.add_argument(
         "--agent-arg",
         action="append",
         default=[],
@@ -1098,6 +1150,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
+    if args.ipv6 and "kube" in args.stores:
+        parser.error("--ipv6 runs the etcd store only: add --stores etcd")
     if args.peers < 1 or args.new < 1 or args.resyncs < 1 or args.burst < 0 or args.gap <= 0:
         parser.error("--peers, --new, --resyncs and --gap must be positive, --burst >= 0")
     if args.peers + 3 * args.new + 2 * args.burst > 65000:
@@ -1121,7 +1175,8 @@ def main() -> int:
     print()
     modes = "; ".join(f"{m}: {' '.join(MODES[m][0])}" for m in args.modes)
     print(
-        f"one flanneld agent, {args.peers} peer leases ({modes}), "
+        f"one flanneld agent, {args.peers} {'dual-stack ' if args.ipv6 else ''}peer leases "
+        f"({modes}), "
         f"{args.new} + {args.new} + {args.burst} new leases ('!' marks a missed target)"
     )
     for line in table(results, args.gap):

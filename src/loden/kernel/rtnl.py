@@ -551,6 +551,7 @@ IFLA_VXLAN_LEARNING: Final = 7
 IFLA_VXLAN_L2MISS: Final = 13
 IFLA_VXLAN_L3MISS: Final = 14
 IFLA_VXLAN_PORT: Final = 15
+IFLA_VXLAN_LOCAL6: Final = 17
 IFLA_VXLAN_GBP: Final = 23
 IFA_ADDRESS: Final = 1
 IFA_LOCAL: Final = 2
@@ -605,7 +606,9 @@ def vxlan_create_request(
     data += _attr(IFLA_VXLAN_LEARNING, _U8.pack(int(spec.learning)))
     data += _attr(IFLA_VXLAN_L2MISS, _U8.pack(int(spec.l2miss)))
     data += _attr(IFLA_VXLAN_L3MISS, _U8.pack(int(spec.l3miss)))
-    if spec.local is not None:
+    if isinstance(spec.local, IPv6Address):
+        data += _attr(IFLA_VXLAN_LOCAL6, spec.local.packed)
+    elif spec.local is not None:
         data += _attr(IFLA_VXLAN_LOCAL, spec.local.packed)
     if spec.link is not None:
         data += _attr(IFLA_VXLAN_LINK, _U32.pack(spec.link))
@@ -655,10 +658,14 @@ def decode_link(msg: bytes) -> Link:
     if kind == "vxlan" and IFLA_INFO_DATA in info:
         d = attrs(info[IFLA_INFO_DATA], 0)
         local, group = d.get(IFLA_VXLAN_LOCAL), d.get(IFLA_VXLAN_GROUP)
+        local6 = d.get(IFLA_VXLAN_LOCAL6)
+        local_ip: IPAddress | None = IPv4Address(local) if local and any(local) else None
+        if local_ip is None and local6 and any(local6):
+            local_ip = IPv6Address(local6)
         vxlan = VxlanSpec(
             vni=_u(d.get(IFLA_VXLAN_ID)),
             port=_BE16.unpack(d[IFLA_VXLAN_PORT])[0] if IFLA_VXLAN_PORT in d else 0,
-            local=IPv4Address(local) if local and any(local) else None,
+            local=local_ip,
             link=_u(d.get(IFLA_VXLAN_LINK)) or None,
             learning=bool(_u(d.get(IFLA_VXLAN_LEARNING))),
             gbp=IFLA_VXLAN_GBP in d,
