@@ -16,6 +16,7 @@ from loden.errors import UnknownBackend
 
 _REGISTRY: dict[str, str] = {
     "alloc": "loden.backend.alloc",
+    "aws-vpc": "loden.backend.aws_vpc",
     "host-gw": "loden.backend.hostgw",
     "vxlan": "loden.backend.vxlan",
     "udp": "loden.backend.udp",
