@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fixtures.etcd import EtcdServer
-
+from loden.lab.etcd import EtcdServer
 from loden.model.lease import LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets
 from loden.settings import EtcdSettings

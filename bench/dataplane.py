@@ -65,7 +65,6 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.topology import (
     Host,
     Namespace,
@@ -77,6 +76,7 @@ from tests.fixtures.topology import (
 )
 
 from loden.backend.vxlan import tx_checksum_decision
+from loden.lab.etcd import EtcdServer
 
 #: What ``"TxChecksumOffload"`` absent (auto) means on the kernel running the bench.
 AUTO_TX_CHECKSUM, AUTO_TX_CHECKSUM_WHY = tx_checksum_decision(None, platform.release())

@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import os
 import select
 import socket
-import struct
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,9 +42,11 @@ from tests.fixtures.topology import Host, Pod, Topology
 
 from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface, Network
+from loden.kernel.netlink import RTPROT_BOOT, Netlink, Route
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 from loden.settings import BackendSettings
+from loden.udp.tun import TunOptions, open_queue
 
 PORT = 8285
 
@@ -55,17 +54,22 @@ PORT = 8285
 # -- the naive forwarder (runs inside a host namespace) --------------------------------
 
 
+async def _naive_device(tun_name: str, own: str, network: str) -> None:
+    """Address, MTU, up and the route to the overlay, as flanneld's udp backend sets them."""
+    nl = await Netlink.open()
+    async with nl:
+        link = await nl.link(tun_name)
+        assert link is not None, f"{tun_name} vanished"
+        await nl.add_address(link.index, IPv4Interface(f"{own}/32"))
+        await nl.set_link(link.index, mtu=1472, up=True)
+        await nl.replace(Route(dst=IPv4Network(network), oif=link.index, protocol=RTPROT_BOOT))
+
+
 def naive_forwarder(tun_name: str, bind: str, own: str, network: str, peers: list[str]) -> None:
     """flannel's wire format, one packet per system call, single thread, no offloads."""
-    fd = os.open("/dev/net/tun", os.O_RDWR)
-    req = struct.pack("16sH22x", tun_name.encode(), 0x0001 | 0x1000)
-    fcntl.ioctl(fd, 0x400454CA, req)
-    for argv in (
-        ["ip", "addr", "add", f"{own}/32", "dev", tun_name],
-        ["ip", "link", "set", tun_name, "mtu", "1472", "up"],
-        ["ip", "route", "add", network, "dev", tun_name],
-    ):
-        subprocess.run(argv, check=True)
+    # The device the project's way (flannel's flags: IFF_TUN | IFF_NO_PI, nothing else).
+    fd, tun_name = open_queue(tun_name, TunOptions(vnet_hdr=False, multi_queue=False))
+    asyncio.run(_naive_device(tun_name, own, network))
     table = {}
     for item in peers:
         subnet, ip = item.split("=")
@@ -362,7 +366,12 @@ async def main() -> None:
                         f"{subnets[peer]}={topo.hosts[peer].ip}",
                     )
                 )
-            await asyncio.sleep(1.0)
+            for proc in procs:  # each prints "ready" once its device and socket are up
+                for _ in range(100):
+                    if "ready" in proc.output() or not proc.running():
+                        break
+                    await asyncio.sleep(0.1)
+                assert "ready" in proc.output(), f"naive forwarder: {proc.output()[-1500:]}"
             assert p0.ns.ping(p1.ip, count=2), "no connectivity through the naive forwarder"
             pids = [p.pid for p in procs]
             await run_suite("naive", p0, p1, args.seconds, pids, rows, [h0, h1], None, udp64)

@@ -87,7 +87,13 @@ def parse_scale(text: str) -> ScalePoint | None:
                 if not first_p50:
                     continue
                 first_p50 = False
-            cells = line[len(label) :].split()[-len(columns) :]
+            tokens: list[str] = []
+            for token in line[len(label) :].split():
+                if token == "!" and tokens:  # a missed target: "7.19 !" is one cell
+                    tokens[-1] += token
+                else:
+                    tokens.append(token)
+            cells = tokens[-len(columns) :]
             for column, cell in zip(columns, cells, strict=True):
                 try:
                     values[column][label] = float(cell.rstrip("!").strip())

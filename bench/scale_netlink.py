@@ -92,7 +92,9 @@ async def run(kind: str, peers: int, repeat: int) -> None:
             one = await network.apply([LeaseEvent(EventKind.ADDED, extra)])
             t_one = time.perf_counter() - t0
             assert one.added >= 1 and not one.errors, one
-            routes = len(host.ns.ip("route").stdout.splitlines())
+            nl = await Netlink.open(host.name)
+            async with nl:
+                routes = len(await nl.routes())
         finally:
             await network.aclose()
         now, peak = rss_mib()

@@ -28,9 +28,10 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loden.udp.frames import tcp_packet, udp_packet
+from tests.fixtures.frames import tcp_packet, udp_packet
+
 from loden.udp.peers import PeerTable
 from loden.udp.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from loden.udp.tun import VNET_GSO_TCPV4, VNET_HDR, VNET_PLAIN

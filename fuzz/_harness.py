@@ -18,7 +18,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, cast
 
-# Run from a checkout without installing: make ``import loden`` find src/.
+# Run from a checkout without installing: make ``import loden`` find src/, and the
+# packet builders of tests/fixtures (seed material) importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 try:

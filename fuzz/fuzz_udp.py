@@ -19,7 +19,7 @@ with instrumented():
     from loden.udp.packet import header_length
     from loden.udp.tun import VNET_HDR
 
-from loden.udp.frames import tcp_packet, udp_packet  # seed material only
+from tests.fixtures.frames import tcp_packet, udp_packet  # seed material only
 
 _SRC, _DST = bytes([10, 9, 1, 2]), bytes([10, 9, 2, 2])
 _TCP = b"".join(tcp_packet(_SRC, _DST, bytes(100), seq=1 + 100 * i, ttl=62) for i in range(4))

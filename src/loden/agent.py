@@ -32,7 +32,7 @@ from loden.health import HealthServer, HealthState, Metrics
 from loden.kernel.interfaces import InterfaceOptions, select
 from loden.kernel.netlink import Netlink
 from loden.lease_watch import LeaseWatcher
-from loden.model.backend_options import UdpOptions
+from loden.model.backend_options import UdpOptions, WireguardMode, WireguardOptions
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets, SubnetEnv
@@ -122,14 +122,25 @@ async def check_traffic(config: NetworkConfig) -> ManagedTraffic:
     return traffic
 
 
-def backend_ports(config: NetworkConfig, ext: ExternalInterface) -> list[tuple[str, int, str]]:
-    """UDP ports the data plane will bind itself: (address, port, what). The udp backend
-    binds ``IfaceAddr:Port`` (spec §6.3). Kernel-owned sockets (vxlan, kernel wireguard)
-    are not listed: our own device from the last run holds them legitimately."""
-    options = config.backend.typed()
-    if isinstance(options, UdpOptions) and ext.iface_addr is not None:
-        return [(str(ext.iface_addr), options.port, "the udp backend's Port")]
-    return []
+async def backend_ports(context: BackendContext) -> list[tuple[str, int, str]]:
+    """UDP ports the data plane will bind: (address, port, what). The udp backend binds
+    ``IfaceAddr:Port`` (spec §6.3); wireguard its ListenPort(s) on every address, unless
+    its device from the last run still exists (its socket holds the port legitimately
+    until the backend recreates it). vxlan's kernel socket is shared by design."""
+    options, knobs = context.options, context.settings
+    if isinstance(options, UdpOptions) and context.ext.iface_addr is not None:
+        return [(str(context.ext.iface_addr), options.port, "the udp backend's Port")]
+    if not isinstance(options, WireguardOptions):
+        return []
+    config = context.config
+    wanted = [(knobs.wireguard_device, options.listen_port, "ListenPort")]
+    if options.mode is WireguardMode.SEPARATE:
+        wanted = [w for w in wanted if config.enable_ipv4]
+        if config.enable_ipv6:
+            wanted.append((knobs.wireguard_device_v6, options.listen_port_v6, "ListenPortV6"))
+    async with await Netlink.open(knobs.netns) as nl:
+        free = [(d, port, key) for d, port, key in wanted if await nl.link(d) is None]
+    return [("0.0.0.0", port, f"the wireguard backend's {key}") for _, port, key in free]
 
 
 def check_ports(ports: list[tuple[str, int, str]]) -> None:
@@ -141,8 +152,7 @@ def check_ports(ports: list[tuple[str, int, str]]) -> None:
             except OSError as exc:
                 raise ConfigError(
                     f"cannot bind UDP {address}:{port} ({what}): {exc.strerror or exc}; stop "
-                    'what holds it or set another "Port" in the Backend config (all nodes '
-                    "must use the same one)"
+                    "what holds it or set another port in the Backend config"
                 ) from exc
 
 
@@ -195,7 +205,7 @@ async def run(settings: AgentSettings) -> int:
     try:
         config = await wait_for_config(manager, health)
         log.info(
-            "network config: Network=%s SubnetLen=%d backend=%s (%s)",
+            "network config: Network=%s SubnetLen=%d backend=%s (from %s)",
             config.network,
             config.subnet_len,
             config.backend_type,
@@ -218,7 +228,7 @@ async def run(settings: AgentSettings) -> int:
         traffic = await check_traffic(config)
         context = BackendContext(config, ext, Path(settings.state_dir), settings.backend)
         backend = create_backend(config.backend_type, context)
-        check_ports(backend_ports(config, ext))
+        check_ports(await backend_ports(context))
         await traffic.cleanup_other_mode()
         attrs = await backend.lease_attrs(await leases_now(manager))
         previous = read_previous_subnets(settings.subnet_file)

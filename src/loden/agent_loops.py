@@ -78,8 +78,9 @@ def fatal(exc: BaseException) -> AgentStop | None:
     if isinstance(exc, StoreAuthError):
         return AgentStop(
             EXIT_STORE_REFUSED,
-            f"{exc}; shutting down (retrying cannot fix credentials). Fix the -etcd-* TLS "
-            "or auth settings (or the files they name) and restart the agent",
+            f"{exc}; shutting down (retrying cannot fix credentials). Fix them (etcd: the "
+            "-etcd-* TLS/auth settings or the files they name; kube: the kubeconfig or the "
+            "service account's RBAC) and restart the agent",
         )
     return None
 

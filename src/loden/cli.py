@@ -10,8 +10,8 @@ logging. Exit codes of the agent (also shown by ``flanneld --help``):
      leave no device, rules or subnet.env behind (tests/chaos/test_chaos_local_input.py)
   2  bad command line or FLANNELD_* value
   3  our lease was taken by another node while we ran; restart to get a new one
-  4  the store refused our credentials while we ran (TLS certificate or etcd
-     user/role); fix the -etcd-* settings or files and restart
+  4  the store refused our credentials while we ran (TLS certificate, etcd
+     user/role, Kubernetes RBAC); fix them and restart
 Everything else that fails while the agent runs (etcd down, a lost compare-and-swap,
 an etcd error reply, netlink or iptables failures) is retried with backoff and shown
 by /healthz; the agent does not exit for it (agent_loops.py).
@@ -39,7 +39,7 @@ log = logging.getLogger("loden")
 EXIT_CODES_HELP = """
 Exit status: 0 stopped by a signal; 1 startup failed (see the log line);
 2 bad flag or FLANNELD_* value; 3 our lease was taken by another node;
-4 the store refused our credentials while running (fix the -etcd-* TLS/auth settings).
+4 the store refused our credentials while running (fix them and restart).
 """
 
 

@@ -30,7 +30,7 @@ from tests.chaos.support import (
     figure,
     wait_for,
 )
-from tests.fixtures.etcd import EtcdServer, make_pki
+from tests.fixtures.etcd import EtcdServer, FixturePKI, make_pki
 from tests.fixtures.topology import Namespace
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -159,7 +159,7 @@ def test_bad_local_input_fails_cleanly(tls_etcd: tuple[ChaosCluster, EtcdServer]
     host = cluster.topo.hosts[0]
     ns = host.ns
     pki = tls.pki
-    assert pki is not None
+    assert isinstance(pki, FixturePKI)
     in_host = NetnsThread(ns.name)
     https_plain = cluster.endpoints[0].replace("http://", "https://")
     garbage = os.urandom(300) + b"\nFLANNEL_SUBNET=not-a-subnet\n"

@@ -290,32 +290,40 @@ def _leases(node: Node) -> list[str]:
         (
             '{"Network": "10.7.0.0/16", "EnableNFTables": true, "Backend": {"Type": "vxlan"}}',
             {"PATH": "/nonexistent"},
-            False,
+            None,
             "nft is not installed",
         ),
         (
             '{"Network": "10.7.0.0/16", "Backend": {"Type": "vxlan"}}',
             {"PATH": "/nonexistent"},
-            False,
+            None,
             "iptables",
         ),
-        ('{"Network": "10.7.0.0/16", "Backend": {"Type": "udp"}}', None, True, "8285"),
+        ('{"Network": "10.7.0.0/16", "Backend": {"Type": "udp"}}', None, "host:8285", "8285"),
+        (
+            '{"Network": "10.7.0.0/16", "Backend": {"Type": "wireguard"}}',
+            None,
+            "0.0.0.0:51820",
+            "ListenPort",
+        ),
     ],
-    ids=["nft-missing", "iptables-missing", "udp-port-taken"],
+    ids=["nft-missing", "iptables-missing", "udp-port-taken", "wireguard-port-taken"],
 )
 def test_failed_precondition_leaves_no_device_and_no_lease(
-    node: Node, config: str, env: dict[str, str] | None, hold_udp_port: bool, fragment: str
+    node: Node, config: str, env: dict[str, str] | None, hold_udp_port: str | None, fragment: str
 ) -> None:
     """Issue 10 §3: every precondition is checked before the first kernel object or
     lease exists (vxlan creates flannel.1 before its lease, to publish the MAC)."""
     node.loden("config", "set", config)
     if hold_udp_port:
+        host, _, port = hold_udp_port.partition(":")
+        address = str(node.host.ip) if host == "host" else host
         holder = node.ns.spawn(
             "python3",
             "-c",
             "import socket,time\n"
             "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            f"s.bind(('{node.host.ip}',8285))\nprint('bound',flush=True)\ntime.sleep(60)\n",
+            f"s.bind(('{address}',{port}))\nprint('bound',flush=True)\ntime.sleep(60)\n",
         )
         assert wait_until(lambda: "bound" in holder.output(), timeout=10)
     setenv = [f"{k}={v}" for k, v in (env or {}).items()]

@@ -260,3 +260,19 @@ def test_state_file_survives_a_crash(kubeapi_server: KubeApiFactory, tmp_path: P
     behind = Watch(api, "resourceVersion=1")
     behind.wait()
     assert behind.events[0]["object"]["code"] == 410, "a new watch cache after the restart"
+
+
+def test_issued_client_certificates(kubeapi_server: KubeApiFactory) -> None:
+    server = kubeapi_server()
+    assert server.client is not None
+    url = f"{server.client.url}/api/v1/nodes"
+    with httpx.Client(verify=context(server.ca_file, server.admin_cert)) as admin:
+        assert admin.get(url).status_code == 200, "system:masters may do everything"
+    cert = server.issue_client_cert("system:node:n1", "system:nodes")
+    with httpx.Client(verify=context(server.ca_file, cert)) as node:
+        denied = node.get(url).json()
+        assert 'User "system:node:n1" cannot list resource "nodes"' in denied["message"]
+        server.client.set_rules(
+            "group:system:nodes", [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]
+        )
+        assert node.get(url).status_code == 200

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from loden.kubeapi.control import KubeApiClient
+from tests.fixtures.kubeapi import KubeApiFactory
 
 SDK = Path("/usr/lib/google-cloud-sdk/bin")
 # LODEN_KUBECTLS: more kubectl binaries (colon-separated), e.g. Debian's 1.20 extracted with
@@ -270,3 +271,18 @@ def test_apply_and_label(kubectl: str, kubeapi: KubeApiClient, tmp_path: Path) -
     node = kubeapi.get("nodes", "n9")
     assert "kubectl.kubernetes.io/last-applied-configuration" in node["metadata"]["annotations"]
     assert node["spec"]["podCIDRs"] == ["10.9.0.0/24"]
+
+
+def test_client_certificate_kubeconfig(
+    kubectl: str, kubeapi_server: KubeApiFactory, tmp_path: Path
+) -> None:
+    server = kubeapi_server()
+    assert server.client is not None
+    server.client.create_node("node-a", "10.244.1.0/24")
+    cert, key = server.admin_cert
+    config = server.client.write_kubeconfig(
+        tmp_path / "kubeconfig", client_cert=cert, client_key=key, embed=True
+    )
+    assert "node-a" in run(kubectl, config, "get", "nodes").stdout
+    users = {r["user"] for r in server.client.requests_log() if r["path"] == "/api/v1/nodes"}
+    assert users == {"kubernetes-admin"}, "the certificate's CN, no token"

@@ -23,7 +23,7 @@ from loden.settings import EtcdSettings
 from loden.subnet import open_store
 from loden.subnet.manager import EtcdSubnetManager
 from loden.subnet.store import LeaseStore
-from tests.fixtures.etcd import EtcdCluster, EtcdServer
+from tests.fixtures.etcd import EtcdCluster, EtcdServer, FixturePKI
 
 CONFIG = b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}'
 
@@ -189,7 +189,7 @@ async def test_garbage_is_skipped_and_peers_stay(store: LeaseStore) -> None:
 
 async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> None:
     pki = etcd_tls.pki
-    assert pki is not None
+    assert isinstance(pki, FixturePKI)
     good = settings(
         [etcd_tls.client_url],
         api,

@@ -15,7 +15,7 @@ import pytest
 
 from loden.backend.udp import UdpNetwork
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from loden.udp.frames import check_packet
+from tests.fixtures.frames import check_packet
 from tests.fixtures.topology import TopologyFactory
 from tests.integration.dataplane_support import Cluster
 
@@ -139,7 +139,7 @@ async def test_udp_traffic_and_wire_format(make_cluster: ClusterFactory) -> None
 PEER = """
 import socket, struct, sys
 sys.path.insert(0, sys.argv[5])
-from loden.udp.frames import check_packet
+from tests.fixtures.frames import check_packet
 from loden.udp.csum import checksum, residue
 from loden.udp.packet import ip_header
 me, target, fake_src, pod = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]

@@ -21,11 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loden.udp.frames import tcp_packet, udp_packet
 from loden.udp.packet import header_length
 from loden.udp.peers import PeerTable
 from loden.udp.tun import VNET_HDR, VNET_PLAIN
 from loden.udp.worker import Worker
+from tests.fixtures.frames import tcp_packet, udp_packet
 
 SRC = bytes([10, 9, 1, 2])
 DST = bytes([10, 9, 2, 2])

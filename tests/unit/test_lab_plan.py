@@ -19,7 +19,8 @@ from loden.lab.node import CNI_DROPIN, DOCKER_OPTS_FILE
 from loden.lab.plan import LabPlan, check_name, pick_addresses
 from loden.lab.state import ContainerRecord, LabState, NodeRecord, PodRecord, ProcRecord
 from loden.model.config import NetworkConfig
-from loden.tools.systemd import RenderOptions, exec_argv, unit_environment, write_files
+from loden.tools.systemd import RenderOptions, write_files
+from loden.tools.systemd_files import exec_argv, unit_environment
 
 
 def make_plan(name: str = "demo", **changes: Any) -> LabPlan:

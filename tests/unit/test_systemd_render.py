@@ -11,17 +11,13 @@ import pytest
 
 from loden.errors import ConfigError, ParseError
 from loden.tools.mk_docker_opts import main as mk_docker_opts
-from loden.tools.systemd import (
-    RenderOptions,
+from loden.tools.systemd import RenderOptions, file_modes, main, render_files, write_files
+from loden.tools.systemd_files import (
     exec_argv,
-    file_modes,
-    main,
     parse_environment_file,
     parse_unit,
-    render_files,
     unit_environment,
     unit_exec_argv,
-    write_files,
 )
 
 ENDPOINTS = "https://10.211.55.10:2379,https://10.211.55.12:2379,https://10.211.55.13:2379"

@@ -13,14 +13,6 @@ from hypothesis import strategies as st
 from loden.errors import ParseError
 from loden.udp import peers as peer_codec
 from loden.udp.csum import checksum, fold, fold_chain, residue
-from loden.udp.frames import (
-    TCP_ACK,
-    TCP_PSH,
-    TS_OPTION,
-    check_packet,
-    tcp_packet,
-    udp_packet,
-)
 from loden.udp.gso import MAX_SEGMENTS, DatagramBatch, prepare_single, segment_tcp4
 from loden.udp.packet import (
     dec_ttl,
@@ -30,6 +22,14 @@ from loden.udp.packet import (
     net_unreachable,
 )
 from loden.udp.peers import PeerTable
+from tests.fixtures.frames import (
+    TCP_ACK,
+    TCP_PSH,
+    TS_OPTION,
+    check_packet,
+    tcp_packet,
+    udp_packet,
+)
 
 SRC = bytes([10, 9, 1, 2])
 DST = bytes([10, 9, 2, 2])

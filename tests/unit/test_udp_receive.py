@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loden.udp.csum import BytesLike, residue
-from loden.udp.frames import TCP_ACK, TCP_PSH, check_packet, tcp_packet, udp_packet
 from loden.udp.gro import Decapsulator, decapsulate
 from loden.udp.packet import header_length
 from loden.udp.peers import PeerTable
 from loden.udp.tun import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_HDR, VNET_PLAIN
 from loden.udp.worker import Worker
+from tests.fixtures.frames import TCP_ACK, TCP_PSH, check_packet, tcp_packet, udp_packet
 
 SRC = bytes([10, 9, 1, 2])
 DST = bytes([10, 9, 2, 2])

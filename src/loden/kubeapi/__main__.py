@@ -14,11 +14,11 @@ import asyncio
 import csv
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
+from loden.files import replace_file
 from loden.kubeapi.api import ApiSettings
 from loden.kubeapi.auth import Authenticator, Authorizer, User
 from loden.kubeapi.server import KubeApiServer, TlsConfig
@@ -110,9 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     log.info("serving on %s:%s", server.host, server.port)
     if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(f"{server.host}:{server.port}\n")
-        os.replace(tmp, args.ready_file)
+        replace_file(args.ready_file, f"{server.host}:{server.port}\n".encode())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -32,7 +32,7 @@ import httpx
 from loden.errors import LodenError
 from loden.kernel.netns import call_in_netns
 from loden.kubeapi.auth import FLANNEL_RULES
-from loden.lab import pki
+from loden.lab import pki, proc
 from loden.lab.netns import in_net
 
 JsonObject = dict[str, Any]
@@ -419,6 +419,8 @@ class KubeApiProcess:
     http://...`` without credentials)."""
     popen: subprocess.Popen[bytes] | None = None
     client: KubeApiClient | None = None
+    authority: pki.Authority | None = None
+    """The CA, in memory only, while this object made the PKI (to issue client certs)."""
 
     @property
     def pki_dir(self) -> Path:
@@ -434,14 +436,41 @@ class KubeApiProcess:
 
     @property
     def client_cert(self) -> tuple[Path, Path]:
-        """A certificate the server accepts for client authentication (user = its CN)."""
+        """A certificate the server accepts for client authentication: the server pair
+        itself (user ``etcd``, group ``loden lab``), as the seed's guide uses it."""
         return self.pki_dir / "server.pem", self.pki_dir / "server-key.pem"
+
+    @property
+    def admin_cert(self) -> tuple[Path, Path]:
+        """kubeadm's ``admin.conf`` identity: CN ``kubernetes-admin``, O ``system:masters``."""
+        return self.pki_dir / "admin.pem", self.pki_dir / "admin-key.pem"
+
+    def issue_client_cert(self, user: str, group: str | None = None) -> tuple[Path, Path]:
+        """A client certificate for ``user`` (CN) in ``group`` (O), signed by the server's CA.
+
+        :raises KubeApiError: this object did not make the PKI (the CA key is not kept).
+        """
+        if self.authority is None:
+            raise KubeApiError(
+                "the CA is not in memory: issue client certificates before a restart"
+            )
+        cert, key = self.authority.issue(user, usage=pki.CLIENT_ONLY, organization=group)
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in user)
+        paths = self.pki_dir / f"client-{stem}.pem", self.pki_dir / f"client-{stem}-key.pem"
+        pki.write_cert(paths[0], cert)
+        pki.write_key(paths[1], key)
+        return paths
 
     def argv(self) -> list[str]:
         addresses = [ip_address(self.host)] if self.host not in ("127.0.0.1", "localhost") else []
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.ca_file.exists():
-            pki.make_pki(self.pki_dir, [a for a in addresses if a.version == 4])
+            _, self.authority = pki.issue_pki(self.pki_dir, addresses)
+            cert, key = self.authority.issue(
+                ADMIN_USER, usage=pki.CLIENT_ONLY, organization=ADMIN_GROUPS[0]
+            )
+            pki.write_cert(self.admin_cert[0], cert)
+            pki.write_key(self.admin_cert[1], key)
         tokens = self.workdir / "tokens.csv"
         rows: list[tuple[str, str, tuple[str, ...]]] = [
             (self.admin_token, ADMIN_USER, ADMIN_GROUPS)
@@ -532,10 +561,7 @@ class KubeApiProcess:
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return proc.tail(self.log_path, lines) or "(no log)"
 
     def kill(self) -> None:
         """SIGKILL, no goodbye (a crash); :meth:`start` brings it back."""

@@ -250,6 +250,7 @@ def cmd_status(console: Console, state: LabState, svg: str | None = None) -> int
             picture.load_check(plan.workdir),
             backend=plan.backend,
             underlay=str(plan.underlay),
+            store=plan.store,
         )
         Path(svg).write_bytes(data)
         console.print(f"drew the lab into {svg}")

@@ -49,7 +49,8 @@ from loden.lab import netns, proc
 from loden.lab.plan import ENV_MARKER, HEALTHZ_PORT, LabPlan
 from loden.lab.state import LabState, NodeRecord, ProcRecord
 from loden.tools.kube_manifest import ManifestOptions, objects
-from loden.tools.systemd import UNIT_DIR, under_root
+from loden.tools.systemd import UNIT_DIR
+from loden.tools.systemd_files import under_root
 
 log = logging.getLogger(__name__)
 

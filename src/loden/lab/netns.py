@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.client
 import ssl
 from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from loden.kernel.netns import NETNS_DIR as NETNS_DIR
@@ -56,6 +57,49 @@ def in_node(mntns: str, netns: str, argv: Sequence[str]) -> list[str]:
 
 def sysctl(ns: str, key: str, value: str) -> None:
     proc.run(in_net(ns, ["sysctl", "-q", "-w", f"{key}={value}"]))
+
+
+# -- an underlay and the hosts on it (the lab's nodes, the tests' topology hosts) ------------
+
+
+def make_underlay(ns: str, *, address: IPv4Interface | None = None, mtu: int | None = None) -> None:
+    """Bridge ``br0`` in namespace ``ns`` (up, with ``address`` if given), loopback up.
+
+    :raises CommandError: an ``ip`` command failed.
+    """
+    ip(ns, "link", "add", "br0", "type", "bridge")
+    if mtu is not None:
+        ip(ns, "link", "set", "br0", "mtu", str(mtu))
+    if address is not None:
+        ip(ns, "addr", "add", str(address), "dev", "br0")
+    ip(ns, "link", "set", "br0", "up")
+    ip(ns, "link", "set", "lo", "up")
+
+
+def attach_host(
+    underlay_ns: str,
+    port: str,
+    host_ns: str,
+    address: IPv4Interface,
+    *,
+    gateway: IPv4Address | None = None,
+    mtu: int | None = None,
+) -> None:
+    """Make ``host_ns`` a node on the underlay: ``eth0`` (veth, its peer ``port`` on
+    ``br0``) with ``address``, a default route via ``gateway`` if given, IPv4 forwarding.
+
+    :raises CommandError: an ``ip`` or ``sysctl`` command failed.
+    """
+    sized = ["mtu", str(mtu)] if mtu is not None else []
+    peer = ["peer", "name", "eth0", *sized, "netns", host_ns]
+    ip(underlay_ns, "link", "add", port, *sized, "type", "veth", *peer)
+    ip(underlay_ns, "link", "set", port, "master", "br0", "up")
+    ip(host_ns, "link", "set", "lo", "up")
+    ip(host_ns, "addr", "add", str(address), "dev", "eth0")
+    ip(host_ns, "link", "set", "eth0", "up")
+    if gateway is not None:
+        ip(host_ns, "route", "add", "default", "via", str(gateway))
+    sysctl(host_ns, "net.ipv4.ip_forward", "1")
 
 
 # -- mount namespaces ------------------------------------------------------------------------
@@ -135,7 +179,7 @@ def mount_points() -> set[str]:
 
 
 def http_get(
-    netns: str,
+    netns: str | None,
     host: str,
     port: int,
     path: str,
@@ -143,7 +187,7 @@ def http_get(
     context: ssl.SSLContext | None = None,
     timeout: float = 3.0,
 ) -> tuple[int, str]:
-    """(status, body) of ``GET path`` from inside ``netns``.
+    """(status, body) of ``GET path`` from inside ``netns`` (None: from here).
 
     :raises OSError: connection failed; :raises LodenError: timed out.
     """
@@ -161,4 +205,6 @@ def http_get(
         finally:
             conn.close()
 
+    if netns is None:
+        return request()
     return call_in_netns(netns, request, timeout=timeout + 2)

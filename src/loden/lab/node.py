@@ -33,8 +33,9 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 
 from loden.errors import LodenError
+from loden.files import replace_file
 from loden.lab import netns, proc, units
-from loden.lab.pki import TlsFiles
+from loden.lab.pki import EtcdPKI
 from loden.lab.plan import HEALTHZ_PORT, LabPlan
 from loden.lab.state import LabState, NodeRecord, ensure_mountpoint, host_lock
 from loden.model.subnet_env import parse_env_text
@@ -74,7 +75,7 @@ def loden_executable() -> str:
 
 
 def build_node(
-    state: LabState, node: str, tls: TlsFiles | None, *, extra_ro: tuple[str, ...] = ()
+    state: LabState, node: str, tls: EtcdPKI | None, *, extra_ro: tuple[str, ...] = ()
 ) -> NodeRecord:
     """Create the node's namespaces and private tree and render its units.
 
@@ -85,21 +86,14 @@ def build_node(
     ns = plan.node_ns(node)
     address = plan.node_address(node)
     netns.add_netns(state, ns)
-    netns.ip(
-        plan.underlay_ns, "link", "add", node, "type", "veth", "peer", "name", "eth0", "netns", ns
-    )
-    netns.ip(plan.underlay_ns, "link", "set", node, "master", "br0", "up")
-    netns.ip(ns, "addr", "add", str(address), "dev", "eth0")
-    netns.ip(ns, "link", "set", "eth0", "up")
-    netns.ip(ns, "route", "add", "default", "via", str(plan.gateway.ip))
-    netns.sysctl(ns, "net.ipv4.ip_forward", "1")
+    netns.attach_host(plan.underlay_ns, node, ns, address, gateway=plan.gateway.ip)
 
     root = plan.node_root(node)
     targets = list(PRIVATE_PATHS) + (list(DOCKER_PATHS) if plan.runtime == "docker" else [])
     binds: list[tuple[Path, str, bool]] = [(root / t.lstrip("/"), t, False) for t in targets]
     binds += [(root / t.lstrip("/"), t, True) for t in extra_ro]
     if tls is not None:
-        binds.append((tls.directory, ETCD_SSL, True))
+        binds.append((tls.dir, ETCD_SSL, True))
     with host_lock():
         for _, target, _ in binds:
             ensure_mountpoint(Path(target))
@@ -117,7 +111,7 @@ def agent_options(plan: LabPlan, address: IPv4Interface) -> str:
     return f"-healthz-ip={address.ip} -healthz-port={HEALTHZ_PORT}"
 
 
-def render(plan: LabPlan, node: NodeRecord, tls: TlsFiles | None) -> None:
+def render(plan: LabPlan, node: NodeRecord, tls: EtcdPKI | None) -> None:
     """``loden systemd render --root /`` inside the node (the seed's flannel.sh)."""
     argv = [
         loden_executable(),
@@ -225,5 +219,5 @@ def write_manual_subnet(state: LabState, node: NodeRecord, index: int) -> NodeRe
         "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
     )
     path = plan.node_root(node.name) / SUBNET_FILE.lstrip("/")
-    path.write_text(text, encoding="utf-8")
+    replace_file(path, text.encode("utf-8"))  # the CNI plugin may read it at any time
     return state.update_node(node.name, subnet=str(subnet), mtu=1450)

@@ -136,6 +136,7 @@ def render_svg(
     *,
     backend: str,
     underlay: str,
+    store: str = "etcd",
 ) -> bytes:
     """The picture as SVG bytes (needs Graphviz's ``dot``)."""
     import graphviz  # optional dependency: loden[pictures]
@@ -152,7 +153,8 @@ def render_svg(
         if (r := _between(pairs, a.name, b.name)) is not None and r.median_ms is not None
     ]
     slowest = max(times, default=0.0)
-    graph.node("underlay", f"underlay {underlay}\netcd", shape="cylinder", style="filled",
+    server = "kube-apiserver (double)" if store == "kube" else "etcd"
+    graph.node("underlay", f"underlay {underlay}\n{server}", shape="cylinder", style="filled",
                fillcolor="#eceff1")  # fmt: skip
     for node in nodes:
         inside = _between(pairs, node.name, node.name)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loden.errors import LodenError
+from loden.files import replace_file
 from loden.lab import netns, proc
 from loden.lab.plan import ENV_MARKER
 from loden.lab.state import ContainerRecord, LabState, NodeRecord, PodRecord, ProcRecord
@@ -50,7 +51,7 @@ def cni_path() -> str:
 def write_conflist(state: LabState, node: str) -> Path:
     path = state.plan.node_root(node) / CONFLIST_PATH.lstrip("/")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(CONFLIST, indent=2) + "\n", encoding="utf-8")
+    replace_file(path, (json.dumps(CONFLIST, indent=2) + "\n").encode("utf-8"))
     return path
 
 

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 from loden.errors import LodenError
+from loden.files import replace_file
 from loden.lab import proc, units
 from loden.lab.runtime_cni import APP_PORT
 from loden.lab.state import ContainerRecord, LabState, NodeRecord, PodRecord
@@ -60,7 +61,7 @@ def prepare(state: LabState, node: NodeRecord) -> None:
     }
     config = state.plan.node_root(node.name) / "etc/docker/daemon.json"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps(daemon, indent=2) + "\n", encoding="utf-8")
+    replace_file(config, (json.dumps(daemon, indent=2) + "\n").encode("utf-8"))
     if not os.path.exists(SEED_DOCKERD):
         dockerd = proc.require("dockerd", "docker.io")
         units.write_dropin(

@@ -7,8 +7,8 @@ what systemd would do with the files ``loden systemd render`` wrote into a node:
    name order; an empty ``ExecStart=`` / ``ExecStartPost=`` resets the list, as in
    systemd) from the node's private file tree;
 2. build the environment: systemd's default ``PATH``, then each ``EnvironmentFile=``
-   (:func:`loden.tools.systemd.unit_environment`), plus ``NOTIFY_SOCKET``;
-3. start ``ExecStart`` (:func:`loden.tools.systemd.exec_argv`: ``$VAR`` split into
+   (:func:`loden.tools.systemd_files.unit_environment`), plus ``NOTIFY_SOCKET``;
+3. start ``ExecStart`` (:func:`loden.tools.systemd_files.exec_argv`: ``$VAR`` split into
    words, quotes removed) inside the node's mount and network namespaces;
 4. wait for ``READY=1`` on the notify socket, accepted only from the main pid
    (``NotifyAccess=main``, the default), for at most ``timeout`` seconds; if the
@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loden.errors import LodenError
+from loden.files import replace_file
 from loden.lab import netns, proc
 from loden.lab.plan import ENV_MARKER
 from loden.lab.state import LabState, NodeRecord, ProcRecord
-from loden.tools.systemd import UNIT_DIR, exec_argv, parse_unit, under_root, unit_environment
+from loden.tools.systemd import UNIT_DIR
+from loden.tools.systemd_files import exec_argv, parse_unit, under_root, unit_environment
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,7 @@ def exec_lines(text: str, key: str) -> list[str]:
 def write_dropin(root: Path, unit: str, name: str, text: str) -> Path:
     """Write ``<unit>.d/<name>.conf`` into the node's unit directory."""
     path = under_root(root, f"{UNIT_DIR}/{unit}.d/{name}.conf")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    replace_file(path, text.encode("utf-8"))
     return path
 
 

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from loden.errors import ConfigError, LodenError
 from loden.lab import etcd, kube, netns, node, proc, runtime_cni, runtime_docker
-from loden.lab.pki import TlsFiles, make_pki
+from loden.lab.pki import EtcdPKI, make_pki
 from loden.lab.plan import LAB_ROOT, LabPlan, check_name, pick_addresses
 from loden.lab.report import Reporter
 from loden.lab.state import LabState, NodeRecord, host_lock, taken_networks
@@ -134,12 +134,10 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
     plan = state.plan
     with reporter.step(f"underlay {plan.underlay_ns}: bridge br0 {plan.gateway}"):
         netns.add_netns(state, plan.underlay_ns)
-        netns.ip(plan.underlay_ns, "link", "add", "br0", "type", "bridge")
-        netns.ip(plan.underlay_ns, "addr", "add", str(plan.gateway), "dev", "br0")
-        netns.ip(plan.underlay_ns, "link", "set", "br0", "up")
+        netns.make_underlay(plan.underlay_ns, address=plan.gateway)
     if plan.store == "kube":
         return up_kube(state, reporter, agent_timeout=agent_timeout)
-    tls: TlsFiles | None = None
+    tls: EtcdPKI | None = None
     if plan.tls:
         with reporter.step("TLS: CA and etcd server/client certificate (the seed's server.pem)"):
             # Like the seed's cfssl hosts list, the SANs name every machine: etcd checks a

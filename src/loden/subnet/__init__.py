@@ -124,6 +124,7 @@ async def open_subnet_manager(settings: AgentSettings) -> SubnetManager:
     if settings.kube.enabled:
         return await _open_kube_subnet_manager(settings)
     store = await open_store(settings.etcd, wait=True)
+    log.info("subnet manager: etcd %s API at %s", store.api, ",".join(settings.etcd.endpoints))
     return EtcdSubnetManager(
         store, ttl=settings.lease_ttl_seconds, renew_margin=settings.renew_margin_minutes * 60
     )

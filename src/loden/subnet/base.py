@@ -42,7 +42,8 @@ class SubnetManager(Protocol):
 
     @property
     def name(self) -> str:
-        """Human-readable store name for logs (``etcd v3``, ``etcd v2``, ``kube``)."""
+        """Human-readable store name for logs (``etcd``, ``kube``): "<name> is not
+        answering"."""
         ...
 
     @property

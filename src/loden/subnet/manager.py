@@ -109,7 +109,9 @@ class EtcdSubnetManager:
 
     @property
     def name(self) -> str:
-        return f"etcd-{self.store.api}"
+        # What the operator calls it ("etcd is not answering"); the API is logged once
+        # when the agent picks it.
+        return "etcd"
 
     @property
     def watch_restarts(self) -> int:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import stat
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from loden.errors import ConfigError, LodenError
+from loden.files import replace_file
 from loden.tools.kube_manifest import DEFAULT_IMAGE, NAMESPACE, ManifestOptions, render
 
 USAGE = """usage:
@@ -37,18 +36,7 @@ def install_conf(src: Path, dst: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot read {src}: {exc.strerror or exc}") from exc
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp", dir=dst.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_file(dst, data, mode=mode)
     except OSError as exc:
         raise ConfigError(f"cannot install {dst}: {exc.strerror or exc}") from exc
 

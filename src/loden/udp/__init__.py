@@ -10,14 +10,14 @@ dropped; a destination in the Network with no lease gets an ICMP Net Unreachable
 Where the speed comes from: a Python proxy pays per system call, not per byte, so the
 design batches system calls without changing a byte on the wire:
 
-* sender (:mod:`.worker`, :mod:`.gso`): the TUN gives 64 KB TCP super-packets
+* sender (:mod:`.tx`, :mod:`.gso`): the TUN gives 64 KB TCP super-packets
   (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``), cut into MSS segments with complete checksums;
   runs of equal-size datagrams to one peer leave in one ``sendmsg`` with a
   ``UDP_SEGMENT`` cmsg (the kernel cuts them back into separate datagrams). Segmenting
   is a C loop (``_fastpath.c``, built by setup.py); without a compiler the Python loop
   is used and the TUN gives one kernel-checksummed segment per read instead, which is
   cheaper than a Python checksum (2-3 µs per segment);
-* receiver (:mod:`.gro`): ``UDP_GRO`` returns many datagrams per ``recvmsg``; in-order
+* receiver (:mod:`.rx`, :mod:`.gro`): ``UDP_GRO`` returns many datagrams per ``recvmsg``; in-order
   segments of one TCP flow (checked by a C loop when built) are glued into one
   super-packet written with one ``writev``
   and a virtio-net header (``GSO_TCPV4`` + ``NEEDS_CSUM``), so the kernel's stack runs
@@ -36,6 +36,7 @@ call C forwarder of flannel's proxy design (bench/c_proxy.c) and 5-6x a naive Py
 loop; 64-byte UDP 1.2-1.3x the C forwarder. Without the C loops: TCP ~0.055.
 
 Modules: :mod:`.csum` (ones'-complement sums), :mod:`.packet` (IPv4 rules, TTL, ICMP),
-:mod:`.tun`, :mod:`.sockets`, :mod:`.peers`, :mod:`.gso`, :mod:`.gro`, :mod:`.worker`,
-:mod:`.engine`, and :mod:`.frames` (packet builders for tests and benchmarks).
+:mod:`.tun`, :mod:`.sockets`, :mod:`.peers`, :mod:`.gso`, :mod:`.gro`, :mod:`.tx` and
+:mod:`.rx` (a worker's two halves, over :mod:`.parts`), :mod:`.worker` and
+:mod:`.engine`. Packet builders for tests and benchmarks: tests/fixtures/frames.py.
 """

@@ -28,6 +28,19 @@
  * The two loops exist for the per-packet path (small UDP, ACKs, peers that send one
  * packet per datagram): there every packet costs a wake-up, and the Python loop's
  * ~5 us of interpreter work per packet, not the system calls, was the limit.
+ *
+ * Counters: the three loops return a Counters struct sequence (named fields, see
+ * _fastpath.pyi); Python adds them up by name.
+ *
+ * NOT REENTRANT, one caller per process: tun_to_wire, wire_to_tun and serve share two
+ * static buffers (rx_buf, run_buf: one 64 KB receive buffer and one UDP_SEGMENT run,
+ * so no allocation per packet). A pass holds data in them across calls that allocate
+ * Python objects (the peer lookup, the frame handed back), and an allocation can run
+ * the garbage collector, whose finalizers may run Python code that releases the GIL
+ * or calls back into this module; serve also drops the GIL in epoll_wait. A second
+ * caller (another thread, or a finalizer) would overwrite a packet or a pending run.
+ * The worker process is single-threaded, so this holds by construction; a call made
+ * while another is in progress raises RuntimeError instead of corrupting data.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -323,40 +336,172 @@ static void send_run(int sock, uint32_t ip, uint16_t port, const uint8_t *buf, s
     st->tx_errors += 1;
 }
 
-/* The peer (public IP) for dst, from Python's [(mask, {network: ip_u32})]; -1 if none. */
-static int64_t lookup(PyObject *groups, uint32_t dst) {
+/* The peer table for one call, converted and checked once at entry (check_groups):
+ * one (mask, {network: public IP}) group per prefix length, longest first. The dicts
+ * are owned references, so nothing a finalizer does to Python's list can free them
+ * under a pass. */
+#define MAX_GROUPS 33 /* prefix lengths /32 ... /0 */
+typedef struct {
+    Py_ssize_t n;
+    uint32_t mask[MAX_GROUPS];
+    PyObject *nets[MAX_GROUPS];
+} route_table;
+
+static void release_groups(route_table *t) {
+    for (Py_ssize_t i = 0; i < t->n; i++) {
+        Py_CLEAR(t->nets[i]);
+    }
+    t->n = 0;
+}
+
+/* Python's [(mask, {network: ip_u32})] into *t. Returns 0, or -1 with TypeError or
+ * ValueError set (and nothing held). */
+static int check_groups(PyObject *groups, route_table *t) {
+    t->n = 0;
+    if (!PyList_Check(groups)) {
+        PyErr_SetString(PyExc_TypeError, "groups must be a list of (mask, dict)");
+        return -1;
+    }
     Py_ssize_t n = PyList_GET_SIZE(groups);
+    if (n > MAX_GROUPS) {
+        PyErr_Format(PyExc_ValueError, "groups: %zd groups, at most %d (one per prefix length)",
+                     n, MAX_GROUPS);
+        return -1;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *group = PyList_GET_ITEM(groups, i);
-        uint32_t mask = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(group, 0));
-        PyObject *key = PyLong_FromUnsignedLong(dst & mask);
+        PyObject *g = PyList_GET_ITEM(groups, i);
+        if (!PyTuple_Check(g) || PyTuple_GET_SIZE(g) != 2 || !PyLong_Check(PyTuple_GET_ITEM(g, 0)) ||
+            !PyDict_Check(PyTuple_GET_ITEM(g, 1))) {
+            PyErr_SetString(PyExc_TypeError, "groups must be a list of (mask, dict)");
+            release_groups(t);
+            return -1;
+        }
+        unsigned long long mask = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(g, 0));
+        if (mask == (unsigned long long)-1 && PyErr_Occurred()) {
+            /* negative (ValueError... as OverflowError) or beyond 64 bits */
+            PyErr_Clear();
+            mask = 1ULL << 32;
+        }
+        if (mask > 0xFFFFFFFFULL) {
+            PyErr_SetString(PyExc_ValueError, "groups: a mask must be a 32-bit unsigned int");
+            release_groups(t);
+            return -1;
+        }
+        t->mask[i] = (uint32_t)mask;
+        t->nets[i] = Py_NewRef(PyTuple_GET_ITEM(g, 1));
+        t->n = i + 1;
+    }
+    return 0;
+}
+
+/* The peer (public IP) for dst; -1 if none; -2 with a Python error set (a table value
+ * that is not an IPv4 address as an int, or no memory). */
+static int64_t lookup(const route_table *t, uint32_t dst) {
+    for (Py_ssize_t i = 0; i < t->n; i++) {
+        PyObject *key = PyLong_FromUnsignedLong(dst & t->mask[i]);
         if (key == NULL) {
             return -2;
         }
-        PyObject *hit = PyDict_GetItemWithError(PyTuple_GET_ITEM(group, 1), key);
+        PyObject *hit = PyDict_GetItemWithError(t->nets[i], key);
         Py_DECREF(key);
-        if (hit != NULL) {
-            return (int64_t)PyLong_AsUnsignedLong(hit);
+        if (hit == NULL) {
+            if (PyErr_Occurred()) {
+                return -2;
+            }
+            continue;
         }
-        if (PyErr_Occurred()) {
+        if (!PyLong_Check(hit)) {
+            PyErr_SetString(PyExc_TypeError, "groups: a peer must be an IPv4 address as an int");
             return -2;
         }
+        unsigned long long ip = PyLong_AsUnsignedLongLong(hit);
+        if (ip == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            ip = 1ULL << 32;
+        }
+        if (ip > 0xFFFFFFFFULL) {
+            PyErr_SetString(PyExc_ValueError, "groups: a peer must be a 32-bit unsigned int");
+            return -2;
+        }
+        return (int64_t)ip;
     }
     return -1;
 }
 
-/* Counters of the plain-packet loops, in the order Python's worker names them. */
+/* Counters of the plain-packet loops; returned to Python as a Counters struct sequence
+ * whose field names are the worker's counter names. */
 typedef struct {
     long tun_reads, tun_bytes, bad_from_tun, ttl_drops;
     long rx_calls, rx_bytes, rx_packets, rx_dropped, tun_writes, tun_write_errors;
     send_stats tx;
 } counters;
 
-static PyObject *counters_tuple(const counters *c) {
-    return Py_BuildValue("(lllllllllllll)", c->tun_reads, c->tun_bytes, c->bad_from_tun,
-                         c->ttl_drops, c->tx.tx_datagrams, c->tx.tx_sends, c->tx.tx_errors,
-                         c->rx_calls, c->rx_bytes, c->rx_packets, c->rx_dropped, c->tun_writes,
-                         c->tun_write_errors);
+static PyStructSequence_Field counter_fields[] = {
+    {"tun_reads", "frames read from the TUN"},
+    {"tun_bytes", "bytes read from the TUN"},
+    {"bad_from_tun", "frames from the TUN that are not IPv4"},
+    {"ttl_drops", "packets dropped at TTL 1"},
+    {"tx_datagrams", "datagrams sent to peers"},
+    {"tx_sends", "sendmsg calls that succeeded"},
+    {"tx_errors", "sendmsg calls that failed"},
+    {"rx_calls", "recvmsg calls that returned data"},
+    {"rx_bytes", "bytes received from peers"},
+    {"rx_packets", "packets written towards the TUN"},
+    {"rx_dropped", "received segments dropped (malformed, TTL, receive errors)"},
+    {"tun_writes", "writes to the TUN"},
+    {"tun_write_errors", "writes to the TUN that failed"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc counters_desc = {
+    .name = "loden.udp._fastpath.Counters",
+    .doc = "What one call of the C loops did (added to the worker's counters by name).",
+    .fields = counter_fields,
+    .n_in_sequence = 13,
+};
+
+static PyTypeObject *CountersType; /* created in PyInit__fastpath */
+
+static PyObject *counters_object(const counters *c) {
+    const long values[] = {c->tun_reads,       c->tun_bytes,      c->bad_from_tun,
+                           c->ttl_drops,       c->tx.tx_datagrams, c->tx.tx_sends,
+                           c->tx.tx_errors,    c->rx_calls,       c->rx_bytes,
+                           c->rx_packets,      c->rx_dropped,     c->tun_writes,
+                           c->tun_write_errors};
+    PyObject *obj = PyStructSequence_New(CountersType);
+    if (obj == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < (Py_ssize_t)(sizeof(values) / sizeof(values[0])); i++) {
+        PyObject *v = PyLong_FromLong(values[i]);
+        if (v == NULL) {
+            Py_DECREF(obj);
+            return NULL;
+        }
+        PyStructSequence_SET_ITEM(obj, i, v);
+    }
+    return obj;
+}
+
+/* The static buffers' owner (see the top of this file): set while a loop runs. */
+static int busy;
+
+static int enter(void) {
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "_fastpath loops are not reentrant: one caller per process");
+        return -1;
+    }
+    busy = 1;
+    return 0;
+}
+
+static int check_port(int port) {
+    if (port < 0 || port > 0xFFFF) {
+        PyErr_Format(PyExc_ValueError, "port must be 0..65535, not %d", port);
+        return -1;
+    }
+    return 0;
 }
 
 /* The virtio-net header is absent (0) or 10/12 bytes (TUNSETVNETHDRSZ). */
@@ -368,25 +513,9 @@ static int check_vnet(Py_ssize_t vnet) {
     return 0;
 }
 
-static int check_groups(PyObject *groups) {
-    if (!PyList_Check(groups)) {
-        PyErr_SetString(PyExc_TypeError, "groups must be a list of (mask, dict)");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(groups); i++) {
-        PyObject *g = PyList_GET_ITEM(groups, i);
-        if (!PyTuple_Check(g) || PyTuple_GET_SIZE(g) != 2 || !PyLong_Check(PyTuple_GET_ITEM(g, 0)) ||
-            !PyDict_Check(PyTuple_GET_ITEM(g, 1))) {
-            PyErr_SetString(PyExc_TypeError, "groups must be a list of (mask, dict)");
-            return -1;
-        }
-    }
-    return 0;
-}
-
 /* TUN -> wire for up to budget reads. Returns 0, or -1 with a Python error set. A frame
  * for Python (no route, offloads) ends the pass in *special; a read error in *err. */
-static int tun_pass(int tun, int sock, Py_ssize_t vnet, PyObject *groups, int port,
+static int tun_pass(int tun, int sock, Py_ssize_t vnet, const route_table *groups, int port,
                     Py_ssize_t budget, counters *c, PyObject **special, int *err) {
     int64_t cur_ip = -1;
     size_t cur_size = 0, cur_len = 0;
@@ -408,6 +537,10 @@ static int tun_pass(int tun, int sock, Py_ssize_t vnet, PyObject *groups, int po
         uint8_t *pkt = rx_buf + vnet;
         int64_t peer = lookup(groups, be32(pkt + 16));
         if (peer == -2) {
+            if (cur_n) { /* what was already routed still goes out */
+                send_run(sock, (uint32_t)cur_ip, (uint16_t)port, run_buf, cur_len, cur_size,
+                         cur_n, &c->tx);
+            }
             return -1;
         }
         if (peer >= 0 && pkt[8] <= 1) {
@@ -547,6 +680,24 @@ static int wire_pass(int sock, int tun, Py_ssize_t vnet, Py_ssize_t budget, Py_s
     return 0;
 }
 
+/* The checks of a call that forwards with the peer table; on success the caller holds
+ * *table and the static buffers until end_forwarding. Returns 0, or -1 with an error. */
+static int begin_forwarding(Py_ssize_t vnet, int port, PyObject *groups, route_table *table) {
+    if (check_vnet(vnet) < 0 || check_port(port) < 0 || check_groups(groups, table) < 0) {
+        return -1;
+    }
+    if (enter() < 0) {
+        release_groups(table);
+        return -1;
+    }
+    return 0;
+}
+
+static void end_forwarding(route_table *table) {
+    busy = 0;
+    release_groups(table);
+}
+
 static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
     int tun, sock, port;
     Py_ssize_t vnet, budget;
@@ -554,16 +705,19 @@ static PyObject *tun_to_wire(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iinOin", &tun, &sock, &vnet, &groups, &port, &budget)) {
         return NULL;
     }
-    if (check_groups(groups) < 0 || check_vnet(vnet) < 0) {
+    route_table table;
+    if (begin_forwarding(vnet, port, groups, &table) < 0) {
         return NULL;
     }
     counters c = {0};
     PyObject *special = NULL;
     int err = 0;
-    if (tun_pass(tun, sock, vnet, groups, port, budget, &c, &special, &err) < 0) {
+    int ok = tun_pass(tun, sock, vnet, &table, port, budget, &c, &special, &err);
+    end_forwarding(&table);
+    if (ok < 0) {
         return NULL;
     }
-    return Py_BuildValue("(NiN)", counters_tuple(&c), err, special ? special : Py_NewRef(Py_None));
+    return Py_BuildValue("(NiN)", counters_object(&c), err, special ? special : Py_NewRef(Py_None));
 }
 
 static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
@@ -572,16 +726,18 @@ static PyObject *wire_to_tun(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iinnn", &sock, &tun, &vnet, &budget, &max_bytes)) {
         return NULL;
     }
-    if (check_vnet(vnet) < 0) {
+    if (check_vnet(vnet) < 0 || enter() < 0) {
         return NULL;
     }
     counters c = {0};
     PyObject *rest = NULL;
     int err = 0;
-    if (wire_pass(sock, tun, vnet, budget, max_bytes, &c, &rest, &err) < 0) {
+    int ok = wire_pass(sock, tun, vnet, budget, max_bytes, &c, &rest, &err);
+    busy = 0;
+    if (ok < 0) {
         return NULL;
     }
-    return Py_BuildValue("(NiN)", counters_tuple(&c), err, rest ? rest : Py_NewRef(Py_None));
+    return Py_BuildValue("(NiN)", counters_object(&c), err, rest ? rest : Py_NewRef(Py_None));
 }
 
 enum { SERVE_CONTROL = 0, SERVE_SPECIAL = 1, SERVE_REST = 2, SERVE_TUN_LOST = 3 };
@@ -589,6 +745,10 @@ enum { SERVE_CONTROL = 0, SERVE_SPECIAL = 1, SERVE_REST = 2, SERVE_TUN_LOST = 3 
 /* The worker's event loop for plain traffic: returns to Python only for what it must
  * decide (a control message, a frame with no route or offloads, a batch with TCP data
  * to coalesce, a TUN that is gone), with the counters accumulated until then. */
+static PyObject *serve_loop(int epfd, int ctl, int tun, int sock, Py_ssize_t vnet,
+                            const route_table *groups, int port, Py_ssize_t budget,
+                            Py_ssize_t max_bytes);
+
 static PyObject *serve(PyObject *self, PyObject *args) {
     int epfd, ctl, tun, sock, port;
     Py_ssize_t vnet, budget, max_bytes;
@@ -597,9 +757,18 @@ static PyObject *serve(PyObject *self, PyObject *args) {
                           &budget, &max_bytes)) {
         return NULL;
     }
-    if (check_groups(groups) < 0 || check_vnet(vnet) < 0) {
+    route_table table;
+    if (begin_forwarding(vnet, port, groups, &table) < 0) {
         return NULL;
     }
+    PyObject *result = serve_loop(epfd, ctl, tun, sock, vnet, &table, port, budget, max_bytes);
+    end_forwarding(&table);
+    return result;
+}
+
+static PyObject *serve_loop(int epfd, int ctl, int tun, int sock, Py_ssize_t vnet,
+                            const route_table *groups, int port, Py_ssize_t budget,
+                            Py_ssize_t max_bytes) {
     counters c = {0};
     struct epoll_event events[8];
     for (;;) {
@@ -618,7 +787,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
         }
         for (int i = 0; i < n; i++) {  /* control first: a new peer table before packets */
             if (events[i].data.fd == ctl) {
-                return Py_BuildValue("(NiO)", counters_tuple(&c), SERVE_CONTROL, Py_None);
+                return Py_BuildValue("(NiO)", counters_object(&c), SERVE_CONTROL, Py_None);
             }
         }
         for (int i = 0; i < n; i++) {
@@ -629,7 +798,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
                     return NULL;
                 }
                 if (rest != NULL) {
-                    return Py_BuildValue("(NiN)", counters_tuple(&c), SERVE_REST, rest);
+                    return Py_BuildValue("(NiN)", counters_object(&c), SERVE_REST, rest);
                 }
             } else if (fd == tun) {
                 if (events[i].events & (EPOLLERR | EPOLLHUP) && !(events[i].events & EPOLLIN)) {
@@ -640,12 +809,12 @@ static PyObject *serve(PyObject *self, PyObject *args) {
                         return NULL;
                     }
                     if (special != NULL) {
-                        return Py_BuildValue("(NiN)", counters_tuple(&c), SERVE_SPECIAL, special);
+                        return Py_BuildValue("(NiN)", counters_object(&c), SERVE_SPECIAL, special);
                     }
                 }
             }
             if (err) {
-                return Py_BuildValue("(Nii)", counters_tuple(&c), SERVE_TUN_LOST, err);
+                return Py_BuildValue("(Nii)", counters_object(&c), SERVE_TUN_LOST, err);
             }
         }
     }
@@ -673,4 +842,21 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__fastpath(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (CountersType == NULL) {
+        CountersType = PyStructSequence_NewType(&counters_desc);
+        if (CountersType == NULL) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    if (PyModule_AddObjectRef(m, "Counters", (PyObject *)CountersType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

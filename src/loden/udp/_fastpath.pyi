@@ -1,4 +1,10 @@
-"""Types of the optional C extension built from _fastpath.c."""
+"""Types of the optional C extension built from _fastpath.c.
+
+Not reentrant: one caller per process at a time (static buffers; see the C file's
+header). A call made while another runs raises RuntimeError.
+"""
+
+from typing import ClassVar
 
 from loden.udp.csum import BytesLike
 
@@ -19,9 +25,26 @@ def gro_scan(
     /,
 ) -> tuple[int, int, int, int, int, int]: ...
 
-#: tun_reads, tun_bytes, bad_from_tun, ttl_drops, tx_datagrams, tx_sends, tx_errors,
-#: rx_calls, rx_bytes, rx_packets, rx_dropped, tun_writes, tun_write_errors
-Counts = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
+class Counters(tuple[int, ...]):
+    """What one call of the C loops did; the names are the worker's counter names."""
+
+    __match_args__: ClassVar[tuple[str, ...]]
+    n_fields: ClassVar[int]
+    tun_reads: int
+    tun_bytes: int
+    bad_from_tun: int
+    ttl_drops: int
+    tx_datagrams: int
+    tx_sends: int
+    tx_errors: int
+    rx_calls: int
+    rx_bytes: int
+    rx_packets: int
+    rx_dropped: int
+    tun_writes: int
+    tun_write_errors: int
+
+Counts = Counters
 Groups = list[tuple[int, dict[int, int]]]
 
 def tun_to_wire(
