@@ -121,4 +121,4 @@ def test_three_nodes_restart_stale_lease_and_failures(
     assert "InternalError" in healthz(node0)[1]
     env.front.clear_faults()
     assert wait_until(lambda: healthz(node0)[0] == 200, timeout=60), healthz(node0)
-    assert node0.proc is not None and node0.proc.running
+    assert node0.proc is not None and node0.proc.running()
