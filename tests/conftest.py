@@ -7,4 +7,5 @@ pytest_plugins: list[str] = [
     "tests.fixtures.etcd",
     "tests.fixtures.kubeapi",
     "tests.fixtures.cloud_aws",
+    "tests.fixtures.cloud_gce",
 ]
