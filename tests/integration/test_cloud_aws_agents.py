@@ -17,6 +17,7 @@ import pytest
 from loden.kernel.netns import call_in_netns
 from tests.fixtures.cloud_aws import AwsCloud, AwsFront
 from tests.fixtures.topology import Topology, TopologyFactory, wait_until
+from tests.fixtures.vpc_router import apply_route_table
 from tests.integration.agent_support import AgentCluster, AgentNode
 
 MUTATIONS = {"CreateRoute", "DeleteRoute", "ReplaceRoute"}
@@ -85,6 +86,21 @@ def test_three_nodes_restart_stale_lease_and_failures(
     cluster.start_all()
     assert wait_until(lambda: routes_ok(env, cluster), timeout=30), env.cloud.routes(env.table)
     node0, _, node2 = cluster.nodes
+    # The "VPC router" forwards by the table: pods on every node reach each other.
+    cluster.add_pods()
+    first, second = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    assert not first.ns.ping(second.ip, wait=1.0)  # no cloud route on the router yet
+    ip_of_eni = {eni: ip for ip, eni in env.enis.items()}
+    table = env.cloud.routes(env.table)
+    apply_route_table(
+        cluster.topo.underlay,
+        {
+            cidr: ip_of_eni[r["NetworkInterfaceId"]]
+            for cidr, r in table.items()
+            if r.get("NetworkInterfaceId") in ip_of_eni
+        },
+    )
+    assert cluster.mesh_failures() == []
     # The lease is flannel's (etcd v3 era): PublicIP only, no BackendType.
     key = f"/coreos.com/network/subnets/{str(node0.subnet).replace('/', '-')}"
     value = cluster.topo.underlay.out(

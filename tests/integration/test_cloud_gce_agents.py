@@ -8,6 +8,7 @@ import pytest
 
 from tests.fixtures.cloud_gce import GceDouble
 from tests.fixtures.topology import TopologyFactory, wait_until
+from tests.fixtures.vpc_router import apply_route_table
 from tests.integration.agent_support import AgentCluster
 from tests.integration.test_cloud_aws_agents import healthz
 
@@ -49,6 +50,16 @@ def test_three_nodes_restart_stale_lease_and_failures(
     cluster.start_all()
     assert wait_until(lambda: routes_ok(double, cluster), timeout=30), double.routes
     node0, _, node2 = cluster.nodes
+    # The "VPC router" forwards by the project's routes: pods reach each other.
+    cluster.add_pods()
+    first, second = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    assert not first.ns.ping(second.ip, wait=1.0)  # no cloud route on the router yet
+    ip_of = {double.instance_link(name): ip for ip, name in double.instances.items()}
+    apply_route_table(
+        cluster.topo.underlay,
+        {r["destRange"]: ip_of[r["nextHopInstance"]] for r in list(double.routes.values())},
+    )
+    assert cluster.mesh_failures() == []
     assert wait_until(lambda: healthz(node0)[0] == 200, timeout=15), healthz(node0)
 
     # Restart: the exact route is left alone.
