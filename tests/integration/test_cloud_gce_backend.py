@@ -141,3 +141,17 @@ async def test_missing_permission_named(gce_double: GceDouble) -> None:
     assert report.errors
     assert "compute.routes.create" in report.errors[0]
     assert f"projects/{gce_double.project}/global/routes" in report.errors[0]
+
+
+async def test_event_removes_only_the_removed_subnet(gce_double: GceDouble) -> None:
+    lease_b = Lease(IPv4Network("10.40.6.0/24"), LeaseAttrs(public_ip=IPv4Address("10.128.0.3")))
+    lease_c = Lease(IPv4Network("10.40.7.0/24"), LeaseAttrs(public_ip=IPv4Address("10.128.0.4")))
+    both = {lease_b.key: lease_b, lease_c.key: lease_c}
+    for name, sub in (("node-b", "10.40.6.0/24"), ("node-c", "10.40.7.0/24")):
+        assert not (await (await start(gce_double, name, sub)).reconcile(both)).errors
+    a = await start(gce_double, "node-a", "10.40.5.0/24")
+    # No reconcile yet: a knows no peers, which must not make c's route look stale.
+    report = await a.apply([LeaseEvent(EventKind.REMOVED, lease_b)])
+    assert not report.errors and report.removed == 1
+    assert "flannel-10-40-7-0-24" in gce_double.routes
+    assert "flannel-10-40-6-0-24" not in gce_double.routes

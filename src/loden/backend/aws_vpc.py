@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -285,7 +285,7 @@ class AwsVpcRoutes:
         )
 
     async def run(
-        self, peers: Mapping[str, Lease], gone: frozenset[IPv4Network]
+        self, peers: Mapping[str, Lease] | None, gone: frozenset[IPv4Network]
     ) -> ReconcileReport:
         ec2, ident = await self._identify()
         if not self.src_dst_done:
@@ -299,14 +299,21 @@ class AwsVpcRoutes:
             except CloudError as exc:  # flannel: a warning; pods' packets may be dropped
                 log.warning("failed to disable SourceDestCheck on %s: %s.", ident.eni, exc)
             self.src_dst_done = True
-        live = {lease.subnet for lease in peers.values()} | {self.lease.subnet}
+        if peers is None:  # an event batch: only what it removed is stale
+            stale: Callable[[IPv4Network], bool] = gone.__contains__
+        else:
+            live = {lease.subnet for lease in peers.values()} - gone
+
+            def stale(net: IPv4Network) -> bool:
+                return net not in live
+
         report = ReconcileReport()
         for rtb in ident.tables:
-            report += await self._table(ec2, ident, rtb, live - gone)
+            report += await self._table(ec2, ident, rtb, stale)
         return report
 
     async def _table(
-        self, ec2: Ec2, ident: Identity, rtb: str, live: set[IPv4Network]
+        self, ec2: Ec2, ident: Identity, rtb: str, stale: Callable[[IPv4Network], bool]
     ) -> ReconcileReport:
         what = f"route table {rtb}"
         found = await ec2.call("describe_route_tables", what, RouteTableIds=[rtb])
@@ -363,7 +370,7 @@ class AwsVpcRoutes:
                 continue
             owned = tags.get(route_tag(cidr)) == ours
             blackhole = other.get("State") == "blackhole"
-            if not (blackhole or (owned and net not in live)):
+            if not (blackhole or (owned and stale(net))):
                 continue
             log.info(
                 "aws-vpc: removing %s route %s from %s",

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 #: Backoff between failed passes: 1, 2, 4, ... seconds, at most this.
 MAX_BACKOFF = 20.0
 
-Pass = Callable[[Mapping[str, Lease], frozenset[IPv4Network]], Awaitable[ReconcileReport]]
+#: ``run_pass(peers, gone)``: ``peers`` the complete peer set (a reconcile), or None (an
+#: event batch: then only the subnets in ``gone`` may be removed).
+Pass = Callable[[Mapping[str, Lease] | None, frozenset[IPv4Network]], Awaitable[ReconcileReport]]
 
 
 class CloudRouteNetwork:
@@ -63,7 +65,9 @@ class CloudRouteNetwork:
             # Each node programs only its own route: a new peer changes nothing here,
             # but a pass that is failing must stay reported as failing.
             return self._still_failing()
-        return await self._guarded(dict(self._peers), gone)
+        # Only the subnets these events removed: a peer set built from events alone is
+        # not proof that any other route is stale.
+        return await self._guarded(None, gone)
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         self._peers = dict(peers)
@@ -78,7 +82,7 @@ class CloudRouteNetwork:
         return ReconcileReport()
 
     async def _guarded(
-        self, peers: Mapping[str, Lease], gone: frozenset[IPv4Network]
+        self, peers: Mapping[str, Lease] | None, gone: frozenset[IPv4Network]
     ) -> ReconcileReport:
         async with self._lock:
             now = time.monotonic()

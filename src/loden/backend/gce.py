@@ -228,7 +228,7 @@ class GceRoutes:
         return self.identity
 
     async def run(
-        self, peers: Mapping[str, Lease], gone: frozenset[IPv4Network]
+        self, peers: Mapping[str, Lease] | None, gone: frozenset[IPv4Network]
     ) -> ReconcileReport:
         ident = await self._identify()
         api, project = self.api, ident.project
@@ -261,14 +261,18 @@ class GceRoutes:
                 raise CloudError(f"route {name} appeared while inserting it; checking again")
             await api.wait(project, op, "insert")
             added += 1
-        live = {lease.subnet for lease in peers.values()} | {own}
-        live -= gone
+        if peers is None:  # an event batch: only what it removed is stale
+            stale: set[IPv4Network] | None = set(gone)
+            live: set[IPv4Network] = set()
+        else:
+            stale = None
+            live = {lease.subnet for lease in peers.values()} - gone
         status, listing = await api.call("GET", f"{project}/global/routes")
         for item in listing.get("items", []):
             if not self._ours(item, ident) or item.get("name") == name:
                 continue
             dest = IPv4Network(item["destRange"])
-            if dest in live:
+            if (stale is not None and dest not in stale) or (stale is None and dest in live):
                 continue
             log.info("gce: removing route %s (%s): its lease is gone", item["name"], dest)
             status, op = await api.call("DELETE", f"{project}/global/routes/{item['name']}")
