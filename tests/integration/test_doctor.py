@@ -215,10 +215,66 @@ def test_duplicate_public_ip_and_vtep_mac(vxlan: AgentCluster) -> None:
                 "BackendData": {"VNI": 1, "VtepMAC": mac}}  # fmt: skip
     etcdctl(vxlan, "put", prefix + fake_subnet(vxlan, 1), json.dumps(same_ip))
     etcdctl(vxlan, "put", prefix + fake_subnet(vxlan, 2), json.dumps(same_mac))
-    found = checks(node)
+    found: dict[str, dict[str, str]] = {}
+    for _ in range(10):  # the agent notices the twin of its MAC at its next reconcile
+        found = checks(node)
+        if "agent/unhealthy" in found:
+            break
     assert str(node.host.ip) in found["leases/duplicate-ip"]["evidence"]
     assert mac in found["leases/duplicate-mac"]["evidence"]
     assert "this node's" in found["leases/duplicate-mac"]["what"]
+    assert mac in found["agent/unhealthy"]["evidence"]  # the agent's own /healthz says so
+
+
+def test_duplicate_wireguard_key(vxlan: AgentCluster) -> None:
+    prefix = "/coreos.com/network/subnets/"
+    key = "dGhpcyBpcyBub3QgYSByZWFsIGtleSwganVzdCAzMmI="
+    for i, ip in ((3, "192.0.2.31"), (4, "192.0.2.32")):
+        lease = {"PublicIP": ip, "BackendType": "wireguard", "BackendData": {"PublicKey": key}}
+        etcdctl(vxlan, "put", prefix + fake_subnet(vxlan, i), json.dumps(lease))
+    found = checks(vxlan.nodes[0])
+    assert key in found["leases/duplicate-key"]["evidence"]
+    assert "192.0.2.31" in found["leases/duplicate-key"]["evidence"]
+
+
+def test_unreadable_subnet_env(vxlan: AgentCluster) -> None:
+    node = vxlan.nodes[0]
+    stop(node)
+    node.subnet_file.write_text("this is not KEY=VALUE\n")
+    found = checks(node)
+    assert "malformed" in found["subnet-env/unreadable"]["evidence"]
+
+
+def test_etcd_tls_expired_certificate(vxlan: AgentCluster, tmp_path: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old-client")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=30))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    found = checks(vxlan.nodes[0], f"-etcd-certfile={cert_file}", f"-etcd-keyfile={key_file}")
+    assert "CN=old-client" in found["tls/expired"]["evidence"]
+    assert str(cert_file) in found["tls/expired"]["what"]
 
 
 def test_lease_close_to_expiry(vxlan: AgentCluster) -> None:
@@ -305,3 +361,19 @@ def test_etcd_tls_server_name(make_topology: TopologyFactory, tmp_path: Path) ->
     assert proc.returncode == 1
     assert "IP address mismatch" in found["tls/server"]["evidence"], found
     assert other in found["tls/server"]["what"]
+
+
+def test_etcd_tls_key_of_another_certificate(
+    make_topology: TopologyFactory, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    host = make_topology(1).hosts[0]
+    proc = host.ns.run(
+        LODEN, "doctor", "-json", "-etcd-endpoints=https://127.0.0.1:1",
+        f"-etcd-cafile={pki.ca_cert}", f"-etcd-certfile={pki.client_cert}",
+        f"-etcd-keyfile={pki.server_key}", f"-subnet-file={tmp_path / 'subnet.env'}",
+        check=False, timeout=60,
+    )  # fmt: skip
+    found = {f["check"]: f for f in json.loads(proc.stdout)}
+    assert proc.returncode == 1
+    assert str(pki.server_key) in found["tls/load"]["evidence"], found

@@ -77,3 +77,37 @@ def test_clean_lab_then_one_fault(lab: str) -> None:
     assert proc.returncode == 1
     assert proc.stdout.startswith("[sysctl/rp-filter] strict reverse-path filtering on flannel.1")
     assert "sysctl -w net.ipv4.conf.flannel/1.rp_filter=2" in proc.stdout
+
+
+@pytest.fixture
+def kube_lab() -> Iterator[str]:
+    name = f"dk{secrets.token_hex(3)}"
+    try:
+        up = loden("lab", "up", "--store", "kube", "--nodes", "2", "--pods", "1", "--name", name,
+                   timeout=240)  # fmt: skip
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield name
+    finally:
+        down = loden("lab", "down", "--name", name)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def test_status_and_doctor_in_kubernetes_mode(kube_lab: str) -> None:
+    """``-kube-subnet-mgr``: the leases are the Nodes' podCIDRs and annotations."""
+    from loden.lab import kube
+    from loden.lab.state import LabState
+
+    plan = LabState.load(kube_lab).plan
+    env = (
+        f"KUBERNETES_SERVICE_HOST={kube.api_address(plan)} "
+        f"KUBERNETES_SERVICE_PORT={kube.API_PORT} NODE_NAME=node1"
+    )
+    status = loden("lab", "exec", "--name", kube_lab, "node1", "--", "sh", "-c",
+                   f"env {env} {LODEN} status -kube-subnet-mgr")  # fmt: skip
+    out = status.stdout
+    assert "store:     reachable (Kubernetes API, -kube-subnet-mgr)" in out, out
+    assert "this node's podCIDR (Kubernetes: no expiry)" in out
+    assert "kernel:    in sync (3 entries on flannel.1)" in out and "peers:     1" in out
+    doctor = loden("lab", "exec", "--name", kube_lab, "node1", "--", "sh", "-c",
+                   f"env {env} {LODEN} doctor -kube-subnet-mgr")  # fmt: skip
+    assert doctor.returncode == 0 and doctor.stdout == "no problems found\n", doctor.stdout

@@ -12,7 +12,7 @@ from loden.kernel.netlink import Link, Netlink
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease
 from loden.settings import AgentSettings
-from loden.status.collect import StoreView
+from loden.status.collect import StoreView, env_subnet
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +55,6 @@ class Context:
 
     @property
     def subnet(self) -> IPv4Network | None:
-        from loden.status.collect import env_subnet
-
         return env_subnet(self.env)
 
     @property

@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 
 from loden.doctor.base import Context, Finding
+from loden.status.expected import vxlan_device
 
 _SIOCETHTOOL = 0x8946
 _ETHTOOL_GTXCSUM = 0x16
@@ -57,8 +58,6 @@ async def check_vxlan_checksum(ctx: Context) -> list[Finding]:
     config = ctx.config
     if config is None or config.backend_type != "vxlan":
         return []
-    from loden.status.expected import vxlan_device
-
     name = vxlan_device(config)
     if ctx.link(name) is None:
         return []

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from loden.doctor.base import Context, Finding
+from loden.status.expected import vxlan_device
 
 
 def _docker_mtu(ctx: Context) -> tuple[int | None, str]:
@@ -31,8 +32,6 @@ async def check_mtu(ctx: Context) -> list[Finding]:
     backend = ctx.config.backend_type if ctx.config else ""
     device = {"vxlan": None, "udp": "flannel0", "wireguard": "flannel-wg"}.get(backend)
     if backend == "vxlan" and ctx.config is not None:
-        from loden.status.expected import vxlan_device
-
         device = vxlan_device(ctx.config)
     flannel = ctx.link(device) if device else None
     if flannel is not None and flannel.mtu != mtu:

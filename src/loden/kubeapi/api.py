@@ -445,7 +445,8 @@ class Api:
                         return
                     wake = min(deadline, next_bookmark) if bookmarks else deadline
                     try:
-                        item = await asyncio.wait_for(watcher.queue.get(), max(0.0, wake - now))
+                        async with asyncio.timeout(max(0.0, wake - now)):
+                            item = await watcher.queue.get()
                     except TimeoutError:
                         if bookmarks and time.monotonic() >= next_bookmark:
                             if watcher.queue.empty():  # caught up: the store's version is ours

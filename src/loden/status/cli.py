@@ -117,7 +117,7 @@ def lines(report: dict[str, Any]) -> list[str]:
     status = agent.get("status") or {}
     if not agent["up"]:
         out.append(f"agent:     DOWN: {agent['error']}")
-        out.append("           (what follows is read from subnet.env, etcd and the kernel)")
+        out.append("           (what follows is read from subnet.env, the store and the kernel)")
     else:
         info = status.get("agent") or {}
         problems = status.get("problems") or []
@@ -154,7 +154,9 @@ def lines(report: dict[str, Any]) -> list[str]:
             out.append(f"VTEP MAC:  {lease['vtep_mac']} (VNI {lease.get('vni')}){note}")
         if lease.get("wireguard_key"):
             out.append(f"WG key:    {lease['wireguard_key']}")
-        if lease.get("reserved"):
+        if report["store"]["api"] == "kube":
+            out.append(f"lease:     {lease['key']}, this node's podCIDR (Kubernetes: no expiry)")
+        elif lease.get("reserved"):
             out.append("lease:     reservation (never expires)")
         elif lease.get("ttl_seconds") is not None:
             ttl = lease["ttl_seconds"]
@@ -164,8 +166,11 @@ def lines(report: dict[str, Any]) -> list[str]:
         out.append("lease:     NONE FOUND for this node's subnet")
     store = report["store"]
     if store["reachable"]:
-        endpoints = ",".join(store["endpoints"])
-        out.append(f"store:     reachable (etcd {store['api']} API, {endpoints})")
+        if store["api"] == "kube":
+            out.append("store:     reachable (Kubernetes API, -kube-subnet-mgr)")
+        else:
+            endpoints = ",".join(store["endpoints"])
+            out.append(f"store:     reachable (etcd {store['api']} API, {endpoints})")
     else:
         out.append(f"store:     UNREACHABLE: {store['error']}")
     out.append(f"peers:     {len(report.get('peers') or [])}")

@@ -105,6 +105,8 @@ class StoreView:
 
 
 async def read_store(settings: AgentSettings) -> StoreView:
+    if settings.kube.enabled:
+        return await _read_kube(settings)
     view = StoreView()
     try:
         async with asyncio.timeout(STORE_TIMEOUT):
@@ -123,6 +125,27 @@ async def read_store(settings: AgentSettings) -> StoreView:
     except TimeoutError:
         endpoints = ",".join(settings.etcd.endpoints)
         view.error = f"no answer within {STORE_TIMEOUT:.0f}s from {endpoints}"
+    except LodenError as exc:
+        view.error = str(exc)
+    return view
+
+
+async def _read_kube(settings: AgentSettings) -> StoreView:
+    """``-kube-subnet-mgr``: the nodes' podCIDRs and annotations are the leases."""
+    from loden.subnet import open_subnet_manager
+
+    view = StoreView(api="kube")
+    try:
+        async with asyncio.timeout(STORE_TIMEOUT):
+            manager = await open_subnet_manager(settings)
+            try:
+                view.config = await manager.get_network_config()
+                view.leases = await manager.list_leases()
+                view.ok = True
+            finally:
+                await manager.aclose()
+    except TimeoutError:
+        view.error = f"the Kubernetes API did not answer within {STORE_TIMEOUT:.0f}s"
     except LodenError as exc:
         view.error = str(exc)
     return view

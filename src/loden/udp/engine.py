@@ -182,7 +182,8 @@ class WorkerPool:
                 continue
             try:
                 while True:
-                    reply = await asyncio.wait_for(loop.sock_recv(slot.ctl, 1 << 16), STATS_TIMEOUT)
+                    async with asyncio.timeout(STATS_TIMEOUT):
+                        reply = await loop.sock_recv(slot.ctl, 1 << 16)
                     if not reply or reply[:1] == b"S":
                         break
             except (TimeoutError, OSError):

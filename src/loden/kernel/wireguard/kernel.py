@@ -154,7 +154,8 @@ class KernelWireguard:
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), _TIMEOUT)
+            async with asyncio.timeout(_TIMEOUT):
+                out, err = await proc.communicate()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

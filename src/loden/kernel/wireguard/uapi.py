@@ -297,9 +297,8 @@ class Uapi:
     async def alive(self) -> bool:
         """Does a process accept connections on the socket right now?"""
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.path)), timeout=1.0
-            )
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_unix_connection(str(self.path))
         except (OSError, TimeoutError):
             return False
         writer.close()
