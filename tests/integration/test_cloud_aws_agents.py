@@ -114,10 +114,30 @@ def test_three_nodes_restart_stale_lease_and_failures(
     node0.proc.stop()
     env.front.calls.clear()
     cluster.start(node0)
-    assert wait_until(lambda: "DescribeRouteTables" in env.front.actions(), timeout=20), (
-        env.front.actions()
-    )
+    # Two full passes of the restarted agent over the table (its per-table describe),
+    # then the call log holds no route mutation at all.
+    ip0 = str(node0.host.ip)
+
+    def table_passes() -> int:
+        return sum(
+            1
+            for c in list(env.front.calls)
+            if c.client == ip0
+            and c.action == "DescribeRouteTables"
+            and "RouteTableId.1" in c.params
+        )
+
+    assert wait_until(lambda: table_passes() >= 2, timeout=30), env.front.actions()
     assert not MUTATIONS & set(env.front.actions()), env.front.actions()
+
+    # Another cluster's routes in the same table (another Network; and one inside ours
+    # that Loden did not write): never touched.
+    foreign_eni = next(iter(env.enis.values()))
+    inside = str(cluster.network.network_address + 250 * 256) + "/24"
+    for cidr in ("10.255.1.0/24", inside):
+        env.cloud.ec2.create_route(
+            RouteTableId=env.table, DestinationCidrBlock=cidr, NetworkInterfaceId=foreign_eni
+        )
 
     # A node's lease is deleted (its agent gone): a peer removes its route.
     assert node2.proc is not None
@@ -130,11 +150,19 @@ def test_three_nodes_restart_stale_lease_and_failures(
         f"/coreos.com/network/subnets/{gone.replace('/', '-')}",
     )
     assert wait_until(lambda: gone not in env.cloud.routes(env.table), timeout=20)
+    assert {"10.255.1.0/24", inside} <= set(env.cloud.routes(env.table))
 
     # The API fails: /healthz says why; recovery without a restart.
     env.front.fail("*", 500, "InternalError", "An internal error has occurred")
     assert wait_until(lambda: healthz(node0)[0] == 503, timeout=40), healthz(node0)
     assert "InternalError" in healthz(node0)[1]
+    # A permission missing: the error names the IAM action and the resource.
+    env.front.clear_faults()
+    env.front.fail("DescribeRouteTables", 403, "UnauthorizedOperation", "not authorized")
+    assert wait_until(lambda: "ec2:DescribeRouteTables" in healthz(node0)[1], timeout=60), healthz(
+        node0
+    )
+    assert f"route table {env.table}" in healthz(node0)[1]  # identity is cached
     env.front.clear_faults()
     assert wait_until(lambda: healthz(node0)[0] == 200, timeout=60), healthz(node0)
     assert node0.proc is not None and node0.proc.running()

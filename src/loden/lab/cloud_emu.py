@@ -76,6 +76,8 @@ class Fault:
 class Call:
     action: str
     params: dict[str, str]
+    #: The caller's address (which node made the call).
+    client: str = ""
 
 
 @dataclass
@@ -163,7 +165,7 @@ class AwsFront:
                 params = dict(urllib.parse.parse_qsl(body.decode()))
                 action = params.get("Action", "?")
                 with front.lock:
-                    front.calls.append(Call(action, params))
+                    front.calls.append(Call(action, params, self.client_address[0]))
                 fault = front._fault(action)
                 if fault is not None:
                     xml = (
