@@ -67,7 +67,13 @@ def test_three_nodes_restart_stale_lease_and_failures(
     node0.proc.stop()
     double.calls.clear()
     cluster.start(node0)
-    assert wait_until(lambda: any(k == "get" for k, _ in double.calls), timeout=20)
+    # Two full passes of the restarted agent (only it reads its own route), then no
+    # insert or delete at all.
+    own = "flannel-" + str(node0.subnet).replace(".", "-").replace("/", "-")
+    assert wait_until(
+        lambda: sum(1 for k, p in list(double.calls) if k == "get" and p.endswith(own)) >= 2,
+        timeout=30,
+    ), double.calls
     assert double.mutations() == []
 
     # A lease deleted: a peer removes its route.
