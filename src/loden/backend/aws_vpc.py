@@ -226,7 +226,10 @@ class AwsVpcRoutes:
         zone = await self.imds.get("placement/availability-zone")
         region = zone[:-1] if zone[-1:].isalpha() else zone
         instance_id = await self.imds.get("instance-id")
-        ec2 = self.ec2 or Ec2(region, self.backend.metadata)
+        # Importing boto3 and building its client takes ~1 s of CPU: not on the loop.
+        ec2 = self.ec2
+        if ec2 is None:
+            ec2 = await asyncio.to_thread(Ec2, region, self.backend.metadata)
         self.ec2 = ec2
         found = await ec2.call(
             "describe_instances", f"instance {instance_id}", InstanceIds=[instance_id]
