@@ -34,6 +34,12 @@ hand-configured twin.
 * ``loden-<backend>``: real ``flanneld`` agents (one per host) against a real etcd in the
   underlay namespace; pods get their MTU from ``subnet.env`` (FLANNEL_MTU). ``loden-udp``
   is the udp backend (user-space data path), ``loden-wireguard`` runs over wireguard-go;
+* IPv6 (``-v6`` names): the same comparisons for IPv6 pod-to-pod traffic over an IPv6
+  underlay (``underlay-v6``): ``hand-host-gw-v6`` (``ip -6 route ... via <peer eth0
+  IPv6>``), ``hand-vxlan-v6[-txoff]`` (``flannel-v6.1`` made by ip/bridge: local = the
+  host's IPv6, MTU as the kernel gives an IPv6 VTEP, permanent neighbour + FDB entry +
+  onlink route) against dual-stack ``flanneld`` agents ``loden-host-gw-v6`` and
+  ``loden-vxlan-v6`` (pods get both families, iperf3 runs over IPv6);
 * ``naive-udp``: flannel's udp wire format forwarded by the naive single-thread Python
   loop of bench/dataplane_udp.py (one packet per system call, no offloads);
   ``cproxy-udp``: the same design in C (bench/c_proxy.c, flannel's C proxy's design,
@@ -59,7 +65,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
 from types import FrameType
 
@@ -96,7 +102,7 @@ class Endpoints:
 
     client: Namespace
     server: Namespace
-    server_ip: IPv4Address
+    server_ip: IPv4Address | IPv6Address
     mtu: int
     note: str = ""
 
@@ -404,6 +410,164 @@ def cproxy_udp(lab: Lab) -> Endpoints:
     return Endpoints(pods[0].ns, pods[1].ns, pods[1].ip, mtu, "C poll loop, 1 packet/call")
 
 
+# -- IPv6 -------------------------------------------------------------------------------------
+
+
+def _no_dad(ns: Namespace) -> None:
+    for key in ("all", "default"):
+        ns.sysctl(f"net.ipv6.conf.{key}.accept_dad", "0")
+
+
+def v6_underlay(topo: Topology) -> list[IPv6Address]:
+    """``fdXX::1`` on the underlay bridge, ``::(11+i)`` on each host's eth0 (no DAD),
+    default IPv6 routes and forwarding; the hosts' IPv6 addresses."""
+    net = IPv6Network(f"fd{random.randint(0, 255):02x}:{random.randint(0, 0xFFFF):x}::/64")
+    _no_dad(topo.underlay)
+    topo.underlay.ip("-6", "addr", "add", f"{net.network_address + 1}/64", "dev", "br0", "nodad")
+    out = []
+    for host in topo.hosts:
+        _no_dad(host.ns)
+        host.ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0")
+        host.ns.sysctl("net.ipv6.conf.all.forwarding", "1")
+        ip = net.network_address + 11 + host.index
+        host.ns.ip("-6", "addr", "add", f"{ip}/64", "dev", "eth0", "nodad")
+        host.ns.ip("-6", "route", "add", "default", "via", str(net.network_address + 1))
+        out.append(ip)
+    return out
+
+
+def _pod6(topo: Topology, host: Host, subnet6: IPv6Network, mtu: int) -> IPv6Address:
+    """IPv6 on ``host``'s first pod: ``::1`` on cni0, ``::2`` on the pod (no DAD)."""
+    pod = host.pods[0]
+    gw = IPv6Interface((subnet6.network_address + 1, subnet6.prefixlen))
+    host.ns.sysctl("net.ipv6.conf.cni0.accept_dad", "0")
+    host.ns.ip("-6", "addr", "add", str(gw), "dev", "cni0", "nodad")
+    _no_dad(pod.ns)
+    pod.ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0")
+    addr = IPv6Interface((subnet6.network_address + 2, subnet6.prefixlen))
+    pod.ns.ip("-6", "addr", "add", str(addr), "dev", "eth0", "nodad")
+    pod.ns.ip("-6", "route", "add", "default", "via", str(gw.ip))
+    return addr.ip
+
+
+def _subnets6() -> tuple[IPv6Network, IPv6Network, IPv6Network]:
+    net = IPv6Network(f"fd{random.randint(0, 255):02x}:{random.randint(1, 0xFFFF):x}::/56")
+    base = int(net.network_address)
+    return net, IPv6Network((base + (1 << 64), 64)), IPv6Network((base + (2 << 64), 64))
+
+
+def build_underlay_v6(lab: Lab) -> Endpoints:
+    topo = lab.topology()
+    ips = v6_underlay(topo)
+    return Endpoints(topo.hosts[0].ns, topo.hosts[1].ns, ips[1], topo.mtu, "host to host, IPv6")
+
+
+def hand_hostgw_v6(lab: Lab) -> Endpoints:
+    topo = lab.topology()
+    ips = v6_underlay(topo)
+    network = overlay_network()
+    _, *subnets6 = _subnets6()
+    pods6 = []
+    for host, subnet, subnet6 in zip(topo.hosts, node_subnets(network), subnets6, strict=True):
+        topo.add_pod(host, subnet, mtu=topo.mtu)
+        pods6.append(_pod6(topo, host, subnet6, topo.mtu))
+    for i, host in enumerate(topo.hosts):
+        j = 1 - i
+        host.ns.ip("-6", "route", "add", str(subnets6[j]), "via", str(ips[j]), "dev", "eth0")
+    pod_ns = [h.pods[0].ns for h in topo.hosts]
+    return Endpoints(pod_ns[0], pod_ns[1], pods6[1], topo.mtu, "ip -6 route via peer eth0")
+
+
+def hand_vxlan_v6(*, tx_off: bool) -> Builder:
+    def build(lab: Lab) -> Endpoints:
+        topo = lab.topology()
+        ips = v6_underlay(topo)
+        network = overlay_network()
+        _, *subnets6 = _subnets6()
+        hosts: list[Host] = topo.hosts
+        dev = "flannel-v6.1"
+        for i, host in enumerate(hosts):
+            ns = host.ns
+            ns.ip(
+                "link", "add", dev, "type", "vxlan", "id", "1", "local", str(ips[i]),
+                "dev", "eth0", "dstport", "8472", "nolearning",
+            )  # fmt: skip
+            # flanneld asks for 1450; the kernel caps an IPv6 VTEP at 1500 - 70.
+            ns.ip("link", "set", dev, "address", _vtep_mac(i))
+            ns.ip("-6", "addr", "add", f"{subnets6[i].network_address}/128", "dev", dev, "nodad")
+            if tx_off:
+                ns.run("ethtool", "-K", dev, "tx", "off")
+            ns.ip("link", "set", dev, "up")
+        for i, host in enumerate(hosts):
+            j = 1 - i
+            gw, mac = str(subnets6[j].network_address), _vtep_mac(j)
+            ns = host.ns
+            ns.ip("-6", "neigh", "replace", gw, "lladdr", mac, "dev", dev, "nud", "permanent")
+            ns.run(
+                "bridge", "fdb", "append", mac, "dev", dev, "dst", str(ips[j]), "self",
+                "permanent",
+            )  # fmt: skip
+            ns.ip("-6", "route", "add", str(subnets6[j]), "via", gw, "dev", dev, "onlink")
+        pods6 = []
+        for host, subnet, subnet6 in zip(hosts, node_subnets(network), subnets6, strict=True):
+            topo.add_pod(host, subnet, mtu=VXLAN_MTU)
+            pods6.append(_pod6(topo, host, subnet6, VXLAN_MTU))
+        pod_ns = [h.pods[0].ns for h in hosts]
+        note = f"{dev} by ip/bridge, {offloads(hosts[0], dev)}"
+        return Endpoints(pod_ns[0], pod_ns[1], pods6[1], VXLAN_MTU, note)
+
+    return build
+
+
+def _subnet6_from_env(path: Path) -> IPv6Network:
+    for line in path.read_text().splitlines():
+        if line.startswith("FLANNEL_IPV6_SUBNET="):
+            return IPv6Interface(line.split("=", 1)[1].strip()).network
+    raise TopologyError(f"{path} has no FLANNEL_IPV6_SUBNET line")
+
+
+def loden_config_v6(backend: dict[str, object]) -> Builder:
+    """Dual-stack ``flanneld`` agents on both hosts; iperf3 between the pods' IPv6."""
+
+    def build(lab: Lab) -> Endpoints:
+        topo = lab.topology()
+        assert topo.underlay_address is not None
+        v6_underlay(topo)
+        etcd = EtcdServer(netns=topo.underlay.name, host=str(topo.underlay_address.ip))
+        lab.stack.callback(etcd.close)
+        etcd.start()
+        net6, _, _ = _subnets6()
+        config = json.dumps(
+            {
+                "Network": str(overlay_network()),
+                "EnableIPv6": True,
+                "IPv6Network": str(net6),
+                "Backend": backend,
+            }
+        )
+        topo.underlay.run(LODEN, "config", "set", config, f"-etcd-endpoints={etcd.client_url}")
+        agents = [_start_agent(lab, host, etcd.client_url, False) for host in topo.hosts]
+        for (proc, subnet_file), host in zip(agents, topo.hosts, strict=True):
+            if not wait_until(subnet_file.exists, timeout=30):
+                raise TopologyError(
+                    f"agent on {host.name} wrote no subnet.env within 30 s:\n"
+                    f"{proc.output()[-2000:]}"
+                )
+        pods6 = []
+        mtu = 0
+        for (_, subnet_file), host in zip(agents, topo.hosts, strict=True):
+            mtu = _flannel_mtu(subnet_file)
+            topo.add_pod(host, subnet_from_env(subnet_file), mtu=mtu)
+            pods6.append(_pod6(topo, host, _subnet6_from_env(subnet_file), mtu))
+        note = f"flanneld x2 dual-stack, {json.dumps(backend, separators=(',', ':'))}"
+        if backend.get("Type") == "vxlan":
+            note += f", {offloads(topo.hosts[0], 'flannel-v6.1')}"
+        pod_ns = [h.pods[0].ns for h in topo.hosts]
+        return Endpoints(pod_ns[0], pod_ns[1], pods6[1], mtu, note)
+
+    return build
+
+
 #: The configurations, in display order. Add a backend here.
 CONFIGS: tuple[Config, ...] = (
     Config("underlay", build_underlay),
@@ -437,6 +601,17 @@ CONFIGS: tuple[Config, ...] = (
     Config("cproxy-udp", cproxy_udp),
     Config("loden-udp", loden_config({"Type": "udp"}), ("cproxy-udp", "naive-udp")),
     Config("loden-wireguard", loden_config({"Type": "wireguard"})),
+    Config("underlay-v6", build_underlay_v6),
+    Config("hand-host-gw-v6", hand_hostgw_v6),
+    Config("loden-host-gw-v6", loden_config_v6({"Type": "host-gw"}), ("hand-host-gw-v6",), 0.95),
+    Config("hand-vxlan-v6", hand_vxlan_v6(tx_off=False)),
+    Config("hand-vxlan-v6-txoff", hand_vxlan_v6(tx_off=True)),
+    Config(
+        "loden-vxlan-v6",  # TxChecksumOffload auto: on for kernels >= 5.7
+        loden_config_v6({"Type": "vxlan"}),
+        ("hand-vxlan-v6", "hand-vxlan-v6-txoff"),
+        0.95,
+    ),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 DEFAULT_CONFIGS = [
@@ -565,7 +740,7 @@ class AgentCPU:
 
 def check_path(ends: Endpoints) -> None:
     """Fail early and clearly when a configuration does not forward at all."""
-    if not ends.client.ping(ends.server_ip, count=3, wait=2.0):
+    if not ends.client.ping(str(ends.server_ip), count=3, wait=2.0):
         raise TopologyError(f"{ends.client.name} cannot ping {ends.server_ip}")
 
 
@@ -610,7 +785,9 @@ def report(
         value = median[cfg.name]
         each = " ".join(f"{v(s):.2f}" for s in runs)
         retr = statistics.median(s.retransmits for s in runs)
-        rel_base = f"{value / base:9.3f}" if base else f"{'-':>9}"
+        # IPv6 configurations compare with the IPv6 underlay when it was measured.
+        own_base = median.get("underlay-v6", base) if "-v6" in cfg.name else base
+        rel_base = f"{value / own_base:9.3f}" if own_base else f"{'-':>9}"
         versus = []
         for i, twin in enumerate(cfg.twins):
             if twin not in median or not median[twin]:

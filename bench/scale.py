@@ -35,6 +35,11 @@ The agent runs with ``--kube-subnet-mgr --kube-api-url=http://...`` and ``NODE_N
 its own Node (podCIDR 10.0.1.0/24). Idle CPU is the agent's CPU time over the resync
 phase (no changes; periodic resyncs only) divided by its wall time.
 
+``--ipv6`` (etcd store): every lease is dual-stack (``<v4>-24&<v6>-64``, ``PublicIPv6`` on
+an on-link IPv6 underlay, vxlan ``BackendV6Data``), the config enables IPv6, and the
+agent programs both families (vxlan: ``flannel.1`` and ``flannel-v6.1``): twice the
+entries, the new-lease latency still timed on the IPv4 route.
+
 Targets: cold start <= 3 s, idle resync <= 0.5 s, RSS <= 100 MB, new-lease latency
 p50 <= 50 ms and p99 <= 250 ms. ``--py-spy DIR`` profiles the agent per phase and prints
 where the samples go. Everything is torn down on exit, Ctrl-C or failure.
@@ -64,7 +69,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -88,6 +93,9 @@ TXN_OPS = 128  # etcd's default --max-txn-ops
 KUBE_PREFIX = "flannel.alpha.coreos.com/"
 AGENT_NODE = "bench-agent"
 AGENT_SUBNET = IPv4Network("10.0.1.0/24")  # below every peer_subnet()
+#: ``--ipv6``: the overlay's IPv6Network and an IPv6 underlay /64 (inside the host netns).
+NETWORK6 = IPv6Network("fd5d::/48")
+UNDERLAY6 = IPv6Network("fd5c::/64")
 TARGETS = {"cold": 3.0, "resync": 0.5, "rss": 100.0, "p50": 50.0, "p99": 250.0}
 
 _CLONE_NEWNET = 0x40000000
@@ -284,13 +292,20 @@ def peer_subnet(i: int) -> IPv4Network:
     return IPv4Network((int(NETWORK.network_address) + ((i + 2) << 8), 24))
 
 
-def peer_lease(i: int, underlay: IPv4Network, kind: str) -> Lease:
+def peer_lease(i: int, underlay: IPv4Network, kind: str, dual: bool = False) -> Lease:
     public_ip = underlay.network_address + 256 + i  # never .1 (etcd) or .11 (the host)
-    data = None
+    data = data6 = None
     if kind == "vxlan":
         mac = bytes([0x0A, 0x58, (i >> 16) & 255, (i >> 8) & 255, i & 255, 1]).hex(":")
         data = LeaseAttrs.encode_data({"VNI": 1, "VtepMAC": mac})
-    return Lease(peer_subnet(i), LeaseAttrs(public_ip, kind, data))
+        if dual:
+            mac6 = bytes([0x0A, 0x58, (i >> 16) & 255, (i >> 8) & 255, i & 255, 2]).hex(":")
+            data6 = LeaseAttrs.encode_data({"VNI": 1, "VtepMAC": mac6})
+    if not dual:
+        return Lease(peer_subnet(i), LeaseAttrs(public_ip, kind, data))
+    subnet6 = IPv6Network((int(NETWORK6.network_address) + ((i + 2) << 64), 64))
+    public_ip6 = UNDERLAY6.network_address + 256 + i
+    return Lease(peer_subnet(i), LeaseAttrs(public_ip, kind, data, public_ip6, data6), subnet6)
 
 
 def peer_node(i: int, lease: Lease) -> dict[str, Any]:
@@ -349,13 +364,17 @@ def memory_mib(pid: int) -> dict[str, float]:
     return values
 
 
-def kernel_counts(host: Host, vxlan: bool) -> tuple[int, ...]:
-    routes = host.ns.ip("-4", "route", "show", "proto", "76").stdout.count("\n")
+def kernel_counts(host: Host, vxlan: bool, dual: bool = False) -> tuple[int, ...]:
+    families = ("-4", "-6") if dual else ("-4",)
+    routes = [host.ns.ip(f, "route", "show", "proto", "76").stdout.count("\n") for f in families]
     if not vxlan:
-        return (routes,)
-    neigh = host.ns.ip("neigh", "show", "dev", "flannel.1", "nud", "permanent", check=False)
-    fdb = host.ns.run("bridge", "fdb", "show", "dev", "flannel.1", check=False).stdout
-    return routes, neigh.stdout.count("\n"), sum(1 for ln in fdb.splitlines() if " dst " in ln)
+        return tuple(routes)
+    counts = list(routes)
+    for dev in ("flannel.1", "flannel-v6.1") if dual else ("flannel.1",):
+        neigh = host.ns.ip("neigh", "show", "dev", dev, "nud", "permanent", check=False)
+        fdb = host.ns.run("bridge", "fdb", "show", "dev", dev, check=False).stdout
+        counts += [neigh.stdout.count("\n"), sum(1 for ln in fdb.splitlines() if " dst " in ln)]
+    return tuple(counts)
 
 
 _METRIC = re.compile(r"^loden_reconcile_duration_seconds_(sum|count) (\S+)$", re.M)
@@ -555,12 +574,18 @@ def setup_etcd(
     etcd.start()
     http = HTTP(topo.underlay.name, etcd_ip, etcd.client_port)
     stack.callback(http.close)
-    config = {"Network": str(NETWORK), "SubnetLen": 24, "Backend": {"Type": kind}}
+    config: dict[str, object] = {
+        "Network": str(NETWORK),
+        "SubnetLen": 24,
+        "Backend": {"Type": kind},
+    }
+    if args.ipv6:
+        config.update(EnableIPv6=True, IPv6Network=str(NETWORK6))
     http.post("/v3/kv/put", {"key": _b64(f"{PREFIX}/config"), "value": _b64(json.dumps(config))})
     etcd_lease = str(http.post("/v3/lease/grant", {"TTL": 86400})["ID"])
     t0 = time.perf_counter()
     underlay = topo.network
-    ops = [put_op(peer_lease(i, underlay, kind), etcd_lease) for i in range(args.peers)]
+    ops = [put_op(peer_lease(i, underlay, kind, args.ipv6), etcd_lease) for i in range(args.peers)]
     for start in range(0, len(ops), TXN_OPS):
         batch = ops[start : start + TXN_OPS]
         http.post("/v3/kv/txn", {"success": [{"request_put": op} for op in batch]})
@@ -618,6 +643,11 @@ def run_backend(
     topo = Topology(1, underlay=underlay, prefix="bs")
     stack.callback(topo.close)
     host = topo.hosts[0]
+    if args.ipv6:  # peers' public IPv6 addresses are on-link, like their IPv4 ones
+        for key in ("all", "default", "eth0"):
+            host.ns.sysctl(f"net.ipv6.conf.{key}.accept_dad", "0")
+        host.ns.ip("-6", "addr", "add", f"{UNDERLAY6.network_address + 11}/64", "dev", "eth0")
+        host.ns.ip("-6", "route", "add", "default", "dev", "eth0")
     setup = setup_kube if store == "kube" else setup_etcd
     put, store_args, env = setup(kind, args, topo, stack, res)
     workdir = host.ns.workdir / "agent"
@@ -656,7 +686,7 @@ def run_backend(
     # (a) the arrival of the last route (routes are written after neighbours/FDB), then
     # one kernel dump to confirm every entry is there (polling if events were lost).
     last_route = monitor.wait_count(want, max(0.0, deadline - time.perf_counter()))
-    counts = kernel_counts(host, kind == "vxlan")
+    counts = kernel_counts(host, kind == "vxlan", args.ipv6)
     while min(counts) < want:
         if time.perf_counter() > deadline or not proc.running():
             raise TopologyError(
@@ -664,7 +694,7 @@ def run_backend(
             )
         time.sleep(0.05)
         last_route = None
-        counts = kernel_counts(host, kind == "vxlan")
+        counts = kernel_counts(host, kind == "vxlan", args.ipv6)
     res.cold_s = (last_route or time.perf_counter()) - t0
     res.cold_polled = last_route is None
     res.entries = sum(counts)
@@ -690,13 +720,17 @@ def run_backend(
     # (d) new leases, one at a time: closed loop, then open loop (Poisson arrivals).
     own = subnet_file.read_text()
     fresh = (
-        peer_lease(i, underlay, kind)
+        peer_lease(i, underlay, kind, args.ipv6)
         for i in range(args.peers, args.peers + 3 * args.new + 2 * args.burst)
     )
     new = [
         lease
         for lease in fresh
         if f"FLANNEL_SUBNET={lease.subnet.network_address + 1}/" not in own  # not the agent's
+        and (
+            lease.ipv6_subnet is None
+            or f"FLANNEL_IPV6_SUBNET={lease.ipv6_subnet.network_address + 1}/" not in own
+        )
     ][: 2 * args.new + args.burst]
     profiler.start(pid, "newlease")
     res.closed = write_new_leases(put, monitor, new[: args.new], "closed")
@@ -858,6 +892,9 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="cold-start limit, s")
     parser.add_argument(
+        "--ipv6", action="store_true", help="dual-stack leases and config (etcd store only)"
+    )
+    parser.add_argument(
         "--agent-arg",
         action="append",
         default=[],
@@ -879,6 +916,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
+    if args.ipv6 and "kube" in args.stores:
+        parser.error("--ipv6 runs the etcd store only: add --stores etcd")
     if args.peers < 1 or args.new < 1 or args.resyncs < 1 or args.burst < 0 or args.gap <= 0:
         parser.error("--peers, --new, --resyncs and --gap must be positive, --burst >= 0")
     if args.peers + 3 * args.new + 2 * args.burst > 65000:
@@ -895,7 +934,8 @@ def main() -> int:
                 results.append(run_backend(kind, store, args, stack))
     print()
     print(
-        f"one flanneld agent, {args.peers} peer leases, resync period {RESYNC_PERIOD} s, "
+        f"one flanneld agent, {args.peers} {'dual-stack ' if args.ipv6 else ''}peer leases, "
+        f"resync period {RESYNC_PERIOD} s, "
         f"{args.new} + {args.new} + {args.burst} new leases ('!' marks a missed target)"
     )
     for line in table(results, args.gap):

@@ -257,7 +257,9 @@ async def run(settings: AgentSettings) -> int:
             manager=manager,
             network=network,
             traffic=traffic,
-            watcher=LeaseWatcher(lease, config.network),
+            watcher=LeaseWatcher(
+                lease, config.network, config.ipv6_network if config.enable_ipv6 else None
+            ),
             lease=lease,
             config=config,
             health=health,

@@ -360,12 +360,19 @@ class AgentLoops:
         blackhole is for bridge-less setups (Canal), where it stops traffic for unused
         pod addresses from leaving the node.
         """
-        route = Route(dst=self.lease.subnet, type=RTN_BLACKHOLE)
+        routes: list[Route] = []
+        if self.config.enable_ipv4:  # never 0.0.0.0/0, the empty IPv4 part of IPv6-only
+            routes.append(Route(dst=self.lease.subnet, type=RTN_BLACKHOLE))
+        if self.config.enable_ipv6 and self.lease.ipv6_subnet is not None:
+            # The kernel gives an IPv6 route without a metric 1024: say so, so that the
+            # "exists" test matches the route it made.
+            routes.append(Route(dst=self.lease.ipv6_subnet, type=RTN_BLACKHOLE, priority=1024))
         nl = await self.open_netlink()
         try:
             while True:
-                if await nl.add_route(route):
-                    log.info("added blackhole route for %s", route.dst)
+                for route in routes:
+                    if await nl.add_route(route):
+                        log.info("added blackhole route for %s", route.dst)
                 self._ok("blackhole")
                 await asyncio.sleep(self.settings.rules.resync_seconds)
         finally:

@@ -11,18 +11,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from loden.model.lease import EventKind, Lease, LeaseEvent
+from loden.model.net import NO_IPV4
 
 log = logging.getLogger(__name__)
 
 
+def overlaps_own(lease: Lease, own: Lease) -> bool:
+    """Is ``lease`` (also) on one of our own subnets? Compared per family, and only for
+    a family the lease has: every IPv6-only lease shares the empty IPv4 part
+    ``0.0.0.0/0``, which must not make all of them look like ours."""
+    if lease.subnet != NO_IPV4 and lease.subnet == own.subnet:
+        return True
+    return lease.ipv6_subnet is not None and lease.ipv6_subnet == own.ipv6_subnet
+
+
 class LeaseWatcher:
-    def __init__(self, own: Lease, network: IPv4Network | None) -> None:
+    def __init__(
+        self, own: Lease, network: IPv4Network | None, network6: IPv6Network | None = None
+    ) -> None:
         self._own_key = own.key
-        self._own_subnet = own.subnet
+        self._own = own
         self._network = network
+        #: IPv6Network when IPv6 is enabled: a lease whose IPv6 subnet lies outside it
+        #: would make the backends route a foreign prefix (even ``::/0``) that no resync
+        #: could ever sweep, since only routes inside IPv6Network count as Loden's.
+        self._network6 = network6
         self._peers: dict[str, Lease] = {}
         self._by_ip: dict[IPv4Address, set[str]] = {}
         self._warned: set[str] = set()
@@ -33,21 +49,36 @@ class LeaseWatcher:
 
     def set_own(self, own: Lease) -> None:
         self._own_key = own.key
-        self._own_subnet = own.subnet
+        self._own = own
         dropped = self._peers.pop(own.key, None)
         if dropped is not None:
             self._forget_ip(dropped)
 
     def _acceptable(self, lease: Lease) -> bool:
-        if lease.key == self._own_key or lease.subnet == self._own_subnet:
+        if lease.key == self._own_key or overlaps_own(lease, self._own):
             return False
-        if self._network is not None and not lease.subnet.subnet_of(self._network):
+        if (
+            self._network is not None
+            and lease.subnet != NO_IPV4
+            and not lease.subnet.subnet_of(self._network)
+        ):
             self._warn_once(
                 lease.key,
                 "lease %s is outside Network %s: ignored (remove it with "
                 "`loden leases --delete %s` if stale)",
                 lease.key,
                 self._network,
+                lease.key,
+            )
+            return False
+        v6 = lease.ipv6_subnet
+        if self._network6 is not None and v6 is not None and not v6.subnet_of(self._network6):
+            self._warn_once(
+                lease.key,
+                "lease %s is outside IPv6Network %s: ignored (remove it with "
+                "`loden leases --delete %s` if stale)",
+                lease.key,
+                self._network6,
                 lease.key,
             )
             return False

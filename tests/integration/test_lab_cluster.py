@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,72 @@ def test_lab_backend_up_check_down(lab: Callable[[], str], backend: str, extra: 
     loden("lab", "down", "--name", name)
     print(f"{backend}: up {took_up:.1f}s, down {time.monotonic() - began:.1f}s")
     assert_gone(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "backend", "runtime"),
+    [
+        ("dual", "vxlan", "cni"),
+        ("only", "host-gw", "cni"),
+        ("dual", "wireguard", "cni"),
+        ("dual", "vxlan", "docker"),
+    ],
+)
+def test_lab_ipv6(lab: Callable[[], str], mode: str, backend: str, runtime: str) -> None:
+    """``--ipv6 dual|only``: the four rules per family (ping and ping6), both subnets in
+    status, nothing left after down. Docker nodes: dockerd with ipv6 + fixed-cidr-v6."""
+    skip_without(backend)
+    name = lab()
+    up(name, "--ipv6", mode, "--backend", backend, "--runtime", runtime)
+    result = loden("lab", "check", "--name", name, timeout=120).stdout
+    families = ("IPv4", "IPv6") if mode == "dual" else ("IPv6",)
+    for family in families:
+        for rule in (
+            "every pod has its own IP",
+            "every pod reaches every other pod",
+            "every node reaches every pod",
+        ):
+            assert re.search(rf"✓ \d\. {rule} \({family}\)", result), result
+    assert "✓" in result and "✗" not in result, result
+    if mode == "only":
+        assert "(IPv4)" not in result
+    doc = state(name)
+    status = loden("lab", "status", "--name", name).stdout
+    for node in doc["nodes"].values():
+        subnet6 = IPv6Network(str(node["subnet6"]))
+        assert subnet6.subnet_of(
+            IPv6Network(f"fd6e:{int(doc['plan']['network'].split('.')[1]):x}::/56")
+        )
+        assert str(subnet6) in status
+        if mode == "dual":
+            assert str(node["subnet"]) in status
+        else:
+            assert node["subnet"] == ""
+    for pod in doc["pods"]:
+        assert IPv6Address(str(pod["ip6"]))
+        assert bool(pod["ip"]) is (mode == "dual")
+    env = node_exec(name, "node1", "cat", "/run/flannel/subnet.env")
+    if runtime == "docker":  # the seed's mk-docker-opts rewrote it (no IPv6 option)
+        assert "DOCKER_NETWORK_OPTIONS=" in env and "FLANNEL_IPV6_SUBNET" not in env
+        daemon = json.loads(node_exec(name, "node1", "cat", "/etc/docker/daemon.json"))
+        assert daemon["ipv6"] is True
+        assert daemon["fixed-cidr-v6"] == doc["nodes"]["node1"]["subnet6"]
+    else:
+        assert "FLANNEL_IPV6_SUBNET=" in env
+        assert ("FLANNEL_SUBNET=" in env) is (mode == "dual")
+    loden("lab", "down", "--name", name)
+    assert_gone(name)
+
+
+def test_lab_ipv6_refusals(lab: Callable[[], str]) -> None:
+    name = lab()
+    udp = loden("lab", "up", "--name", name, "--ipv6", "dual", "--backend", "udp", check=False)
+    assert udp.returncode == 2 and "IPv4-only" in udp.stderr
+    docker = loden(
+        "lab", "up", "--name", name, "--ipv6", "only", "--runtime", "docker", check=False
+    )
+    assert docker.returncode == 2 and "needs an IPv4 subnet" in docker.stderr
 
 
 @pytest.mark.slow

@@ -168,3 +168,64 @@ def test_ipv6_only_by_regex() -> None:
     sel = choose(view(), opts)
     assert sel.ext.name == "eth1" and sel.ext.iface_addr is None and sel.ext.ext_addr is None
     assert sel.ext.iface_v6_addr == IPv6Address("fd00::11")
+
+
+# -- IPv6 for every selection flag (flannel #2081) ----------------------------------------
+
+
+def test_ipv6_only_default_route_and_iface_by_name() -> None:
+    sel = choose(view(default_v4=None, default_v6=3), InterfaceOptions(ipv4=False, ipv6=True))
+    assert (sel.ext.name, sel.ext.iface_v6_addr) == ("eth1", IPv6Address("fd00::11"))
+    assert sel.reason == "chose eth1 (fd00::11): default route interface"
+    sel = choose(view(), InterfaceOptions(ifaces=("eth1",), ipv4=False, ipv6=True))
+    assert sel.ext.ext_v6_addr == IPv6Address("fd00::11") and sel.ext.ext_addr is None
+
+
+def test_ipv6_only_iface_by_ipv6_address_and_refuses_ipv4() -> None:
+    sel = choose(view(), InterfaceOptions(ifaces=("fd00::11",), ipv4=False, ipv6=True))
+    assert sel.ext.name == "eth1" and sel.ext.iface_v6_addr == IPv6Address("fd00::11")
+    with pytest.raises(InterfaceError, match="IPv4 address but IPv4 is not enabled"):
+        choose(view(), InterfaceOptions(ifaces=("10.0.2.15",), ipv4=False, ipv6=True))
+
+
+def test_ipv6_can_reach_fills_the_other_family_from_the_interface() -> None:
+    reach = RouteLookup(IPv6Address("fd00::1"), 3, None, IPv6Address("fd00::11"))
+    sel = choose(view(reach=reach), InterfaceOptions(can_reach=reach.dst, ipv6=True))
+    assert sel.ext.name == "eth1"
+    assert sel.ext.iface_v6_addr == IPv6Address("fd00::11")
+    assert sel.ext.iface_addr == IPv4Address("192.168.56.11")  # first usable IPv4 of eth1
+    assert "--iface-can-reach=fd00::1 routes via it" in sel.reason
+
+
+def test_public_ipv6_alone_selects_its_owner_and_is_advertised() -> None:
+    sel = choose(
+        view(), InterfaceOptions(public_ipv6=IPv6Address("fd00::11"), ipv4=False, ipv6=True)
+    )
+    assert sel.ext.name == "eth1" and sel.ext.ext_v6_addr == IPv6Address("fd00::11")
+    assert "interface owning --public-ipv6 fd00::11" in sel.reason
+
+
+def test_public_ipv6_behind_nat_with_iface() -> None:
+    nat = IPv6Address("2001:db8::99")
+    sel = choose(view(), InterfaceOptions(ifaces=("eth1",), public_ipv6=nat, ipv6=True))
+    assert sel.ext.iface_v6_addr == IPv6Address("fd00::11") and sel.ext.ext_v6_addr == nat
+    assert sel.reason.endswith("; public IPv6 2001:db8::99 from --public-ipv6")
+
+
+def test_dual_stack_regex_needs_both_families_on_one_interface() -> None:
+    opts = InterfaceOptions(regexes=(r"^(192\.168\.56\.11|fd00::11)$",), ipv6=True)
+    sel = choose(view(), opts)
+    assert sel.ext.name == "eth1"
+    assert (sel.ext.iface_addr, sel.ext.iface_v6_addr) == (
+        IPv4Address("192.168.56.11"),
+        IPv6Address("fd00::11"),
+    )
+    # A dual-stack regex matching only an IPv4 address is no match (flannel's rule).
+    with pytest.raises(InterfaceError, match="matched no address and no interface name"):
+        choose(view(), InterfaceOptions(regexes=(r"^10\.0\.2\.15$",), ipv6=True))
+
+
+def test_ipv6_only_interface_without_ipv6() -> None:
+    v = view(addresses={2: (addr(2, "10.0.2.15/24"),)})
+    with pytest.raises(InterfaceError, match="failed to find IPv6 address for interface eth0"):
+        choose(v, InterfaceOptions(ifaces=("eth0",), ipv4=False, ipv6=True))

@@ -195,3 +195,22 @@ def test_only_the_needed_annotations_are_kept() -> None:
 def test_malformed_objects(obj: dict[str, Any]) -> None:
     with pytest.raises(NodeSkipped):
         NodeInfo.from_object(obj, KEYS)
+
+
+def test_ipv6_only_peer_lease() -> None:
+    """IPv6-only (EnableIPv4 false): the lease's IPv4 part is empty, as over etcd."""
+    go_v6_only = {
+        P + "backend-type": "vxlan",
+        P + "kube-subnet-manager": "true",
+        P + "backend-v6-data": '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e4"}',
+        P + "public-ipv6": "fc00:f853:ccd:e793::3",
+    }
+    lease = lease_of(node(go_v6_only, pod_cidr="fd00:10:244:1::/64"), ipv4=False, ipv6=True)
+    assert lease.subnet == IPv4Network("0.0.0.0/0")
+    assert lease.key == "0.0.0.0-0&fd00:10:244:1::-64"
+    assert lease.ipv6_subnet == IPv6Network("fd00:10:244:1::/64")
+    assert lease.attrs.public_ip == IPv4Address(0)
+    assert lease.attrs.public_ipv6 == IPv6Address("fc00:f853:ccd:e793::3")
+    assert lease.attrs.backend_data is None
+    with pytest.raises(NodeSkipped, match="no IPv6 podCIDR"):
+        lease_of(node(go_v6_only), ipv4=False, ipv6=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,69 @@ def test_plan_names_addresses_and_config() -> None:
 def test_plan_rejects_bad_options(field: str, value: Any) -> None:
     with pytest.raises(UsageError):
         make_plan(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("mode", "families", "ipv4_enabled"), [("dual", (4, 6), True), ("only", (6,), False)]
+)
+def test_ipv6_plan_addresses_and_config(
+    mode: str, families: tuple[int, ...], ipv4_enabled: bool
+) -> None:
+    plan = make_plan(ipv6=mode)
+    assert plan.families == families
+    assert plan.underlay6.prefixlen == 64 and plan.network6.prefixlen == 56
+    assert plan.underlay6.subnet_of(IPv6Network("fc00::/7"))
+    assert plan.network6.subnet_of(IPv6Network("fc00::/7"))
+    assert plan.node_address6("node2").ip == plan.underlay6.network_address + 12
+    assert plan.gateway6.ip == plan.underlay6.network_address + 1
+    config = NetworkConfig.parse(plan.network_config())
+    assert config.enable_ipv6 and config.ipv6_network == plan.network6
+    assert config.enable_ipv4 is ipv4_enabled
+    assert LabPlan.from_json(plan.to_json()) == plan
+    # Another lab's addresses differ in both families.
+    other = make_plan("other", ipv6=mode)
+    assert not other.underlay6.overlaps(plan.underlay6) or other.underlay == plan.underlay
+
+
+def test_ipv4_plan_is_unchanged_by_ipv6() -> None:
+    plan = make_plan()
+    assert plan.families == (4,) and plan.ipv6 == "off"
+    assert plan.network_config() == (
+        f'{{"Network": "{plan.network}", "Backend": {{"Type": "vxlan"}}}}'
+    )
+    data = plan.to_json()
+    del data["ipv6"]  # a state.json written before --ipv6 existed
+    assert LabPlan.from_json(data) == plan
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"ipv6": "dual", "backend": "udp"}, "udp backend is IPv4-only"),
+        ({"ipv6": "only", "runtime": "docker"}, "Docker's default bridge always needs an IPv4"),
+        ({"ipv6": "both"}, "use dual or only"),
+        ({"ipv6": "dual", "with_agent": False}, "needs the agent"),
+        ({"ipv6": "dual", "store": "kube"}, "not implemented by the lab yet"),
+    ],
+)
+def test_ipv6_plan_refusals(changes: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        make_plan(**changes)
+
+
+def test_dual_stack_records_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan_mod, "LAB_ROOT", tmp_path)
+    monkeypatch.setattr(state_mod, "LAB_ROOT", tmp_path)
+    state = LabState(make_plan(ipv6="dual"))
+    state.set_node(NodeRecord("node1", "ns1", "172.16.0.11/24", "/m1", address6="fd6c::11/64"))
+    state.update_node("node1", subnet="10.64.3.0/24", subnet6="fd6e:40:0:3::/64")
+    state.add_pod(PodRecord("node1-pod0", "node1", "10.64.3.2", "/p", (), ip6="fd6e:40:0:3::2"))
+    loaded = LabState.load("demo")
+    node = loaded.nodes["node1"]
+    assert (node.subnet_of(4), node.subnet_of(6)) == ("10.64.3.0/24", "fd6e:40:0:3::/64")
+    assert node.address_of(6) == "fd6c::11/64"
+    assert loaded.pods[0].address(6) == "fd6e:40:0:3::2"
+    assert loaded.pods[0].address(4) == "10.64.3.2"
 
 
 def test_state_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,52 @@ GOLDENS: dict[str, tuple[list[str], str]] = {
     ),
 }
 
+# The script has no IPv6 option: FLANNEL_IPV6_* lines are sourced and ignored, and an
+# IPv6-only file (no FLANNEL_SUBNET) gives no --bip and no route check. Outputs from the
+# script's own code run by /bin/sh on these files (flannel's docs leave IPv6 to the
+# operator: dockerd --ipv6 --fixed-cidr-v6=$FLANNEL_IPV6_SUBNET).
+DUAL_SUBNET_ENV = (
+    "FLANNEL_NETWORK=10.42.0.0/16\n"
+    "FLANNEL_SUBNET=10.42.0.1/24\n"
+    "FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\n"
+    "FLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n"
+    "FLANNEL_MTU=1450\n"
+    "FLANNEL_IPMASQ=true\n"
+)
+V6_ONLY_SUBNET_ENV = (
+    "FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\n"
+    "FLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n"
+    "FLANNEL_MTU=1450\n"
+    "FLANNEL_IPMASQ=false\n"
+)
+IPV6_GOLDENS: dict[str, tuple[str, list[str], str]] = {
+    "dual": (
+        DUAL_SUBNET_ENV,
+        [],
+        'DOCKER_OPT_BIP="--bip=10.42.0.1/24"\n'
+        'DOCKER_OPT_IPMASQ="--ip-masq=false"\n'
+        'DOCKER_OPT_MTU="--mtu=1450"\n'
+        'DOCKER_OPTS=" --bip=10.42.0.1/24 --ip-masq=false --mtu=1450"\n',
+    ),
+    "dual-combined": (
+        DUAL_SUBNET_ENV,
+        ["-c"],
+        'DOCKER_OPTS=" --bip=10.42.0.1/24 --ip-masq=false --mtu=1450"\n',
+    ),
+    "v6-only": (
+        V6_ONLY_SUBNET_ENV,
+        [],
+        'DOCKER_OPT_IPMASQ="--ip-masq=true"\n'
+        'DOCKER_OPT_MTU="--mtu=1450"\n'
+        'DOCKER_OPTS=" --ip-masq=true --mtu=1450"\n',
+    ),
+    "v6-only-no-masq": (
+        V6_ONLY_SUBNET_ENV,
+        ["-m", "-i"],
+        'DOCKER_OPT_MTU="--mtu=1450"\n',
+    ),
+}
+
 SEED_SUBNET_ENV = (
     "FLANNEL_NETWORK=172.17.0.0/16\n"
     "FLANNEL_SUBNET=172.17.40.1/24\n"
@@ -118,6 +164,14 @@ def test_flannel_goldens_byte_exact(run: Callable[..., Run], name: str) -> None:
     assert result.code == 0, result.stderr
     assert result.output == expected
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("name", sorted(IPV6_GOLDENS))
+def test_ipv6_subnet_env_goldens(run: Callable[..., Run], name: str) -> None:
+    flannel, args, expected = IPV6_GOLDENS[name]
+    # A route "via" for the IPv4 subnet would make the script exit 1; none for IPv6-only.
+    result = run(args, flannel, routes="2001:cafe:42::/64 via fe80::1 dev eth0\n")
+    assert (result.code, result.output, result.stderr) == (0, expected, "")
 
 
 def test_seed_same_file_read_then_written(tmp_path: Path, run: Callable[..., Run]) -> None:

@@ -25,7 +25,10 @@ def test_defaults_for_a_slash16() -> None:
 
 
 def test_ipv6_only_defaults() -> None:
-    config = NetworkConfig.parse('{"enableIPv6":true,"ipv6Network":"fc00::/48","enableIPv4":false}')
+    config = NetworkConfig.parse(
+        '{"enableIPv6":true,"ipv6Network":"fc00::/48","enableIPv4":false,'
+        '"Backend":{"Type":"wireguard"}}'
+    )
     assert config.ipv6_subnet_len == 64
     assert config.ipv6_subnet_min == IPv6Address("fc00:0:0:1::")
     assert config.ipv6_subnet_max == IPv6Address("fc00:0:0:ffff::")

@@ -13,6 +13,7 @@ from typing import cast
 
 from loden.backend.base import Backend, BackendContext
 from loden.errors import UnknownBackend
+from loden.model.families import check_families
 
 _REGISTRY: dict[str, str] = {
     "alloc": "loden.backend.alloc",
@@ -51,6 +52,8 @@ def create_backend(name: str, ctx: BackendContext) -> Backend:
         if key in UNSUPPORTED:
             raise UnknownBackend(key, known_backends(), UNSUPPORTED[key])
         raise UnknownBackend(name, known_backends())
+    # Kube mode never validates the config (spec §2.2): the family check happens here too.
+    check_families(key, enable_ipv4=ctx.config.enable_ipv4, enable_ipv6=ctx.config.enable_ipv6)
     module = importlib.import_module(_REGISTRY[key])
     factory = cast(Callable[[BackendContext], Backend], module.create)
     return factory(ctx)

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from loden.backend.base import ExternalInterface, ReconcileReport
 from loden.kernel.netlink import (
@@ -50,6 +51,7 @@ from loden.kernel.netlink import (
     Route,
     RouteLookup,
 )
+from loden.lease_watch import overlaps_own
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 Entry = Route | Neighbour | FdbEntry
 Key = tuple[object, ...]
 _RTN_UNICAST = 1
+#: The kernel gives an IPv6 route without a metric 1024 (``ip -6 route`` shows it): the
+#: desired IPv6 entries say so, or every resync would see them as different and rewrite.
+IPV6_METRIC = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,14 +160,27 @@ def transition(old: Sequence[Entry], new: Sequence[Entry]) -> list[Change]:
     return ordered(changes)
 
 
-def owned_route(route: Route, config: NetworkConfig, own: IPv4Network) -> bool:
-    """Is ``route`` one Loden installed for a peer (see the module docstring)?"""
+def owned_route(
+    route: Route, config: NetworkConfig, own: IPv4Network, own6: IPv6Network | None = None
+) -> bool:
+    """Is ``route`` one Loden installed for a peer (see the module docstring)? IPv6
+    routes count only inside ``IPv6Network`` (never the whole of it, never our own)."""
     if route.protocol != RTPROT_LODEN or route.type != _RTN_UNICAST:
         return False
-    if not isinstance(route.dst, IPv4Network) or route.dst == own:
+    dst = route.dst
+    if isinstance(dst, IPv6Network):
+        net6 = config.ipv6_network
+        return (
+            config.enable_ipv6
+            and net6 is not None
+            and dst != own6
+            and dst.subnet_of(net6)
+            and dst != net6
+        )
+    if dst == own:
         return False
     net = config.network
-    return net is None or (route.dst.subnet_of(net) and route.dst != net)
+    return net is None or (dst.subnet_of(net) and dst != net)
 
 
 def adopted(changes: Sequence[Change], kernel: Iterable[Entry]) -> int:
@@ -310,10 +328,24 @@ class PeerNetwork:
 
     async def _kernel(self) -> list[Entry]:
         """Every kernel entry this backend might own (dumped once per reconcile)."""
-        return list(await self._nl.routes())
+        entries: list[Entry] = list(await self._nl.routes())
+        if self._config.enable_ipv6:
+            entries += await self._nl.routes(family=socket.AF_INET6)
+        return entries
 
     def _owns(self, entry: Entry) -> bool:
-        return isinstance(entry, Route) and owned_route(entry, self._config, self._lease.subnet)
+        return isinstance(entry, Route) and owned_route(
+            entry, self._config, self._lease.subnet, self._lease.ipv6_subnet
+        )
+
+    def _warn_once(self, reason: str) -> None:
+        """One warning per reason (a peer whose IPv6 side is broken but IPv4 side works
+        is programmed for IPv4 and reported here, not skipped)."""
+        if reason not in self._warned:
+            if len(self._warned) > 10000:
+                self._warned.clear()
+            log.warning("%s", reason)
+            self._warned.add(reason)
 
     def _forget_entries(self) -> None:
         """The kernel lost what hung off the base, or an input of :meth:`_entries_for`
@@ -325,16 +357,27 @@ class PeerNetwork:
     # -- the Network API ---------------------------------------------------------------
 
     def accepts(self, lease: Lease) -> bool:
-        return lease.attrs.backend_type == self.backend_type and lease.subnet != self._lease.subnet
+        return lease.attrs.backend_type == self.backend_type and not overlaps_own(
+            lease, self._lease
+        )
 
     async def _lookups(self, leases: Iterable[Lease]) -> Mapping[IPAddress, RouteLookup | None]:
         if not self._needs_lookup():
             return {}
-        missing = [lease.attrs.public_ip for lease in leases]
+        missing = [ip for lease in leases for ip in self._public_ips(lease)]
         missing = [ip for ip in missing if ip not in self._lookup_cache]
         if missing:
             self._lookup_cache.update(await self._nl.route_get_many(missing))
         return self._lookup_cache
+
+    def _public_ips(self, lease: Lease) -> list[IPAddress]:
+        """The underlay addresses of ``lease`` this node routes to, per enabled family."""
+        ips: list[IPAddress] = []
+        if self._config.enable_ipv4 and int(lease.attrs.public_ip):
+            ips.append(lease.attrs.public_ip)
+        if self._config.enable_ipv6 and lease.attrs.public_ipv6 is not None:
+            ips.append(lease.attrs.public_ipv6)
+        return ips
 
     def _check_lookup_basis(self, kernel: Iterable[Entry]) -> None:
         basis = frozenset(
@@ -414,7 +457,7 @@ class PeerNetwork:
         self._conflicts = {k: v for k, v in self._conflicts.items() if k in live}
         entries, skipped = self._compute(wanted, lookups)
         if len(self._lookup_cache) > 2 * len(wanted) + 64:  # keep the cache bounded
-            keep = {lease.attrs.public_ip for _, lease in wanted}
+            keep = {ip for _, lease in wanted for ip in self._public_ips(lease)}
             self._lookup_cache = {k: v for k, v in self._lookup_cache.items() if k in keep}
         desired = self._desired
         if desired is None:  # the peer set changed since the last pass
@@ -460,7 +503,7 @@ class PeerNetwork:
         fallback: dict[str, Lease] = {}
         for event in events:
             key = event.lease.key
-            if event.lease.subnet == self._lease.subnet:
+            if overlaps_own(event.lease, self._lease):
                 continue
             if event.kind is EventKind.ADDED and self.accepts(event.lease):
                 latest[key] = event.lease

@@ -55,6 +55,19 @@ down/up, no address flush, MTU and MAC written only if they differ), and reconci
 only writes the difference, so an agent restart leaves the kernel data path untouched.
 A device deleted from outside is recreated with the same MAC and every peer is
 replayed on the next reconcile (flannel recreates it but does not replay: spec §11.12).
+
+*IPv6.* With ``EnableIPv6`` a second device ``flannel-v6.<VNI>`` (``local`` = the public
+IPv6) carries the IPv6 overlay exactly like the first carries IPv4: per peer a permanent
+neighbour ``<peer v6 subnet>:: lladdr <peer v6 VtepMAC>``, an FDB entry to the peer's
+``PublicIPv6`` and ``<peer v6 subnet> via <peer v6 subnet>:: dev flannel-v6.<VNI> onlink``
+(or, with DirectRouting, a direct route via ``PublicIPv6``). Its MAC follows the same
+identity rules, bound to the public IPv6 and the VNI (state file
+``flannel-v6.<VNI>.mac``, else derived; checked against the other nodes' BackendV6Data)
+and is published as ``BackendV6Data``. The kernel caps a VTEP over IPv6 at the underlay
+MTU − 70 (flannel asks for − 50 and the kernel clamps it at creation), so Loden asks for
+− 70 directly; ``FLANNEL_MTU`` stays the IPv4 device's (flannel's), and is the IPv6
+device's on IPv6-only nodes. Each family of a peer is programmed on its own: a peer
+whose ``BackendV6Data`` is broken keeps its IPv4 path (one warning).
 """
 
 from __future__ import annotations
@@ -64,8 +77,10 @@ import hashlib
 import logging
 import os
 import re
+import socket
 from collections.abc import Awaitable, Mapping, Sequence
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from loden.backend.base import BackendContext, Network
 from loden.backend.identity import (
@@ -76,7 +91,7 @@ from loden.backend.identity import (
     other_nodes,
     random_mac,
 )
-from loden.backend.routes import Conflict, Entry, PeerNetwork, Wanted
+from loden.backend.routes import IPV6_METRIC, Conflict, Entry, PeerNetwork, Wanted
 from loden.errors import BackendError, DataplaneError
 from loden.kernel.netlink import (
     RTPROT_BOOT,
@@ -92,11 +107,14 @@ from loden.kernel.netlink import (
 from loden.model.backend_options import VXLAN_DEFAULT_PORT, VxlanOptions
 from loden.model.gojson import GoJSONError, GoObject, as_int, as_str
 from loden.model.lease import Lease, LeaseAttrs
+from loden.model.net import NO_IPV4
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = VXLAN_DEFAULT_PORT
 OVERHEAD = 50
+#: Outer IPv6 40 + UDP 8 + VXLAN 8 + inner Ethernet 14: the kernel's cap for an IPv6 VTEP.
+OVERHEAD_V6 = 70
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 
 
@@ -132,8 +150,9 @@ def tx_checksum_decision(option: bool | None, release: str) -> tuple[bool, str]:
     )
 
 
-def derived_mac(public_ip: IPv4Address, vni: int) -> str:
-    """Deterministic locally administered unicast MAC for (public IP, VNI)."""
+def derived_mac(public_ip: IPAddress, vni: int) -> str:
+    """Deterministic locally administered unicast MAC for (public IP, VNI); the IPv6
+    device derives its own from the public IPv6, so the two never share a MAC."""
     raw = bytearray(hashlib.sha256(f"loden-vtep/{public_ip}/{vni}".encode()).digest()[:6])
     raw[0] = (raw[0] & 0xFE) | 0x02
     return bytes(raw).hex(":")
@@ -149,6 +168,12 @@ def peer_mac(lease: Lease) -> str | None:
     return None if lease.attrs.backend_data is None else _mac_of(lease.attrs.backend_data)
 
 
+def peer_v6_mac(lease: Lease) -> str | None:
+    """VtepMAC of the peer's IPv6 device, from its BackendV6Data."""
+    data = lease.attrs.backend_v6_data
+    return None if data is None else _mac_of(data)
+
+
 @functools.lru_cache(maxsize=16384)
 def _mac_of(backend_data: str) -> str | None:
     # Cached: parsing costs ~9 µs and a resync of 5,000 peers sees the same texts again.
@@ -156,12 +181,6 @@ def _mac_of(backend_data: str) -> str | None:
         return normalise_mac(GoObject.parse(backend_data).get("VtepMAC", as_str, ""))
     except GoJSONError:
         return None
-
-
-def peer_v6_mac(lease: Lease) -> str | None:
-    """VtepMAC of a peer's IPv6 VTEP (``flannel-v6.<VNI>``), from its BackendV6Data."""
-    data = lease.attrs.backend_v6_data
-    return None if data is None else _mac_of(data)
 
 
 def peer_vni(lease: Lease, *, v6: bool = False) -> int | None:
@@ -176,16 +195,14 @@ def peer_vni(lease: Lease, *, v6: bool = False) -> int | None:
     return vni
 
 
-def vxlan_rivals(
-    leases: Sequence[Lease], own_ip: IPv4Address | IPv6Address, vni: int
-) -> list[Lease]:
-    """Other nodes' vxlan leases whose VTEPs of ``own_ip``'s family share our VNI (no
-    VNI in the data: the same)."""
-    v6 = own_ip.version == 6
+def vxlan_rivals(leases: Sequence[Lease], own_ip: IPAddress, vni: int) -> list[Lease]:
+    """Other nodes' vxlan leases whose VTEPs (of ``own_ip``'s family) share our VNI (no
+    VNI in the data: same)."""
     return [
         lease
         for lease in other_nodes(leases, own_ip)
-        if lease.attrs.backend_type == "vxlan" and peer_vni(lease, v6=v6) in (None, vni)
+        if lease.attrs.backend_type == "vxlan"
+        and peer_vni(lease, v6=own_ip.version == 6) in (None, vni)
     ]
 
 
@@ -206,115 +223,166 @@ def compatible(link: Link, spec: VxlanSpec) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Vtep:
+    """One VXLAN device: ``flannel.<VNI>`` (IPv4) or ``flannel-v6.<VNI>`` (IPv6), with
+    its MAC store bound to the node's public IP of that family and the VNI."""
+
+    version: int
+    name: str
+    spec: VxlanSpec
+    public_ip: IPAddress
+    mtu: int
+    identity: NodeIdentity
+    store: BoundValue
+
+    def mac_of(self, lease: Lease) -> str | None:
+        """What ``lease`` advertises for this device's family."""
+        return peer_mac(lease) if self.version == 4 else peer_v6_mac(lease)
+
+
 class VxlanBackend:
     backend_type = "vxlan"
 
     def __init__(self, ctx: BackendContext) -> None:
-        if ctx.ext.ext_addr is None:
+        config, ext = ctx.config, ctx.ext
+        if config.enable_ipv4 and ext.ext_addr is None:
             raise BackendError("vxlan needs an IPv4 public IP: enable IPv4 or set --public-ip")
+        if config.enable_ipv6 and ext.ext_v6_addr is None:
+            raise BackendError(
+                f"vxlan with EnableIPv6 needs an IPv6 public IP on {ext.name}: add one or "
+                "set --public-ipv6"
+            )
         self.ctx = ctx
         assert isinstance(ctx.options, VxlanOptions), ctx.options
         self.options = ctx.options
-        self.public_ip: IPv4Address = ctx.ext.ext_addr
-        self.name = f"flannel.{self.options.vni}"
-        self.spec = VxlanSpec(
-            vni=self.options.vni,
-            port=self.options.port,
-            local=self.public_ip,
-            link=ctx.ext.index,
-            learning=self.options.learning,
-            gbp=self.options.gbp,
-        )
-        self.mtu = (self.options.mtu or ctx.ext.mtu) - OVERHEAD
+        vni = self.options.vni
+        self.public_ip: IPv4Address = ext.ext_addr or IPv4Address(0)
+        self.name = f"flannel.{vni}"
+        self.spec = self._spec(ext.ext_addr)
+        mtu = self.options.mtu or ext.mtu
         self.netns = ctx.settings.netns
-        self.identity = NodeIdentity(self.public_ip, self.options.vni)
+        self.identity = NodeIdentity(self.public_ip, vni)
         self._mac_store = BoundValue(ctx.state_dir / f"{self.name}.mac", "VtepMAC")
+        self.vtep4: Vtep | None = None
+        self.vtep6: Vtep | None = None
+        if config.enable_ipv4:
+            self.vtep4 = Vtep(
+                4, self.name, self.spec, self.public_ip, mtu - OVERHEAD, self.identity,
+                self._mac_store,
+            )  # fmt: skip
+        if config.enable_ipv6:
+            assert ext.ext_v6_addr is not None
+            name6 = f"flannel-v6.{vni}"
+            self.vtep6 = Vtep(
+                6, name6, self._spec(ext.ext_v6_addr), ext.ext_v6_addr, mtu - OVERHEAD_V6,
+                NodeIdentity(ext.ext_v6_addr, vni),
+                BoundValue(ctx.state_dir / f"{name6}.mac", "VtepMAC"),
+            )  # fmt: skip
+        self.vteps = tuple(v for v in (self.vtep4, self.vtep6) if v is not None)
+        #: FLANNEL_MTU: the IPv4 device's (flannel's value), the IPv6 one's on IPv6-only.
+        self.mtu = mtu - OVERHEAD if self.vtep4 is not None else self.vteps[0].mtu
         self.tx_checksum, why = tx_checksum_decision(
             self.options.tx_checksum_offload, os.uname().release
         )
         log.info(
             "vxlan: tx checksum offload %s on %s (%s)",
             "on" if self.tx_checksum else "off",
-            self.name,
+            " and ".join(v.name for v in self.vteps),
             why,
         )
 
-    def _stored_mac(self) -> str | None:
-        stored = self._mac_store.load(self.identity)
+    def _spec(self, local: IPAddress | None) -> VxlanSpec:
+        return VxlanSpec(
+            vni=self.options.vni,
+            port=self.options.port,
+            local=local,
+            link=self.ctx.ext.index,
+            learning=self.options.learning,
+            gbp=self.options.gbp,
+        )
+
+    def _stored_mac(self, vtep: Vtep | None = None) -> str | None:
+        vtep = vtep or self.vtep4 or self.vteps[0]
+        stored = vtep.store.load(vtep.identity)
         return None if stored is None else normalise_mac(stored)
 
-    async def ensure_device(self, nl: Netlink, mac: str | None = None) -> Link:
-        """Reuse a compatible ``flannel.<VNI>`` (keeping its MAC) or (re)create it with
-        ``mac`` (the running network's), else the stored one, else the derived one."""
-        link = await nl.link(self.name)
-        if link is not None and compatible(link, self.spec):
+    async def ensure_device(
+        self, nl: Netlink, mac: str | None = None, vtep: Vtep | None = None
+    ) -> Link:
+        """Reuse a compatible ``flannel.<VNI>`` (or ``flannel-v6.<VNI>``), keeping its
+        MAC, or (re)create it with ``mac`` (the running network's), else the stored one,
+        else the derived one."""
+        vtep = vtep or self.vtep4 or self.vteps[0]
+        link = await nl.link(vtep.name)
+        if link is not None and compatible(link, vtep.spec):
             return link
         if link is not None:
             log.warning(
                 "existing %s is not compatible (%s, want %s): recreating it",
-                self.name,
+                vtep.name,
                 link.vxlan or link.kind,
-                self.spec,
+                vtep.spec,
             )
             await nl.delete_link(link.index)
-        mac = mac or self._stored_mac() or derived_mac(self.public_ip, self.options.vni)
+        mac = mac or self._stored_mac(vtep) or derived_mac(vtep.public_ip, self.options.vni)
         log.info(
             "creating %s: vni %d port %d local %s dev %s mac %s mtu %d",
-            self.name,
-            self.spec.vni,
-            self.spec.port,
-            self.public_ip,
+            vtep.name,
+            vtep.spec.vni,
+            vtep.spec.port,
+            vtep.public_ip,
             self.ctx.ext.name,
             mac,
-            self.mtu,
+            vtep.mtu,
         )
-        return await nl.create_vxlan(self.name, self.spec, mtu=self.mtu, mac=mac)
+        return await nl.create_vxlan(vtep.name, vtep.spec, mtu=vtep.mtu, mac=mac)
 
     async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
+        macs: dict[int, str] = {}
         nl = await Netlink.open(self.netns)
         try:
-            link = await self.ensure_device(nl)
-            if link.mac is None:
-                raise DataplaneError("read", f"MAC of {self.name}", "the device has no MAC address")
-            mac = await self._unique_mac(nl, link.index, link.mac, others)
+            for vtep in self.vteps:
+                link = await self.ensure_device(nl, vtep=vtep)
+                if link.mac is None:
+                    raise DataplaneError(
+                        "read", f"MAC of {vtep.name}", "the device has no MAC address"
+                    )
+                macs[vtep.version] = await self._unique_mac(nl, vtep, link.index, link.mac, others)
         finally:
             await nl.aclose()
-        self._mac_store.store(self.identity, mac)
-        data = LeaseAttrs.encode_data({"VNI": self.options.vni, "VtepMAC": mac})
-        v6 = self.ctx.ext.ext_v6_addr if self.ctx.config.enable_ipv6 else None
+        for vtep in self.vteps:
+            vtep.store.store(vtep.identity, macs[vtep.version])
+        vni = self.options.vni
+        data = v6_data = None
+        if 4 in macs:
+            data = LeaseAttrs.encode_data({"VNI": vni, "VtepMAC": macs[4]})
+        if 6 in macs:
+            v6_data = LeaseAttrs.encode_data({"VNI": vni, "VtepMAC": macs[6]})
         return LeaseAttrs(
-            public_ip=self.public_ip, backend_type="vxlan", backend_data=data, public_ipv6=v6
+            public_ip=self.public_ip,
+            backend_type="vxlan",
+            backend_data=data,
+            public_ipv6=self.ctx.ext.ext_v6_addr if self.vtep6 is not None else None,
+            backend_v6_data=v6_data,
         )
 
     async def _unique_mac(
-        self,
-        nl: Netlink,
-        index: int,
-        mac: str,
-        others: Sequence[Lease],
-        *,
-        own_ip: IPv4Address | IPv6Address | None = None,
-        name: str | None = None,
+        self, nl: Netlink, vtep: Vtep, index: int, mac: str, others: Sequence[Lease]
     ) -> str:
-        """``mac``, or a fresh one set on device ``index`` if another node advertises it.
-
-        ``own_ip``/``name``: the IPv6 VTEP passes the public IPv6 and its device name
-        (the default is the IPv4 VTEP); rivals are then read from BackendV6Data.
-        """
-        own = self.public_ip if own_ip is None else own_ip
-        mac_of = peer_v6_mac if own.version == 6 else peer_mac
-        rivals = vxlan_rivals(others, own, self.options.vni)
-        clash = holders(mac, rivals, mac_of)
+        """``mac``, or a fresh one set on the device if another node advertises it."""
+        rivals = vxlan_rivals(others, vtep.public_ip, self.options.vni)
+        clash = holders(mac, rivals, vtep.mac_of)
         if not clash:
             return mac
-        taken = {m for m in map(mac_of, rivals) if m is not None}
+        taken = {m for m in map(vtep.mac_of, rivals) if m is not None}
         fresh = random_mac(taken | {mac})
         log.warning(
             "VTEP MAC %s of %s is already advertised by another node's lease %s (a state "
             "directory shared with or copied from that node, or a cloned image): using "
             "the fresh MAC %s instead",
             mac,
-            name or self.name,
+            vtep.name,
             describe(clash),
             fresh,
         )
@@ -339,8 +407,11 @@ class VxlanNetwork(PeerNetwork):
     def __init__(self, nl: Netlink, lease: Lease, backend: VxlanBackend) -> None:
         super().__init__(nl, lease, backend.ctx.config, backend.ctx.ext)
         self._be = backend
+        #: Per device (IP version): its ifindex and MAC, once ensured.
         self._index = 0
         self._mac = ""
+        self._index6 = 0
+        self._mac6 = ""
 
     @property
     def mtu(self) -> int:
@@ -354,56 +425,91 @@ class VxlanNetwork(PeerNetwork):
     def vtep_mac(self) -> str:
         return self._mac
 
+    @property
+    def device_index_v6(self) -> int:
+        return self._index6
+
+    @property
+    def vtep_mac_v6(self) -> str:
+        return self._mac6
+
+    def _state(self, vtep: Vtep) -> tuple[int, str]:
+        return (self._index, self._mac) if vtep.version == 4 else (self._index6, self._mac6)
+
+    def _set_state(self, vtep: Vtep, index: int, mac: str) -> None:
+        if vtep.version == 4:
+            self._index, self._mac = index, mac
+        else:
+            self._index6, self._mac6 = index, mac
+
     async def setup(self) -> None:
         await self._ensure_base()
-        log.info(
-            "vxlan: %s (mac %s) ready for subnet %s", self._be.name, self._mac, self._lease.subnet
-        )
+        for vtep in self._be.vteps:
+            index, mac = self._state(vtep)
+            subnet = self._lease.subnet if vtep.version == 4 else self._lease.ipv6_subnet
+            log.info("vxlan: %s (mac %s) ready for subnet %s", vtep.name, mac, subnet)
 
     async def _base_intact(self) -> bool:
-        link = await self._nl.link_by_index(self._index) if self._index else None
-        return (
-            link is not None
-            and link.name == self._be.name
-            and link.kind == "vxlan"
-            and link.up
-            and link.mac == self._mac
-            and link.mtu == self._be.mtu
-        )
+        for vtep in self._be.vteps:
+            index, mac = self._state(vtep)
+            link = await self._nl.link_by_index(index) if index else None
+            if not (
+                link is not None
+                and link.name == vtep.name
+                and link.kind == "vxlan"
+                and link.up
+                and link.mac == mac
+                and link.mtu == vtep.mtu
+            ):
+                return False
+        return True
 
     async def _ensure_base(self) -> bool:
-        """Device present, compatible, configured; only differences are written."""
+        """Devices present, compatible, configured; only differences are written."""
+        recreated = False
+        for vtep in self._be.vteps:
+            recreated |= await self._ensure_vtep(vtep)
+        return recreated
+
+    async def _ensure_vtep(self, vtep: Vtep) -> bool:
         nl, be = self._nl, self._be
-        link = await be.ensure_device(nl, self._mac or None)
-        recreated = bool(self._index) and link.index != self._index
+        index, mac = self._state(vtep)
+        link = await be.ensure_device(nl, mac or None, vtep)
+        recreated = bool(index) and link.index != index
         if recreated:
             log.warning(
                 "%s was recreated (index %d -> %d): replaying every peer",
-                be.name,
-                self._index,
+                vtep.name,
+                index,
                 link.index,
             )
             self._entries.clear()
-        self._index = link.index
-        if self._mac and link.mac != self._mac:
-            await nl.set_link(link.index, mac=self._mac)
-        elif not self._mac:
-            self._mac = link.mac or ""
-        if link.mtu != be.mtu:
-            await nl.set_link(link.index, mtu=be.mtu)
+        if mac and link.mac != mac:
+            await nl.set_link(link.index, mac=mac)
+        elif not mac:
+            mac = link.mac or ""
+        self._set_state(vtep, link.index, mac)
+        if link.mtu != vtep.mtu:
+            await nl.set_link(link.index, mtu=vtep.mtu)
         if link.txqlen:  # a device an older Loden created (qlen 1000): match flanneld's
             await nl.set_link(link.index, txqlen=0)
-        await self._ensure_address(link.index)
-        await self._best_effort(nl.set_sysctl(f"net/ipv6/conf/{be.name}/accept_ra", "0"))
-        await self._best_effort(nl.set_tx_checksum(be.name, be.tx_checksum))
+        if vtep.version == 6:
+            # No duplicate address detection on an overlay without multicast: the probe
+            # goes nowhere and would only hold the address "tentative" for a second.
+            await self._best_effort(nl.set_sysctl(f"net/ipv6/conf/{vtep.name}/accept_dad", "0"))
+            await self._ensure_address_v6(link.index)
+        else:
+            await self._ensure_address(link.index)
+        await self._best_effort(nl.set_sysctl(f"net/ipv6/conf/{vtep.name}/accept_ra", "0"))
+        await self._best_effort(nl.set_tx_checksum(vtep.name, be.tx_checksum))
         if not link.up:
             await nl.set_link(link.index, up=True)
         check = await nl.link_by_index(link.index)
-        if check is None or check.mac != self._mac:
+        if check is None or check.mac != mac:
             raise DataplaneError(
                 "set",
-                f"MAC of {be.name}",
-                f"reads back {check and check.mac}, expected {self._mac}",
+                f"MAC of {vtep.name}",
+                f"reads back {check and check.mac}, expected {mac}",
             )
         return recreated
 
@@ -428,6 +534,24 @@ class VxlanNetwork(PeerNetwork):
         if want not in have:
             await self._nl.add_address(index, want)
 
+    async def _ensure_address_v6(self, index: int) -> None:
+        """``<own v6 subnet>::/128``; every other non-link-local IPv6 address goes
+        (flannel's ``EnsureV6AddressOnLink``)."""
+        subnet6 = self._lease.ipv6_subnet
+        if subnet6 is None:
+            return
+        want = IPv6Interface((subnet6.network_address, 128))
+        have = [
+            a.interface
+            for a in await self._nl.addresses(index)
+            if a.ip.version == 6 and not a.ip.is_link_local
+        ]
+        for iface in have:
+            if isinstance(iface, IPv6Interface) and iface != want:
+                await self._nl.delete_address(index, iface)
+        if want not in have:
+            await self._nl.add_address(index, want)
+
     def _needs_lookup(self) -> bool:
         return self._be.options.direct_routing
 
@@ -435,30 +559,59 @@ class VxlanNetwork(PeerNetwork):
         return peer_mac(lease)
 
     def _entries_for(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
-        subnet, public_ip = lease.subnet, lease.attrs.public_ip
-        if self._mac and peer_mac(lease) == self._mac:
-            if public_ip == self._be.public_ip:
-                return (
-                    f"vxlan: lease {subnet} has this node's public IP and VTEP MAC (an older"
-                    " lease of this node): skipped"
-                )
-            return Conflict(
-                f"vxlan: peer {subnet} ({public_ip}) advertises VtepMAC {self._mac}, which is"
-                f" this node's own ({self._be.name}): not programmed, since traffic to it"
-                " would loop back here. Two nodes share a VTEP MAC (shared or copied"
-                " state directory?): restart the agent on one of them, it picks a fresh MAC"
+        """Each family on its own: a peer whose IPv6 data is broken keeps its IPv4 path
+        (and the other way round); only a peer with neither is skipped. A lease that
+        advertises one of our own VTEP MACs is a conflict (see the module docstring)."""
+        parts: list[Wanted] = []
+        if self._be.vtep4 is not None and lease.subnet != NO_IPV4:
+            parts.append(self._entries_v4(lease, lookups))
+        if self._be.vtep6 is not None and lease.ipv6_subnet is not None:
+            parts.append(self._entries_v6(lease, lease.ipv6_subnet, lookups))
+        conflicts = [part for part in parts if isinstance(part, Conflict)]
+        if conflicts:
+            return conflicts[0]
+        entries = tuple(e for part in parts if isinstance(part, tuple) for e in part)
+        reasons = [part for part in parts if isinstance(part, str)]
+        if not entries and reasons:
+            return "; ".join(reasons)
+        for reason in reasons:
+            self._warn_once(reason + " (its other family is programmed)")
+        return entries
+
+    def _own_mac_clash(
+        self, lease: Lease, what: str, mac: str | None, own: str, public_ip: IPAddress
+    ) -> str | Conflict | None:
+        """Our own MAC in a lease: our older lease (skipped) or another node (conflict)."""
+        if not own or mac != own:
+            return None
+        ours = self._be.public_ip if public_ip.version == 4 else self._be.ctx.ext.ext_v6_addr
+        device = self._be.name if public_ip.version == 4 else f"flannel-v6.{self._be.options.vni}"
+        if public_ip == ours:
+            return (
+                f"vxlan: lease {what} has this node's public IP and VTEP MAC (an older"
+                " lease of this node): skipped"
             )
+        return Conflict(
+            f"vxlan: peer {what} ({public_ip}) advertises VtepMAC {own}, which is"
+            f" this node's own ({device}): not programmed, since traffic to it"
+            " would loop back here. Two nodes share a VTEP MAC (shared or copied"
+            " state directory?): restart the agent on one of them, it picks a fresh MAC"
+        )
+
+    def _entries_v4(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
+        subnet, public_ip = lease.subnet, lease.attrs.public_ip
+        clash = self._own_mac_clash(lease, str(subnet), peer_mac(lease), self._mac, public_ip)
+        if clash is not None:
+            return clash
         if self._be.options.direct_routing:
             found = lookups.get(public_ip)
             if found is not None and found.gateway is None and found.oif:
                 return (Route(subnet, gateway=public_ip, oif=found.oif),)
         mac = peer_mac(lease)
         if mac is None:
-            data = lease.attrs.backend_data
-            shown = repr(data if data is None or len(data) <= 200 else data[:200] + "...")
             return (
                 f"vxlan: peer {subnet} ({public_ip}) has no valid VtepMAC in its"
-                f" BackendData {shown}: skipped until it is fixed"
+                f" BackendData {_shown(lease.attrs.backend_data)}: skipped until it is fixed"
             )
         gateway = subnet.network_address
         return (
@@ -467,29 +620,79 @@ class VxlanNetwork(PeerNetwork):
             Route(subnet, gateway=gateway, oif=self._index, onlink=True),
         )
 
+    def _entries_v6(
+        self,
+        lease: Lease,
+        subnet: IPv6Network,
+        lookups: Mapping[IPAddress, RouteLookup | None],
+    ) -> Wanted:
+        public_ip = lease.attrs.public_ipv6
+        if public_ip is None:
+            return f"vxlan: peer {subnet} has an IPv6 subnet but no PublicIPv6: IPv6 skipped"
+        clash = self._own_mac_clash(lease, str(subnet), peer_v6_mac(lease), self._mac6, public_ip)
+        if clash is not None:
+            return clash
+        if self._be.options.direct_routing:
+            found = lookups.get(public_ip)
+            if found is not None and found.gateway is None and found.oif:
+                return (Route(subnet, gateway=public_ip, oif=found.oif, priority=IPV6_METRIC),)
+        mac = peer_v6_mac(lease)
+        if mac is None:
+            return (
+                f"vxlan: peer {subnet} ({public_ip}) has no valid VtepMAC in its"
+                f" BackendV6Data {_shown(lease.attrs.backend_v6_data)}: IPv6 skipped until"
+                " it is fixed"
+            )
+        gateway = subnet.network_address
+        index = self._index6
+        return (
+            Neighbour(index, gateway, mac),
+            FdbEntry(index, mac, public_ip),
+            Route(subnet, gateway=gateway, oif=index, onlink=True, priority=IPV6_METRIC),
+        )
+
     async def _kernel(self) -> list[Entry]:
-        entries: list[Entry] = list(await self._nl.routes())
-        entries += await self._nl.neighbours(self._index)
-        entries += await self._nl.fdb(self._index)
+        entries: list[Entry] = await super()._kernel()
+        if self._index:
+            entries += await self._nl.neighbours(self._index)
+            entries += await self._nl.fdb(self._index)
+        if self._index6:
+            entries += await self._nl.neighbours(self._index6, family=socket.AF_INET6)
+            entries += await self._nl.fdb(self._index6)
         return entries
 
     def _owns(self, entry: Entry) -> bool:
         if isinstance(entry, Neighbour | FdbEntry):
-            return entry.ifindex == self._index and entry.permanent
+            return entry.ifindex in (self._index, self._index6) and entry.permanent
         return super()._owns(entry) or self._legacy(entry)
 
     def _legacy(self, route: Route) -> bool:
-        """Go flanneld's vxlan route shape: ``X/len via X dev flannel.N onlink proto boot``."""
-        net = self._config.network
+        """Go flanneld's vxlan route shape: ``X/len via X dev flannel.N onlink proto boot``
+        (``flannel-v6.N`` for IPv6)."""
+        if route.protocol != RTPROT_BOOT or not route.onlink:
+            return False
+        dst = route.dst
+        if route.gateway != dst.network_address:
+            return False
+        if isinstance(dst, IPv4Network):
+            net = self._config.network
+            return (
+                route.oif == self._index
+                and dst != self._lease.subnet
+                and (net is None or dst.subnet_of(net))
+            )
+        net6 = self._config.ipv6_network
         return (
-            route.protocol == RTPROT_BOOT
-            and route.oif == self._index
-            and route.onlink
-            and isinstance(route.dst, IPv4Network)
-            and route.gateway == route.dst.network_address
-            and route.dst != self._lease.subnet
-            and (net is None or route.dst.subnet_of(net))
+            bool(self._index6)
+            and route.oif == self._index6
+            and dst != self._lease.ipv6_subnet
+            and net6 is not None
+            and dst.subnet_of(net6)
         )
+
+
+def _shown(data: str | None) -> str:
+    return repr(data if data is None or len(data) <= 200 else data[:200] + "...")
 
 
 def create(ctx: BackendContext) -> VxlanBackend:
@@ -497,4 +700,13 @@ def create(ctx: BackendContext) -> VxlanBackend:
     return VxlanBackend(ctx)
 
 
-__all__ = ["VxlanBackend", "VxlanNetwork", "VxlanOptions", "create", "derived_mac", "peer_mac"]
+__all__ = [
+    "Vtep",
+    "VxlanBackend",
+    "VxlanNetwork",
+    "VxlanOptions",
+    "create",
+    "derived_mac",
+    "peer_mac",
+    "peer_v6_mac",
+]

@@ -53,9 +53,9 @@ async def check_duplicates(ctx: Context) -> list[Finding]:
             "public IP": "give each node its own address (-public-ip or -iface, e.g. "
             "Vagrant's shared 10.0.2.15: use -iface=eth1); delete the stale lease with "
             "`loden leases -delete KEY`",
-            "VTEP MAC": "a cloned VM or a copied state dir: delete "
-            "<state-dir>/flannel.<VNI>.mac and the flannel.<VNI> device on one of the "
-            "nodes, then restart its agent",
+            "VTEP MAC": "a cloned VM or a copied state dir: restart the agent on one of "
+            "the nodes; at start it finds its MAC in another node's lease and picks a fresh "
+            "one (its MAC file is bound to its public IP and VNI from then on)",
             "WireGuard key": "a copied key file: delete the private key file on one of the "
             "nodes (-wireguard key path) and restart its agent",
         }[what]

@@ -35,7 +35,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_address
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_address
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -271,7 +271,9 @@ class Netlink:
                 "vxlan_l2miss": int(spec.l2miss),
                 "vxlan_l3miss": int(spec.l3miss),
             }
-            if spec.local is not None:
+            if isinstance(spec.local, IPv6Address):
+                args["vxlan_local6"] = str(spec.local)
+            elif spec.local is not None:
                 args["vxlan_local"] = str(spec.local)
             if spec.link is not None:
                 args["vxlan_link"] = spec.link
@@ -516,10 +518,14 @@ def _link(msg: Any) -> Link:
         data = info.get("IFLA_INFO_DATA")
         if data is not None:
             local, group = data.get("IFLA_VXLAN_LOCAL"), data.get("IFLA_VXLAN_GROUP")
+            local6 = data.get("IFLA_VXLAN_LOCAL6")
+            local_ip: IPAddress | None = IPv4Address(local) if local else None
+            if local_ip is None and local6 and local6 != "::":
+                local_ip = IPv6Address(local6)
             vxlan = VxlanSpec(
                 vni=int(data.get("IFLA_VXLAN_ID") or 0),
                 port=int(data.get("IFLA_VXLAN_PORT") or 0),
-                local=IPv4Address(local) if local else None,
+                local=local_ip,
                 link=int(data.get("IFLA_VXLAN_LINK")) if data.get("IFLA_VXLAN_LINK") else None,
                 learning=bool(data.get("IFLA_VXLAN_LEARNING")),
                 gbp=bool(data.get("IFLA_VXLAN_GBP")),

@@ -117,7 +117,8 @@ class VxlanSpec:
 
     vni: int
     port: int = 8472
-    local: IPv4Address | None = None
+    #: The VTEP's underlay address: IPv4 for ``flannel.<VNI>``, IPv6 for ``flannel-v6.<VNI>``.
+    local: IPAddress | None = None
     link: int | None = None
     learning: bool = False
     gbp: bool = False

@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_up.add_argument("--pods", type=int, default=2, help="pods per node (default 2)")
     p_up.add_argument("--name", default=DEFAULT_NAME)
+    p_up.add_argument(
+        "--ipv6",
+        choices=("dual", "only"),
+        default=None,
+        help="dual-stack overlay (dual) or IPv6 alone (only), on a dual-stack underlay",
+    )
     p_up.add_argument("--agent-timeout", type=float, default=40.0, help=argparse.SUPPRESS)
     p_up.add_argument("--no-agent", action="store_true", help=argparse.SUPPRESS)
     p_check = sub.add_parser("check", help="verify the Kubernetes network model's four rules")
@@ -148,12 +154,17 @@ def cmd_up(console: Console, ns: argparse.Namespace) -> int:
         etcd_api=ns.etcd_api,
         pods=ns.pods,
         with_agent=not ns.no_agent,
+        ipv6=getattr(ns, "ipv6", None) or "off",
         store=getattr(ns, "store", "etcd"),
     )
-    console.print(
-        f"[bold]loden lab up[/] {state.plan.name}: Network {state.plan.network}, "
-        f"underlay {state.plan.underlay}"
-    )
+    plan = state.plan
+    networks = {
+        "off": f"Network {plan.network}, underlay {plan.underlay}",
+        "dual": f"Network {plan.network} + IPv6Network {plan.network6}, "
+        f"underlay {plan.underlay} + {plan.underlay6}",
+        "only": f"IPv6Network {plan.network6}, underlay {plan.underlay} + {plan.underlay6}",
+    }[plan.ipv6]
+    console.print(f"[bold]loden lab up[/] {plan.name}: {networks}")
     name = state.plan.name
     hint = (
         f"inspect with `loden lab status --name {name}`, remove with `loden lab down --name {name}`"
@@ -188,13 +199,14 @@ def cmd_down(console: Console, name: str) -> int:
     return 1 if report.leftovers else 0
 
 
-def matrix(state: LabState, result: checks.CheckResult) -> Table:
+def matrix(state: LabState, result: checks.CheckResult, version: int = 4) -> Table:
     """Rows: sources (pods, then nodes); columns: destination pods; cells: RTT in ms."""
-    table = Table(title="reachability (ping -c1 -W1, ms)", title_justify="left")
+    family = "" if state.plan.families == (4,) else f" IPv{version}"
+    table = Table(title=f"reachability{family} (ping -c1 -W1, ms)", title_justify="left")
     table.add_column("from \\ to")
     for pod in state.pods:
-        table.add_column(f"{pod.name}\n{pod.ip}", justify="right")
-    cells = {(p.source.name, p.target.name): p for p in result.probes}
+        table.add_column(f"{pod.name}\n{pod.address(version)}", justify="right")
+    cells = {(p.source.name, p.target.name): p for p in result.probes if p.version == version}
     sources = [p.name for p in state.pods] + list(state.nodes)
     for source in sources:
         row: list[str] = []
@@ -226,7 +238,8 @@ def cmd_check(console: Console, state: LabState, *, wait: float) -> int:
         console.print(f"{mark} {number}. {rule.rule}: {rule.details[0]}")
         for detail in rule.details[1:]:
             console.print(f"     [red]{detail}[/]")
-    console.print(matrix(state, result))
+    for version in state.plan.families:
+        console.print(matrix(state, result, version))
     if not result.ok:
         console.print("[red]check failed[/]")
         return 1
@@ -246,7 +259,7 @@ def cmd_status(console: Console, state: LabState, svg: str | None = None) -> int
                 )
                 for r in rows
             ],  # fmt: skip
-            [picture.PodDot(p.name, p.node, p.ip) for p in state.pods],
+            [picture.PodDot(p.name, p.node, p.ip or p.ip6) for p in state.pods],
             picture.load_check(plan.workdir),
             backend=plan.backend,
             underlay=str(plan.underlay),

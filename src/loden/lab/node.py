@@ -27,9 +27,10 @@ but points ``-d`` at /run/flannel/docker_opts.env, the way an administrator woul
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 
 from loden.errors import LodenError
@@ -87,6 +88,10 @@ def build_node(
     address = plan.node_address(node)
     netns.add_netns(state, ns)
     netns.attach_host(plan.underlay_ns, node, ns, address, gateway=plan.gateway.ip)
+    address6 = ""
+    if plan.ipv6 != "off":
+        add_ipv6(ns, plan.node_address6(node), plan.gateway6, forwarding=True)
+        address6 = str(plan.node_address6(node))
 
     root = plan.node_root(node)
     targets = list(PRIVATE_PATHS) + (list(DOCKER_PATHS) if plan.runtime == "docker" else [])
@@ -98,12 +103,29 @@ def build_node(
         for _, target, _ in binds:
             ensure_mountpoint(Path(target))
     mntns = plan.workdir / "mntns" / node
-    record = NodeRecord(name=node, netns=ns, address=str(address), mntns=str(mntns))
+    record = NodeRecord(
+        name=node, netns=ns, address=str(address), mntns=str(mntns), address6=address6
+    )
     state.set_node(record)
     netns.make_mount_ns(state, mntns, ns, binds, cgroups=plan.runtime == "docker")
     if plan.store == "etcd":
         render(plan, record, tls)
     return record
+
+
+def add_ipv6(
+    ns: str, address: IPv6Interface, gateway: IPv6Interface | None, *, forwarding: bool
+) -> None:
+    """IPv6 on ``eth0`` of ``ns`` (default route via ``gateway``), without duplicate
+    address detection: a tentative address is unusable for a second after it is added,
+    and devices made later (cni0, flannel-v6.N) inherit ``default``."""
+    for key in ("all", "default", "eth0"):
+        netns.sysctl(ns, f"net.ipv6.conf.{key}.accept_dad", "0")
+    if forwarding:
+        netns.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
+    netns.ip(ns, "-6", "addr", "add", str(address), "dev", "eth0", "nodad")
+    if gateway is not None:
+        netns.ip(ns, "-6", "route", "add", "default", "via", str(gateway.ip), "dev", "eth0")
 
 
 def agent_options(plan: LabPlan, address: IPv4Interface) -> str:
@@ -181,6 +203,16 @@ def write_network_config(state: LabState, node: NodeRecord) -> str:
     return " ".join(argv)
 
 
+def read_subnet6(plan: LabPlan, node: str) -> str:
+    """The IPv6 subnet CIDR from the node's subnet.env ("" when there is none)."""
+    path = plan.node_root(node) / SUBNET_FILE.lstrip("/")
+    try:
+        value = parse_env_text(path.read_text(encoding="utf-8")).get("FLANNEL_IPV6_SUBNET", "")
+        return str(IPv6Interface(value).network) if value else ""
+    except (OSError, ValueError):
+        return ""
+
+
 def read_subnet(plan: LabPlan, node: str) -> tuple[str, int]:
     """(subnet CIDR, MTU) from the node's subnet.env, before or after mk-docker-opts.
 
@@ -200,6 +232,24 @@ def read_subnet(plan: LabPlan, node: str) -> tuple[str, int]:
     return subnet, int(mtu) if mtu.isdigit() else 0
 
 
+def lease_subnet6(state: LabState, node: NodeRecord) -> str:
+    """The IPv6 subnet of ``node``'s lease (``loden leases -json`` run in the node,
+    matched by its public IPv4), or "" when etcd does not say."""
+    argv = netns.in_node(
+        node.mntns, node.netns, [loden_executable(), "leases", "-json", *etcd_flags(state.plan)]
+    )
+    done = proc.run(argv, check=False, timeout=15, env={"PATH": proc.SERVICE_PATH})
+    try:
+        rows = json.loads(done.stdout) if done.returncode == 0 else []
+    except ValueError:
+        return ""
+    own = str(IPv4Interface(node.address).ip)
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and row.get("public_ip") == own and row.get("ipv6_subnet"):
+            return str(row["ipv6_subnet"])
+    return ""
+
+
 def start_agent(
     state: LabState, node: NodeRecord, *, timeout: float = 40.0, unit: str = "flanneld.service"
 ) -> NodeRecord:
@@ -209,12 +259,21 @@ def start_agent(
     """
     started = units.start_service(state, node, unit, role="agent", timeout=timeout)
     subnet, mtu = read_subnet(state.plan, node.name)
-    if not subnet:
+    subnet6 = read_subnet6(state.plan, node.name)
+    if 6 in state.plan.families and not subnet6:
+        # Docker nodes: the seed's mk-docker-opts has replaced subnet.env by DOCKER_OPT_*
+        # lines, and the script has no IPv6 option: ask etcd for our lease instead.
+        subnet6 = lease_subnet6(state, node)
+    families = state.plan.families
+    if (4 in families and not subnet) or (6 in families and not subnet6):
         raise LodenError(
-            f"flanneld on {node.name} reported READY=1 but {SUBNET_FILE} has no subnet; "
+            f"flanneld on {node.name} reported READY=1 but {SUBNET_FILE} has no "
+            f"{'IPv6 ' if 6 in families and not subnet6 else ''}subnet; "
             f"last lines of {started.log_path}:\n{proc.tail(started.log_path)}"
         )
-    record = state.update_node(node.name, subnet=subnet, mtu=mtu, agent_pid=started.pid)
+    record = state.update_node(
+        node.name, subnet=subnet, subnet6=subnet6, mtu=mtu, agent_pid=started.pid
+    )
     return record
 
 

@@ -23,7 +23,7 @@ import hashlib
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 
 from loden.errors import ConfigError, UsageError
@@ -33,6 +33,11 @@ BACKENDS = ("vxlan", "host-gw", "udp", "wireguard", "aws-vpc", "gce")
 RUNTIMES = ("cni", "docker")
 ETCD_MODES = ("single", "cluster")
 ETCD_APIS = ("v3", "v2")
+#: ``--ipv6``: ``dual`` adds IPv6 next to IPv4; ``only`` runs the overlay on IPv6 alone.
+#: Either way the underlay is dual-stack (etcd, the control plane, stays on IPv4).
+IPV6_MODES = ("off", "dual", "only")
+#: Backends with an IPv6 data plane (udp is IPv4-only, as in flannel).
+IPV6_BACKENDS = ("vxlan", "host-gw", "wireguard")
 STORES = ("etcd", "kube")
 HEALTHZ_PORT = 8471
 ENV_MARKER = "LODEN_LAB"
@@ -87,6 +92,7 @@ class LabPlan:
     underlay: IPv4Network
     network: IPv4Network
     with_agent: bool = True
+    ipv6: str = "off"
     store: str = "etcd"
 
     def __post_init__(self) -> None:
@@ -111,6 +117,25 @@ class LabPlan:
             )
         if not 0 <= self.pods_per_node <= 20:
             raise UsageError(f"--pods {self.pods_per_node}: use 0 to 20 pods per node")
+        if self.ipv6 not in IPV6_MODES:
+            raise UsageError(f"--ipv6 {self.ipv6!r}: use dual or only")
+        if self.ipv6 != "off" and self.backend not in IPV6_BACKENDS:
+            raise UsageError(
+                f"--ipv6 {self.ipv6} with --backend {self.backend}: the {self.backend} "
+                f"backend is IPv4-only, as in flannel; use {', '.join(IPV6_BACKENDS)}"
+            )
+        if self.ipv6 == "only" and self.runtime != "cni":
+            raise UsageError(
+                f"--ipv6 only with --runtime {self.runtime}: Docker's default bridge always "
+                "needs an IPv4 subnet (--bip); use --ipv6 dual or --runtime cni"
+            )
+        if self.ipv6 != "off" and not self.with_agent:
+            raise UsageError("--ipv6 needs the agent (no --no-agent)")
+        if self.ipv6 != "off" and self.store == "kube":
+            raise UsageError(
+                "--ipv6 with --store kube is not implemented by the lab yet (the API server "
+                "double would need dual-stack podCIDRs); use --store etcd"
+            )
 
     # -- directories --------------------------------------------------------------------
 
@@ -160,6 +185,30 @@ class LabPlan:
             f"{self.underlay.network_address + 10 + index}/{self.underlay.prefixlen}"
         )
 
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions of the overlay: (4,), (4, 6) or (6,)."""
+        return {"off": (4,), "dual": (4, 6), "only": (6,)}[self.ipv6]
+
+    @property
+    def underlay6(self) -> IPv6Network:
+        """The IPv6 underlay /64, derived from the IPv4 one (``172.b.c.0/24``)."""
+        b, c = self.underlay.network_address.packed[1:3]
+        return IPv6Network(f"fd6c:{b:x}:{c:x}::/64")
+
+    @property
+    def network6(self) -> IPv6Network:
+        """The IPv6 overlay /56 (``IPv6Network``), derived from the IPv4 ``Network``."""
+        return IPv6Network(f"fd6e:{self.network.network_address.packed[1]:x}::/56")
+
+    @property
+    def gateway6(self) -> IPv6Interface:
+        return IPv6Interface((self.underlay6.network_address + 1, 64))
+
+    def node_address6(self, node: str) -> IPv6Interface:
+        index = int(node.removeprefix("node"))
+        return IPv6Interface((self.underlay6.network_address + 10 + index, 64))
+
     def etcd_addresses(self) -> list[IPv4Address]:
         count = 3 if self.etcd == "cluster" else 1
         return [self.underlay.network_address + 2 + i for i in range(count)]
@@ -173,8 +222,15 @@ class LabPlan:
         return ",".join(f"{self.etcd_scheme}://{ip}:2379" for ip in self.etcd_addresses())
 
     def network_config(self) -> str:
-        """The JSON the lab writes at ``/coreos.com/network/config`` (the seed's shape)."""
-        return f'{{"Network": "{self.network}", "Backend": {{"Type": "{self.backend}"}}}}'
+        """The JSON the lab writes at ``/coreos.com/network/config`` (the seed's shape;
+        with ``--ipv6``, flannel's dual-stack or IPv6-only keys)."""
+        backend = f'"Backend": {{"Type": "{self.backend}"}}'
+        v6 = f'"EnableIPv6": true, "IPv6Network": "{self.network6}"'
+        if self.ipv6 == "dual":
+            return f'{{"Network": "{self.network}", {v6}, {backend}}}'
+        if self.ipv6 == "only":
+            return f'{{"EnableIPv4": false, {v6}, {backend}}}'
+        return f'{{"Network": "{self.network}", {backend}}}'
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -189,6 +245,7 @@ class LabPlan:
             "underlay": str(self.underlay),
             "network": str(self.network),
             "with_agent": self.with_agent,
+            "ipv6": self.ipv6,
             "store": self.store,
         }
 
@@ -208,6 +265,7 @@ class LabPlan:
                 underlay=IPv4Network(str(data["underlay"])),
                 network=IPv4Network(str(data["network"])),
                 with_agent=bool(data.get("with_agent", True)),
+                ipv6=str(data.get("ipv6", "off")),
                 store=str(data.get("store", "etcd")),
             )
         except (KeyError, ValueError) as exc:

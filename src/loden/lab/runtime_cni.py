@@ -105,13 +105,13 @@ def invoke_add(
     return result
 
 
-def result_ip(result: dict[str, Any]) -> str:
-    """The pod's IPv4 address (without prefix) from a CNI result."""
+def result_ip(result: dict[str, Any], version: int = 4) -> str:
+    """The pod's IPv4 (or IPv6) address, without prefix, from a CNI result."""
     for entry in result.get("ips", []):
         address = str(entry.get("address", ""))
-        if "." in address:
+        if ("." in address) == (version == 4) and address:
             return address.split("/")[0]
-    raise LodenError(f"CNI result has no IPv4 address: {json.dumps(result)[:300]}")
+    raise LodenError(f"CNI result has no IPv{version} address: {json.dumps(result)[:300]}")
 
 
 def start_container(state: LabState, pod: str, pod_netns: str, role: str) -> ContainerRecord:
@@ -152,16 +152,21 @@ def create_pods(state: LabState, node: NodeRecord) -> list[PodRecord]:
         name = plan.pod_name(node.name, index)
         ns = plan.pod_ns(name)
         netns.add_netns(state, ns)
+        if plan.ipv6 != "off":  # no duplicate address detection delay on the pod's eth0
+            for key in ("all", "default"):
+                netns.sysctl(ns, f"net.ipv6.conf.{key}.accept_dad", "0")
         container_id = secrets.token_hex(32)
         result = invoke_add(state, node, name, container_id, ns)
         roles = ["app", "sidecar"] if (node.name == "node1" and index == 0) else ["app"]
         containers = tuple(start_container(state, name, ns, role) for role in roles)
+        families = plan.families
         pod = PodRecord(
             name=name,
             node=node.name,
-            ip=result_ip(result),
+            ip=result_ip(result, 4) if 4 in families else "",
             netns=netns.netns_path(ns),
             containers=containers,
+            ip6=result_ip(result, 6) if 6 in families else "",
         )
         state.add_pod(pod)
         pods.append(pod)

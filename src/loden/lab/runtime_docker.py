@@ -15,6 +15,12 @@ No registry is reachable, so the image is made locally: a rootfs with the static
 busybox and its applet links, ``docker import``-ed as ``busybox:latest`` on each node.
 Pods are ``docker run -d`` containers; node1's first pod gets a second container that
 joins its network namespace (``--network container:<pod>``).
+
+Dual-stack labs (``--ipv6 dual``): mk-docker-opts has no IPv6 option (flannel's script
+ignores ``FLANNEL_IPV6_*``), so the node's daemon.json gets what an administrator adds
+by hand, ``"ipv6": true`` and ``"fixed-cidr-v6": <FLANNEL_IPV6_SUBNET>`` (the daemon.json
+form of ``dockerd --ipv6 --fixed-cidr-v6``): containers then get an address of the
+node's IPv6 subnet on ``docker0``.
 """
 
 from __future__ import annotations
@@ -53,12 +59,16 @@ def prepare(state: LabState, node: NodeRecord) -> None:
     base = docker_dir(state, node.name)
     for sub in ("data", "exec"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    daemon = {
+    daemon: dict[str, object] = {
         "data-root": str(base / "data"),
         "exec-root": str(base / "exec"),
         "pidfile": str(base / "docker.pid"),
         "hosts": [f"unix://{socket_path(state, node.name)}"],
     }
+    if 6 in state.plan.families:
+        if not node.subnet6:
+            raise LodenError(f"{node.name} has no IPv6 subnet: is its agent running?")
+        daemon.update({"ipv6": True, "fixed-cidr-v6": node.subnet6})
     config = state.plan.node_root(node.name) / "etc/docker/daemon.json"
     config.parent.mkdir(parents=True, exist_ok=True)
     replace_file(config, (json.dumps(daemon, indent=2) + "\n").encode("utf-8"))
@@ -124,12 +134,12 @@ def busybox_rootfs(path: Path) -> Path:
     return path
 
 
-def _inspect(state: LabState, node: str, container: str) -> tuple[int, str]:
-    fmt = "{{.State.Pid}} {{.NetworkSettings.IPAddress}}"
-    pid, _, ip = (
-        proc.out(docker_argv(state, node, "inspect", "-f", fmt, container)).strip().partition(" ")
-    )
-    return int(pid), ip.strip()
+def _inspect(state: LabState, node: str, container: str) -> tuple[int, str, str]:
+    """(pid, IPv4, IPv6) of a container ("" for an address it does not have)."""
+    fmt = "{{.State.Pid}} {{.NetworkSettings.IPAddress}} {{.NetworkSettings.GlobalIPv6Address}}"
+    words = proc.out(docker_argv(state, node, "inspect", "-f", fmt, container)).split()
+    words += [""] * (3 - len(words))
+    return int(words[0]), words[1], words[2]
 
 
 def create_pods(state: LabState, node: NodeRecord) -> list[PodRecord]:
@@ -158,7 +168,7 @@ def create_pods(state: LabState, node: NodeRecord) -> list[PodRecord]:
             ),
             timeout=60,
         ).strip()
-        pid, ip = _inspect(state, node.name, name)
+        pid, ip, ip6 = _inspect(state, node.name, name)
         containers = [ContainerRecord("app", pid, proc.start_time(pid), cid)]
         if node.name == "node1" and index == 0:
             side = f"{name}-sidecar"
@@ -178,16 +188,19 @@ def create_pods(state: LabState, node: NodeRecord) -> list[PodRecord]:
                 ),
                 timeout=60,
             ).strip()
-            spid, _ = _inspect(state, node.name, side)
+            spid, _, _ = _inspect(state, node.name, side)
             containers.append(ContainerRecord("sidecar", spid, proc.start_time(spid), sid))
         if not ip:
             raise LodenError(f"docker container {name} on {node.name} got no IP address")
+        if 6 in plan.families and not ip6:
+            raise LodenError(f"docker container {name} on {node.name} got no IPv6 address")
         pod = PodRecord(
             name=name,
             node=node.name,
             ip=ip,
             netns=f"/proc/{pid}/ns/net",
             containers=tuple(containers),
+            ip6=ip6 if 6 in plan.families else "",
         )
         state.add_pod(pod)
         pods.append(pod)

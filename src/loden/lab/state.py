@@ -61,9 +61,14 @@ class PodRecord:
 
     name: str
     node: str
+    #: The pod's IPv4 address ("" on an IPv6-only lab).
     ip: str
     netns: str
     containers: tuple[ContainerRecord, ...] = ()
+    ip6: str = ""
+
+    def address(self, version: int) -> str:
+        return self.ip if version == 4 else self.ip6
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,14 @@ class NodeRecord:
     mtu: int = 0
     agent_pid: int = 0
     docker_sock: str = ""
+    address6: str = ""
+    subnet6: str = ""
+
+    def subnet_of(self, version: int) -> str:
+        return self.subnet if version == 4 else self.subnet6
+
+    def address_of(self, version: int) -> str:
+        return self.address if version == 4 else self.address6
 
 
 @dataclass

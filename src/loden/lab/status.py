@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 
 from rich.markup import escape
 from rich.table import Table
 
 from loden.lab import cloud, kube, netns, proc
-from loden.lab.check import VXLAN_DEVICE, agent_health
-from loden.lab.node import etcd_flags, loden_executable, read_subnet
+from loden.lab.check import VXLAN_DEVICE, VXLAN_DEVICE_V6, agent_health
+from loden.lab.node import etcd_flags, loden_executable, read_subnet, read_subnet6
+from loden.lab.plan import LabPlan
 from loden.lab.state import LabState, NodeRecord
 
 WIREGUARD_DEVICE = "flannel-wg"
@@ -35,6 +36,7 @@ class NodeStatus:
     pods: int
     health: str
     healthy: bool
+    subnet6: str = ""
 
 
 def leases(state: LabState) -> dict[str, dict[str, object]] | None:
@@ -58,8 +60,9 @@ def leases(state: LabState) -> dict[str, dict[str, object]] | None:
 def _local_detail(state: LabState, node: NodeRecord) -> str:
     backend = state.plan.backend
     if backend == "vxlan":
+        device = VXLAN_DEVICE if 4 in state.plan.families else VXLAN_DEVICE_V6
         done = proc.run(
-            ["ip", "-n", node.netns, "-j", "link", "show", VXLAN_DEVICE], check=False, timeout=5
+            ["ip", "-n", node.netns, "-j", "link", "show", device], check=False, timeout=5
         )
         try:
             return str(json.loads(done.stdout or b"[{}]")[0].get("address", ""))
@@ -95,6 +98,17 @@ def collect(state: LabState) -> list[NodeStatus]:
             else (read_subnet(state.plan, node.name)[0] or node.subnet)
         )
         detail = str(lease.get("detail") or "-") if lease else _local_detail(state, node)
+        subnet6 = ""
+        if 6 in state.plan.families:
+            subnet6 = (
+                (str(lease.get("ipv6_subnet") or "") if lease else "")
+                or read_subnet6(state.plan, node.name)
+                or node.subnet6
+            )
+            if node.address6:
+                public_ip = f"{public_ip} {IPv6Interface(node.address6).ip}"
+            if 4 not in state.plan.families:
+                subnet = ""
         if by_node is not None and node.name in by_node:
             detail = kube.describe(by_node[node.name])
         if state.plan.backend in cloud.CLOUD_BACKENDS and subnet:
@@ -104,8 +118,9 @@ def collect(state: LabState) -> list[NodeStatus]:
             NodeStatus(
                 node=node.name,
                 public_ip=public_ip,
-                subnet=subnet or "?",
+                subnet=subnet or ("-" if 4 not in state.plan.families else "?"),
                 backend=state.plan.backend,
+                subnet6=subnet6 or "?",
                 detail=detail or "-",
                 pods=sum(1 for p in state.pods if p.node == node.name),
                 health=body[:60],
@@ -113,6 +128,16 @@ def collect(state: LabState) -> list[NodeStatus]:
             )
         )
     return rows
+
+
+def _networks(plan: LabPlan) -> str:
+    v4 = f"Network {plan.network}"
+    v6 = f"IPv6Network {plan.network6}"
+    underlay = f"underlay {plan.underlay}"
+    if plan.ipv6 == "off":
+        return f"{v4}, {underlay}"
+    nets = v6 if plan.ipv6 == "only" else f"{v4} + {v6}"
+    return f"{nets}, {underlay} + {plan.underlay6}"
 
 
 def table(state: LabState, rows: list[NodeStatus]) -> Table:
@@ -124,23 +149,19 @@ def table(state: LabState, rows: list[NodeStatus]) -> Table:
             if plan.store == "kube"
             else f"etcd {plan.etcd}{' TLS' if plan.tls else ''} ({plan.etcd_api}), "
         )
-        + f"Network {plan.network}, underlay {plan.underlay} {escape(f'[{state.phase}]')}"
+        + f"{_networks(plan)} {escape(f'[{state.phase}]')}"
     )
     out = Table(title=title, title_justify="left")
-    for column in (
-        "node",
-        "public IP",
-        "subnet",
-        "backend",
-        "node annotations" if plan.store == "kube" else "VTEP MAC / key",
-        "pods",
-        "agent /healthz",
-    ):
+    ipv6 = 6 in plan.families
+    columns = ["node", "public IP", "subnet"] + (["IPv6 subnet"] if ipv6 else [])
+    detail_column = "node annotations" if plan.store == "kube" else "VTEP MAC / key"
+    for column in (*columns, "backend", detail_column, "pods", "agent /healthz"):
         out.add_column(column)
     for row in rows:
         text = escape(row.health)
         health = f"[green]{text}[/]" if row.healthy else f"[red]{text}[/]"
+        subnets = [row.subnet] + ([row.subnet6] if ipv6 else [])
         out.add_row(
-            row.node, row.public_ip, row.subnet, row.backend, row.detail, str(row.pods), health
+            row.node, row.public_ip, *subnets, row.backend, row.detail, str(row.pods), health
         )
     return out

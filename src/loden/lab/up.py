@@ -96,6 +96,7 @@ def create_state(
     etcd_api: str,
     pods: int,
     with_agent: bool,
+    ipv6: str = "off",
     store: str = "etcd",
 ) -> LabState:
     """Pick addresses and create the lab directory with its first state.json.
@@ -122,6 +123,7 @@ def create_state(
             underlay=underlay,
             network=network,
             with_agent=with_agent,
+            ipv6=ipv6,
             store=store,
         )
         preflight(plan)
@@ -144,6 +146,12 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
     with reporter.step(f"underlay {plan.underlay_ns}: bridge br0 {plan.gateway}"):
         netns.add_netns(state, plan.underlay_ns)
         netns.make_underlay(plan.underlay_ns, address=plan.gateway)
+        if plan.ipv6 != "off":
+            for key in ("all", "default"):
+                netns.sysctl(plan.underlay_ns, f"net.ipv6.conf.{key}.accept_dad", "0")
+            netns.ip(
+                plan.underlay_ns, "-6", "addr", "add", str(plan.gateway6), "dev", "br0", "nodad"
+            )
     if plan.store == "kube":
         return up_kube(state, reporter, agent_timeout=agent_timeout)
     tls: EtcdPKI | None = None
@@ -186,7 +194,8 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
                 return node.write_manual_subnet(state, record, records.index(record))
         with reporter.step(f"{name}: flanneld.service") as s:
             ready = node.start_agent(state, record, timeout=agent_timeout)
-            s.text = f"{name}: flanneld ready, subnet {ready.subnet}, MTU {ready.mtu}"
+            subnets = " ".join(s for s in (ready.subnet, ready.subnet6) if s)
+            s.text = f"{name}: flanneld ready, subnet {subnets}, MTU {ready.mtu}"
             return ready
 
     records = parallel(plan.node_names(), start)
@@ -248,10 +257,14 @@ def start_pods(state: LabState, reporter: Reporter) -> None:
                 record = runtime_docker.start_dockerd(state, record)
             with reporter.step(f"{name}: {plan.pods_per_node} containers (docker run)") as s:
                 made = runtime_docker.create_pods(state, record)
-                s.text = f"{name}: containers " + ", ".join(f"{p.name}={p.ip}" for p in made)
+                s.text = f"{name}: containers " + ", ".join(
+                    f"{p.name}={'+'.join(a for a in (p.ip, p.ip6) if a)}" for p in made
+                )
         else:
             with reporter.step(f"{name}: {plan.pods_per_node} pods (CNI ADD via flannel)") as s:
                 made = runtime_cni.create_pods(state, record)
-                s.text = f"{name}: pods " + ", ".join(f"{p.name}={p.ip}" for p in made)
+                s.text = f"{name}: pods " + ", ".join(
+                    f"{p.name}={'+'.join(a for a in (p.ip, p.ip6) if a)}" for p in made
+                )
 
     parallel(plan.node_names(), pods)

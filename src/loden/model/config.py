@@ -16,6 +16,7 @@ from typing import Any
 
 from loden.errors import NetworkConfigError
 from loden.model.backend_options import BackendOptions, parse_backend_options
+from loden.model.families import check_families
 from loden.model.gojson import GoJSONError, GoObject, as_bool, as_str, as_uint
 from loden.model.net import subnet_count
 
@@ -133,6 +134,9 @@ class NetworkConfig:
         if self.enable_ipv6:
             config = config._validated_v6()
         self.backend.typed()  # the backend's options too, as its backend will read them
+        check_families(
+            self.backend.type, enable_ipv4=self.enable_ipv4, enable_ipv6=self.enable_ipv6
+        )
         return config
 
     def _validated_v4(self) -> NetworkConfig:

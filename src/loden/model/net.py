@@ -15,6 +15,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from loden.errors import SubnetKeyError
 
+#: The IPv4 part of an IPv6-only node's lease: flannel keys it ``0.0.0.0-0&<v6>-<len>``.
+NO_IPV4 = IPv4Network("0.0.0.0/0")
+
 _KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?")
 
 

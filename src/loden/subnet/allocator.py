@@ -18,7 +18,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from loden.errors import SubnetsExhausted
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
-from loden.model.net import candidate_subnets, candidate_subnets_v6
+from loden.model.net import NO_IPV4, candidate_subnets, candidate_subnets_v6
 from loden.model.subnet_env import PreviousSubnets
 
 CANDIDATE_WINDOW = 100
@@ -50,18 +50,26 @@ class Plan:
     duplicates_of_ours: tuple[Lease, ...] = ()
 
 
+def same_owner(ours: LeaseAttrs, other: LeaseAttrs) -> bool:
+    """Do these attrs name the same node? By IPv4 public IP, as flannel; an IPv6-only
+    node (PublicIP ``0.0.0.0``) by its IPv6 public IP. flannel matched ``0.0.0.0`` there,
+    so every IPv6-only node took over the first IPv6-only lease (spec §3.4, §11 item 15).
+    """
+    if ours.public_ip != _UNSET_IP:
+        return other.public_ip == ours.public_ip
+    return ours.public_ipv6 is not None and other.public_ipv6 == ours.public_ipv6
+
+
 def _is_ours(lease: Lease, attrs: LeaseAttrs) -> bool:
-    if attrs.public_ip != _UNSET_IP:
-        return lease.attrs.public_ip == attrs.public_ip
-    # IPv6-only node: flannel matched 0.0.0.0 and so stole the first v6-only lease
-    # (spec §11 item 15); match the IPv6 public address instead.
-    return attrs.public_ipv6 is not None and lease.attrs.public_ipv6 == attrs.public_ipv6
+    return same_owner(attrs, lease.attrs)
 
 
 def fits(config: NetworkConfig, lease: Lease) -> bool:
-    return (not config.enable_ipv4 or config.contains_v4(lease.subnet)) and config.contains_v6(
-        lease.ipv6_subnet
-    )
+    if config.enable_ipv4:
+        v4_ok = config.contains_v4(lease.subnet)
+    else:  # IPv6-only: the key's IPv4 part must be empty (``0.0.0.0-0``)
+        v4_ok = lease.subnet == NO_IPV4
+    return v4_ok and config.contains_v6(lease.ipv6_subnet)
 
 
 def plan(
@@ -71,7 +79,7 @@ def plan(
     previous: PreviousSubnets,
     *,
     rng: random.Random,
-    exclude: frozenset[IPv4Network] = frozenset(),
+    exclude: frozenset[IPv4Network | IPv6Network] = frozenset(),
     window: int = CANDIDATE_WINDOW,
 ) -> Plan:
     """Decide what to claim. ``exclude`` lists subnets just lost in a race; ``window``
@@ -88,12 +96,16 @@ def plan(
         fitting.sort(key=lambda lease: lease.subnet != previous.subnet)
         return Plan(Reuse(fitting[0]), stale, tuple(fitting[1:]))
 
-    taken_v4 = [lease.subnet for lease in leases if lease not in stale]
+    # An IPv6-only lease's IPv4 part (0.0.0.0/0) overlaps everything but holds nothing.
+    taken_v4 = [lease.subnet for lease in leases if lease not in stale and lease.subnet != NO_IPV4]
     taken_v6 = [
         lease.ipv6_subnet
         for lease in leases
         if lease.ipv6_subnet is not None and lease not in stale
     ]
+
+    if not config.enable_ipv4:
+        return _plan_v6_only(config, taken_v6, previous, stale, attrs, rng, exclude, window)
 
     prev = previous.subnet
     if (
@@ -108,7 +120,7 @@ def plan(
             or not config.contains_v6(prev6)
             or any(prev6.overlaps(t) for t in taken_v6)
         ):
-            prev6 = _pick_v6(config, taken_v6, rng)
+            prev6 = _pick_v6(config, taken_v6, rng, salt=_salt(attrs))
         return Plan(Fresh(prev, prev6, f"previous subnet {prev} from the subnet file"), stale)
 
     free: list[IPv4Network] = []
@@ -134,30 +146,70 @@ def plan(
             f"{config.subnet_max} are leased ({len(leases)} leases); enlarge Network, raise "
             "SubnetLen or remove stale leases (loden leases)"
         )
-    v6 = _pick_v6(config, taken_v6, rng) if config.enable_ipv6 else None
-    # Salting the random pick with our own address decorrelates nodes whose generators
-    # happen to agree (same seed, same start second): they then rarely race at all.
-    salt = int(attrs.public_ip) or int(attrs.public_ipv6 or 0)
-    pick = free[(rng.randrange(len(free)) + salt) % len(free)]
+    v6 = _pick_v6(config, taken_v6, rng, salt=_salt(attrs)) if config.enable_ipv6 else None
+    pick = free[(rng.randrange(len(free)) + _salt(attrs)) % len(free)]
     return Plan(Fresh(pick, v6, "random free subnet"), stale)
 
 
+def _salt(attrs: LeaseAttrs) -> int:
+    """Salting the random pick with our own address decorrelates nodes whose generators
+    happen to agree (same seed, same start second): they then rarely race at all."""
+    return int(attrs.public_ip) or int(attrs.public_ipv6 or 0)
+
+
+def _plan_v6_only(
+    config: NetworkConfig,
+    taken: Sequence[IPv6Network],
+    previous: PreviousSubnets,
+    stale: tuple[Lease, ...],
+    attrs: LeaseAttrs,
+    rng: random.Random,
+    exclude: frozenset[IPv4Network | IPv6Network],
+    window: int,
+) -> Plan:
+    """IPv6-only (``EnableIPv4: false``): the key is ``0.0.0.0-0&<v6>-<len>``, as flannel's."""
+    prev6 = previous.ipv6_subnet
+    if (
+        prev6 is not None
+        and prev6 not in exclude
+        and config.contains_v6(prev6)
+        and not any(prev6.overlaps(t) for t in taken)
+    ):
+        return Plan(Fresh(NO_IPV4, prev6, f"previous subnet {prev6} from the subnet file"), stale)
+    pick = _pick_v6(config, taken, rng, salt=_salt(attrs), exclude=exclude, window=window)
+    return Plan(Fresh(NO_IPV4, pick, "random free subnet"), stale)
+
+
 def _pick_v6(
-    config: NetworkConfig, taken: Sequence[IPv6Network], rng: random.Random
+    config: NetworkConfig,
+    taken: Sequence[IPv6Network],
+    rng: random.Random,
+    *,
+    salt: int = 0,
+    exclude: frozenset[IPv4Network | IPv6Network] = frozenset(),
+    window: int = CANDIDATE_WINDOW,
 ) -> IPv6Network:
     assert config.ipv6_subnet_min is not None and config.ipv6_subnet_max is not None
+    same_size = {t for t in taken if t.prefixlen == config.ipv6_subnet_len}
+    odd_size = [t for t in taken if t.prefixlen != config.ipv6_subnet_len]
     free: list[IPv6Network] = []
     for candidate in candidate_subnets_v6(
         config.ipv6_subnet_min, config.ipv6_subnet_max, config.ipv6_subnet_len
     ):
-        if any(candidate.overlaps(t) for t in taken):
+        if (
+            candidate in exclude
+            or candidate in same_size
+            or any(candidate.overlaps(t) for t in odd_size)
+        ):
             continue
         free.append(candidate)
-        if len(free) >= CANDIDATE_WINDOW:
+        if len(free) >= window:
             break
     if not free:
         raise SubnetsExhausted(
-            f"out of IPv6 subnets in IPv6Network {config.ipv6_network}: enlarge it or raise "
-            "IPv6SubnetLen"
+            f"out of IPv6 subnets: every /{config.ipv6_subnet_len} of IPv6Network "
+            f"{config.ipv6_network} between IPv6SubnetMin {config.ipv6_subnet_min} and "
+            f"IPv6SubnetMax {config.ipv6_subnet_max} is leased; enlarge IPv6Network, raise "
+            "IPv6SubnetLen or remove stale leases (loden leases)"
         )
-    return rng.choice(free)
+    return free[(rng.randrange(len(free)) + salt) % len(free)]

@@ -188,7 +188,7 @@ class EtcdSubnetManager:
 
         :raises SubnetsExhausted: nothing free. :raises StoreUnavailable: etcd down.
         """
-        lost: set[IPv4Network] = set()
+        lost: set[IPv4Network | IPv6Network] = set()
         for attempt in range(1, MAX_CLAIM_ATTEMPTS + 1):
             config = await self.get_network_config()
             listing = await self.store.list()
@@ -246,7 +246,7 @@ class EtcdSubnetManager:
                 log.info(
                     "allocated lease %s to current node %s (%s)",
                     lease.key,
-                    attrs.public_ip,
+                    attrs.public_ip if int(attrs.public_ip) else attrs.public_ipv6,
                     choice.reason,
                 )
                 return Lease(
@@ -260,6 +260,8 @@ class EtcdSubnetManager:
                 self.claim_conflicts += 1
                 if isinstance(plan.choice, allocator.Fresh):
                     lost.add(plan.choice.subnet)
+                    if plan.choice.ipv6_subnet is not None:
+                        lost.add(plan.choice.ipv6_subnet)
                 log.info(
                     "lost the race for a subnet (%s); retrying with another candidate (attempt %d)",
                     exc,
@@ -293,10 +295,12 @@ class EtcdSubnetManager:
             attrs = LeaseAttrs.parse(current.value, key=lease.key)
         except ParseError:
             attrs = None
-        if attrs is None or attrs.public_ip != lease.attrs.public_ip:
+        if attrs is None or not allocator.same_owner(lease.attrs, attrs):
+            holder = "a malformed lease"
+            if attrs is not None:
+                holder = str(attrs.public_ip if int(attrs.public_ip) else attrs.public_ipv6)
             raise LeaseRevoked(
-                f"our subnet {lease.key} is now held by "
-                f"{attrs.public_ip if attrs else 'a malformed lease'}; restart to get a new one"
+                f"our subnet {lease.key} is now held by {holder}; restart to get a new one"
             )
         kv = await self.store.update(lease.key, value, ttl, expect_value=current.value)
         return _with_expiry(lease, ttl, kv.ref)

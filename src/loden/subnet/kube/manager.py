@@ -21,7 +21,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from loden.errors import (
 )
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
+from loden.model.net import NO_IPV4
 from loden.model.subnet_env import PreviousSubnets
 from loden.settings import KubeSettings
 from loden.subnet.base import PublicIPOverride, WatchResult
@@ -264,6 +265,8 @@ class KubeSubnetManager:
         except NodeSkipped as exc:
             raise ConfigError(str(exc)) from None
         dual = self.config.backend_type in DUAL_STACK_BACKENDS
+        if not self.ipv4 and self.config.enable_ipv6:
+            return self._v6_only_lease(node, attrs, v6, dual)
         if v4 is None or not self.ipv4:
             raise ConfigError(
                 f'node "{node.name}" has no IPv4 podCIDR ({node.pod_cidrs or node.pod_cidr}); '
@@ -295,6 +298,31 @@ class KubeSubnetManager:
         if not dual:
             attrs = dataclasses.replace(attrs, public_ipv6=None, backend_v6_data=None)
         return Lease(subnet=v4, attrs=attrs, ipv6_subnet=subnet6, reserved=True)
+
+    def _v6_only_lease(
+        self, node: NodeInfo, attrs: LeaseAttrs, v6: IPv6Network | None, dual: bool
+    ) -> Lease:
+        """IPv6-only (``EnableIPv4: false``, flannel v0.18+): the node's IPv6 podCIDR is
+        the lease; its IPv4 part is empty (``0.0.0.0/0``), as over etcd."""
+        if not dual:
+            raise ConfigError(
+                f"IPv6-only is not supported with Backend.Type {self.config.backend_type!r}: "
+                f"use {', '.join(sorted(DUAL_STACK_BACKENDS))}, or enable IPv4"
+            )
+        net6 = self.config.ipv6_network
+        if v6 is None:
+            raise ConfigError(
+                f'node "{node.name}" has no IPv6 podCIDR ({node.pod_cidrs or node.pod_cidr}) '
+                "but the config is IPv6-only: assign IPv6 podCIDRs (--cluster-cidr) or enable "
+                "IPv4"
+            )
+        if net6 is None or not v6.subnet_of(net6):
+            raise ConfigError(
+                f'subnet "{net6 or ""}" specified in the flannel net config doesn\'t '
+                f'contain "{v6}" PodCIDR of the "{node.name}" node: make IPv6Network in '
+                "net-conf.json match the cluster's IPv6 --cluster-cidr"
+            )
+        return Lease(subnet=NO_IPV4, attrs=attrs, ipv6_subnet=v6, reserved=True)
 
     async def _ensure_annotations(self, attrs: LeaseAttrs) -> NodeInfo:
         node = NodeInfo.from_object(

@@ -21,6 +21,7 @@ from typing import Any
 from loden.errors import ParseError
 from loden.model.gojson import compact
 from loden.model.lease import Lease, LeaseAttrs
+from loden.model.net import NO_IPV4
 from loden.subnet.kube.annotations import AnnotationKeys
 
 
@@ -175,9 +176,9 @@ def node_to_lease(
             raise NodeSkipped(f'node "{node.name}" has no IPv6 podCIDR')
         subnet6 = v6net
     if v4net is None:
-        raise NodeSkipped(
-            f'node "{node.name}": IPv6-only leases are not supported by this Loden version'
-        )
+        if ipv4 or subnet6 is None:
+            raise NodeSkipped(f'node "{node.name}" has no IPv4 podCIDR')
+        v4net = NO_IPV4  # IPv6-only: the lease's empty IPv4 part, as over etcd
     return Lease(
         subnet=v4net,
         ipv6_subnet=subnet6,
