@@ -6,4 +6,6 @@ pytest_plugins: list[str] = [
     "tests.fixtures.topology",
     "tests.fixtures.etcd",
     "tests.fixtures.kubeapi",
+    "tests.fixtures.cloud_aws",
+    "tests.fixtures.cloud_gce",
 ]

@@ -135,6 +135,19 @@ class BackendError(LodenError):
     """A backend could not be set up or run."""
 
 
+class CloudError(BackendError):
+    """A cloud API (EC2, Compute Engine) or metadata call failed; retried with backoff."""
+
+
+class CloudPermissionError(CloudError):
+    """The cloud refused a call for lack of a permission: ``action`` on ``resource``."""
+
+    def __init__(self, message: str, *, action: str, resource: str) -> None:
+        super().__init__(message)
+        self.action = action
+        self.resource = resource
+
+
 class UnknownBackend(BackendError):
     """``Backend.Type`` names no registered backend."""
 

@@ -161,6 +161,12 @@ AGENT_FLAGS: tuple[Flag, ...] = (
         hidden=True,
     ),
     Flag("log-format", "text", "Loden: log format, text or json"),
+    Flag(
+        "cloud-metadata-endpoint",
+        "",
+        "Loden: aws-vpc/gce instance metadata URL (default: AWS_EC2_METADATA_SERVICE_ENDPOINT"
+        " or GCE_METADATA_HOST, else http://169.254.169.254)",
+    ),
 )
 
 
@@ -231,6 +237,10 @@ class BackendSettings:
     udp_workers: int | None = None
     #: udp TUN segmentation offload; None: on where the C loops exist.
     udp_tso: bool | None = None
+    #: aws-vpc/gce: the instance metadata service's URL (tests, the lab); None: the
+    #: standard variable (AWS_EC2_METADATA_SERVICE_ENDPOINT, GCE_METADATA_HOST), else
+    #: 169.254.169.254.
+    cloud_metadata_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +348,8 @@ class AgentSettings:
             backend=BackendSettings(
                 wireguard_key_file=Path(
                     (env or {}).get("WIREGUARD_KEY_FILE") or DEFAULT_WIREGUARD_KEY_FILE
-                )
+                ),
+                cloud_metadata_endpoint=v["cloud-metadata-endpoint"] or None,
             ),
         )
 

@@ -17,6 +17,8 @@ from loden.model.families import check_families
 
 _REGISTRY: dict[str, str] = {
     "alloc": "loden.backend.alloc",
+    "aws-vpc": "loden.backend.aws_vpc",
+    "gce": "loden.backend.gce",
     "host-gw": "loden.backend.hostgw",
     "vxlan": "loden.backend.vxlan",
     "udp": "loden.backend.udp",

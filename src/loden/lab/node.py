@@ -35,7 +35,7 @@ from pathlib import Path
 
 from loden.errors import LodenError
 from loden.files import replace_file
-from loden.lab import netns, proc, units
+from loden.lab import cloud, netns, proc, units
 from loden.lab.pki import EtcdPKI
 from loden.lab.plan import HEALTHZ_PORT, LabPlan
 from loden.lab.state import LabState, NodeRecord, ensure_mountpoint, host_lock
@@ -129,8 +129,12 @@ def add_ipv6(
 
 
 def agent_options(plan: LabPlan, address: IPv4Interface) -> str:
-    """Loden flags appended to FLANNEL_OPTIONS: /healthz on the node's own address."""
-    return f"-healthz-ip={address.ip} -healthz-port={HEALTHZ_PORT}"
+    """Loden flags appended to FLANNEL_OPTIONS: /healthz on the node's own address (and
+    the emulated cloud's metadata server for aws-vpc/gce)."""
+    flags = f"-healthz-ip={address.ip} -healthz-port={HEALTHZ_PORT}"
+    if plan.backend in cloud.CLOUD_BACKENDS:
+        flags += f" -cloud-metadata-endpoint={cloud.endpoint(plan)}"
+    return flags
 
 
 def render(plan: LabPlan, node: NodeRecord, tls: EtcdPKI | None) -> None:
@@ -149,6 +153,10 @@ def render(plan: LabPlan, node: NodeRecord, tls: EtcdPKI | None) -> None:
     proc.run(netns.in_node(node.mntns, node.netns, argv))
     if plan.runtime == "cni":
         units.write_dropin(plan.node_root(node.name), "flanneld.service", "10-lab-cni", CNI_DROPIN)
+    if plan.backend in cloud.CLOUD_BACKENDS:
+        units.write_dropin(
+            plan.node_root(node.name), "flanneld.service", "20-lab-cloud", cloud.dropin(plan)
+        )
 
 
 def etcd_flags(plan: LabPlan) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from loden.errors import ConfigError, UsageError
 
 LAB_ROOT = Path("/run/loden-lab")
-BACKENDS = ("vxlan", "host-gw", "udp", "wireguard")
+BACKENDS = ("vxlan", "host-gw", "udp", "wireguard", "aws-vpc", "gce")
 RUNTIMES = ("cni", "docker")
 ETCD_MODES = ("single", "cluster")
 ETCD_APIS = ("v3", "v2")

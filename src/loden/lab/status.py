@@ -17,7 +17,7 @@ from ipaddress import IPv4Interface, IPv6Interface
 from rich.markup import escape
 from rich.table import Table
 
-from loden.lab import kube, netns, proc
+from loden.lab import cloud, kube, netns, proc
 from loden.lab.check import VXLAN_DEVICE, VXLAN_DEVICE_V6, agent_health
 from loden.lab.node import etcd_flags, loden_executable, read_subnet, read_subnet6
 from loden.lab.plan import LabPlan
@@ -78,6 +78,12 @@ def _local_detail(state: LabState, node: NodeRecord) -> str:
     return "-"
 
 
+def _cloud_detail(state: LabState, subnet: str) -> str:
+    """The node's route as the emulated cloud holds it (what the VPC router applies)."""
+    target = cloud.cloud_routes(state.plan).get(subnet)
+    return f"route -> {target.rsplit('/', 1)[-1]}" if target else "no cloud route"
+
+
 def collect(state: LabState) -> list[NodeStatus]:
     kube_mode = state.plan.store == "kube"
     by_ip = leases(state) if state.plan.with_agent and not kube_mode else None
@@ -105,6 +111,8 @@ def collect(state: LabState) -> list[NodeStatus]:
                 subnet = ""
         if by_node is not None and node.name in by_node:
             detail = kube.describe(by_node[node.name])
+        if state.plan.backend in cloud.CLOUD_BACKENDS and subnet:
+            detail = _cloud_detail(state, subnet)
         healthy, body = agent_health(state, node)
         rows.append(
             NodeStatus(

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from loden.errors import ConfigError, LodenError
-from loden.lab import etcd, kube, netns, node, proc, runtime_cni, runtime_docker
+from loden.lab import cloud, etcd, kube, netns, node, proc, runtime_cni, runtime_docker
 from loden.lab.pki import EtcdPKI, make_pki
 from loden.lab.plan import LAB_ROOT, LabPlan, check_name, pick_addresses
 from loden.lab.report import Reporter
@@ -40,6 +40,8 @@ BACKEND_MODULES = {
     "host-gw": "loden.backend.hostgw",
     "udp": "loden.backend.udp",
     "wireguard": "loden.backend.wireguard",
+    "aws-vpc": "loden.backend.aws_vpc",
+    "gce": "loden.backend.gce",
 }
 
 
@@ -69,6 +71,13 @@ def preflight(plan: LabPlan) -> None:
         proc.require("wg", "wireguard-tools")
         proc.require("wireguard-go", "wireguard-go")
         proc.require("setpriv", "util-linux")
+    if plan.backend == "aws-vpc":
+        for module, package in (("boto3", "boto3"), ("moto", "moto[server]")):
+            if importlib.util.find_spec(module) is None:
+                raise LodenError(
+                    f"the aws-vpc lab emulates EC2 with {module}: pip install '{package}'"
+                    " (both are in Loden's dev extra)"
+                )
     if plan.with_agent and not backend_available(plan.backend):
         raise LodenError(
             f"backend {plan.backend!r} is not available in this build of Loden "
@@ -158,6 +167,12 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
         f"etcd: {members} member{'s' if members > 1 else ''} at {plan.etcd_endpoints()}"
     ):
         etcd.start(state, tls)
+    if plan.backend in cloud.CLOUD_BACKENDS:
+        with reporter.step(
+            f"emulated {plan.backend} cloud at {cloud.endpoint(plan)},"
+            f" VPC router {plan.underlay_ns}"
+        ):
+            cloud.start(state)
 
     def build(name: str) -> NodeRecord:
         with reporter.step(f"{name}: namespaces, private mounts, `loden systemd render`") as s:

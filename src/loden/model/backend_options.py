@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loden.errors import NetworkConfigError
-from loden.model.gojson import GoJSONError, GoObject, as_bool, as_int, as_str
+from loden.model.gojson import GoJSONError, GoObject, as_any, as_bool, as_int, as_str
 
 if TYPE_CHECKING:
     from loden.model.config import NetworkConfig
@@ -196,12 +196,46 @@ class WireguardOptions:
         return cls.parse(config.backend.options)
 
 
-BackendOptions = NoOptions | VxlanOptions | UdpOptions | WireguardOptions
+@dataclass(frozen=True, slots=True)
+class AwsVpcOptions:
+    """aws-vpc: the route tables to write to; ``None`` auto-detects one (spec §2.1)."""
+
+    route_table_ids: tuple[str, ...] | None = None
+
+    @classmethod
+    def parse(cls, options: GoObject | None) -> AwsVpcOptions:
+        # flanneld checks the type only after its lease and cloud calls (as built); the
+        # texts are flanneld's, checked here before anything is taken.
+        raw = None if options is None else options.get("RouteTableID", as_any, None)
+        if raw is None:
+            return cls()
+        if isinstance(raw, str):
+            return cls((raw,))
+        if isinstance(raw, list):
+            if not all(isinstance(item, str) for item in raw):
+                raise NetworkConfigError(
+                    "Unexpected type in RouteTableID slice. Must be strings. (got"
+                    f' {raw!r}; e.g. "RouteTableID": ["rtb-0123", "rtb-4567"])',
+                    field="Backend.RouteTableID",
+                    value=raw,
+                )
+            return cls(tuple(raw))
+        raise NetworkConfigError(
+            "Unexpected RouteTableID type. Must be string or array of strings. (got"
+            f' {raw!r}; e.g. "RouteTableID": "rtb-0123", or leave it out to use the'
+            " subnet's route table)",
+            field="Backend.RouteTableID",
+            value=raw,
+        )
+
+
+BackendOptions = NoOptions | VxlanOptions | UdpOptions | WireguardOptions | AwsVpcOptions
 
 _PARSERS: dict[str, Callable[[GoObject | None], BackendOptions]] = {
     "vxlan": VxlanOptions.parse,
     "udp": UdpOptions.parse,
     "wireguard": WireguardOptions.parse,
+    "aws-vpc": AwsVpcOptions.parse,
 }
 
 
@@ -234,6 +268,7 @@ def _is_wireguard_key(text: str) -> bool:
 
 
 __all__ = [
+    "AwsVpcOptions",
     "BackendOptions",
     "NoOptions",
     "UdpOptions",

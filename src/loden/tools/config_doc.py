@@ -31,6 +31,7 @@ FLAG_NOTES: dict[str, str] = {
     "state-dir": "Loden only: the VTEP MAC (bound to the public IP and VNI) survives reboots",
     "cleanup-on-exit": "Loden only: flanneld never removes its rules",
     "log-format": "Loden only: `text` or `json`, the same fields in both (see below)",
+    "cloud-metadata-endpoint": "Loden only: flanneld always used 169.254.169.254",
     "iface": "IPv4 and IPv6 alike (flanneld #2081: IPv4 only)",
     "iface-regex": "IPv4 and IPv6 alike",
     "iface-can-reach": "IPv4 and IPv6 alike",
@@ -73,11 +74,22 @@ BACKEND_OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
     ("wireguard", "PersistentKeepaliveInterval", "int (s)", "0", ""),
     ("wireguard", "Mode", "string", "separate", "separate, auto or ipv4/ipv6"),
     ("host-gw", "(none)", "", "", "every peer must be on-link; others are reported, not routed"),
+    ("aws-vpc", "RouteTableID", "string or list of strings", "auto: the subnet's table, else "
+     "the VPC's main table", "a route `<subnet> -> <ENI>` in each; see compat.md"),
+    ("gce", "(none)", "", "", "route `flannel-<a-b-c-d-len>` per node; see compat.md"),
 )  # fmt: skip
 
 OTHER_ENV: tuple[tuple[str, str], ...] = (
     ("NODE_NAME, POD_NAME, POD_NAMESPACE", "Kubernetes mode: which node this is"),
     ("WIREGUARD_KEY_FILE", "wireguard private key path (default /run/flannel/wgkey)"),
+    (
+        "AWS_ENDPOINT_URL_EC2, AWS_ENDPOINT_URL, AWS_EC2_METADATA_SERVICE_ENDPOINT, AWS_*",
+        "aws-vpc: EC2 API and metadata endpoints, credentials (boto3's standard chain)",
+    ),
+    (
+        "GCE_METADATA_HOST, CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE",
+        "gce: metadata server host, Compute API base URL",
+    ),
     ("NOTIFY_SOCKET", "systemd: `READY=1` once subnet.env is written"),
 )
 

@@ -1,0 +1,115 @@
+"""What the cloud-route backends (aws-vpc, gce) share: retry pacing and the simple network.
+
+Both program the cloud's route table instead of the kernel. Unlike flanneld (which
+exits on the first cloud error after its lease is taken and leaves the lease behind),
+every cloud call runs inside a reconcile pass: a failing pass is reported through
+:class:`ReconcileReport` ``errors`` (so ``/healthz`` says why after three in a row) and
+retried with exponential backoff, and a later pass recovers without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from ipaddress import IPv4Network
+
+from loden.backend.base import ReconcileReport
+from loden.model.lease import EventKind, Lease, LeaseEvent
+
+log = logging.getLogger(__name__)
+
+#: Backoff between failed passes: 1, 2, 4, ... seconds, at most this.
+MAX_BACKOFF = 20.0
+
+#: ``run_pass(peers, gone)``: ``peers`` the complete peer set (a reconcile), or None (an
+#: event batch: then only the subnets in ``gone`` may be removed).
+Pass = Callable[[Mapping[str, Lease] | None, frozenset[IPv4Network]], Awaitable[ReconcileReport]]
+
+
+class CloudRouteNetwork:
+    """A :class:`~loden.backend.base.Network` whose data plane is a cloud route table.
+
+    ``run_pass(peers, gone)`` does one level-triggered pass: the own route, and removal of
+    owned routes whose lease is gone (``gone``: subnets known removed by an event).
+    """
+
+    def __init__(self, lease: Lease, mtu: int, run_pass: Pass, what: str) -> None:
+        self._lease = lease
+        self._mtu = mtu
+        self._run_pass = run_pass
+        self._what = what
+        self._lock = asyncio.Lock()
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error = ""
+        self._peers: dict[str, Lease] = {}
+
+    @property
+    def lease(self) -> Lease:
+        return self._lease
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    async def apply(self, events: Sequence[LeaseEvent]) -> ReconcileReport:
+        for event in events:
+            if event.kind is EventKind.ADDED:
+                self._peers[event.lease.key] = event.lease
+            else:
+                self._peers.pop(event.lease.key, None)
+        gone = frozenset(e.lease.subnet for e in events if e.kind is EventKind.REMOVED)
+        if not gone:
+            # Each node programs only its own route: a new peer changes nothing here,
+            # but a pass that is failing must stay reported as failing.
+            return self._still_failing()
+        # Only the subnets these events removed: a peer set built from events alone is
+        # not proof that any other route is stale.
+        return await self._guarded(None, gone)
+
+    async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
+        self._peers = dict(peers)
+        return await self._guarded(dict(peers), frozenset())
+
+    async def aclose(self) -> None:
+        return None
+
+    def _still_failing(self) -> ReconcileReport:
+        if self._failures:
+            return ReconcileReport(errors=(self._last_error,))
+        return ReconcileReport()
+
+    async def _guarded(
+        self, peers: Mapping[str, Lease] | None, gone: frozenset[IPv4Network]
+    ) -> ReconcileReport:
+        async with self._lock:
+            now = time.monotonic()
+            if self._failures and now < self._retry_at:
+                left = self._retry_at - now
+                return ReconcileReport(
+                    errors=(f"{self._last_error} (next attempt in {left:.0f}s)",)
+                )
+            try:
+                report = await self._run_pass(peers, gone)
+            except Exception as exc:
+                report = ReconcileReport(errors=(str(exc) or type(exc).__name__,))
+            if report.errors:
+                self._failures += 1
+                delay = min(MAX_BACKOFF, 2.0 ** (self._failures - 1))
+                self._retry_at = time.monotonic() + delay
+                self._last_error = report.errors[0]
+                log.warning(
+                    "%s: cloud route pass failed (%d in a row), retrying in %.0fs: %s",
+                    self._what,
+                    self._failures,
+                    delay,
+                    self._last_error,
+                )
+            elif self._failures:
+                log.info(
+                    "%s: cloud routes repaired after %d failed passes", self._what, self._failures
+                )
+                self._failures = 0
+            return report

@@ -1,0 +1,299 @@
+"""gce backend (cloud-backends spec §3): a Compute Engine route per node subnet.
+
+Compatible with flannel v0.11-v0.19: identity from the metadata server (``Metadata-Flavor:
+Google``), the network and instance self-links from ``networks.get``/``instances.get``,
+the route ``flannel-<a-b-c-d-len>`` with ``nextHopInstance`` and priority 1000, every
+operation polled to completion; the lease carries only ``PublicIP``. Better than flannel:
+
+* every call runs in the agent's reconcile pass (:mod:`loden.backend.cloud`): failures,
+  including an operation that never finishes, are retried with backoff and reported by
+  ``/healthz`` instead of exiting with the lease left behind;
+* routes of subnets whose lease is gone are removed, but only routes Loden can prove are
+  this cluster's: a ``flannel-`` name, this node's network, and a destination inside
+  ``Network`` (so two clusters in one project never delete each other's routes);
+* a 403 names the IAM permission and the resource.
+
+The HTTP client is httpx (already a dependency), not google-api-python-client: see
+docs/compat.md. Endpoints: the metadata server is ``--cloud-metadata-endpoint``, else
+``http://$GCE_METADATA_HOST``, else ``http://169.254.169.254``; the Compute API base is
+``CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE`` (gcloud's variable), else
+``https://www.googleapis.com/compute/v1/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Any
+
+import httpx
+
+from loden.backend.base import BackendContext, Network, ReconcileReport
+from loden.backend.cloud import CloudRouteNetwork
+from loden.errors import BackendError, CloudError, CloudPermissionError
+from loden.model.lease import Lease, LeaseAttrs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPUTE = "https://www.googleapis.com/compute/v1/"
+PRIORITY = 1000
+#: Operation polling: at most this many polls, ``POLL_INTERVAL`` apart (flannel: 100 x 1 s).
+POLL_LIMIT = 100
+POLL_INTERVAL = 1.0
+
+_PERMISSIONS = {
+    ("GET", "networks"): "compute.networks.get",
+    ("GET", "instances"): "compute.instances.get",
+    ("GET", "routes"): "compute.routes.get",
+    ("POST", "routes"): "compute.routes.create",
+    ("DELETE", "routes"): "compute.routes.delete",
+    ("GET", "operations"): "compute.globalOperations.get",
+}
+
+
+def route_name(subnet: IPv4Network) -> str:
+    """flannel's name: ``10.40.5.0/24`` -> ``flannel-10-40-5-0-24``."""
+    return "flannel-" + str(subnet).replace(".", "-").replace("/", "-")
+
+
+def metadata_base(configured: str | None) -> str:
+    if configured:
+        return configured.rstrip("/")
+    host = os.environ.get("GCE_METADATA_HOST")
+    return f"http://{host}" if host else "http://169.254.169.254"
+
+
+def compute_base() -> str:
+    base = os.environ.get("CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE") or DEFAULT_COMPUTE
+    return base if base.endswith("/") else base + "/"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    project: str
+    zone: str
+    instance: str
+    network_link: str
+    instance_link: str
+
+
+class GceApi:
+    """Metadata server + Compute v1 over httpx, with a metadata token."""
+
+    def __init__(self, metadata: str, compute: str) -> None:
+        self.metadata = metadata
+        self.compute = compute
+        self._token = ""
+        self._token_until = 0.0
+        self.client = httpx.AsyncClient(timeout=15.0)
+
+    async def meta(self, path: str) -> str:
+        url = f"{self.metadata}/computeMetadata/v1/{path}"
+        try:
+            resp = await self.client.get(url, headers={"Metadata-Flavor": "Google"})
+        except httpx.HTTPError as exc:
+            raise CloudError(
+                f"GCE metadata {url} failed: {exc}; is this a Compute Engine instance"
+                " (or is --cloud-metadata-endpoint right)?"
+            ) from exc
+        if resp.status_code != 200:  # flannel took any body as the value
+            raise CloudError(f"GCE metadata {url} answered HTTP {resp.status_code}")
+        return resp.text.strip()
+
+    async def _auth(self) -> dict[str, str]:
+        if time.monotonic() >= self._token_until:
+            doc = await self.meta("instance/service-accounts/default/token")
+            try:
+                token = json.loads(doc)
+                self._token = str(token["access_token"])
+                ttl = float(token.get("expires_in", 300))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CloudError(f"GCE metadata token is not a token document: {exc}") from exc
+            self._token_until = time.monotonic() + max(ttl - 60, 10)
+        return {"Authorization": f"Bearer {self._token}"}
+
+    async def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """``method`` on ``projects/<path>``; returns (status, JSON) for 2xx, 404 and 409.
+
+        :raises CloudPermissionError: 403, naming the IAM permission.
+        :raises CloudError: transport error or any other non-2xx answer.
+        """
+        url = f"{self.compute}projects/{path}"
+        try:
+            resp = await self.client.request(
+                method, url, json=body, params={"alt": "json"}, headers=await self._auth()
+            )
+        except httpx.HTTPError as exc:
+            raise CloudError(f"Compute {method} {url} failed: {exc}") from exc
+        try:
+            doc: dict[str, Any] = resp.json() if resp.content else {}
+        except ValueError:
+            doc = {}
+        if resp.status_code < 300 or resp.status_code in (404, 409):
+            return resp.status_code, doc
+        message = str(doc.get("error", {}).get("message", resp.text[:200]))
+        parts = path.split("/")
+        kind = next(
+            (p for p in ("routes", "operations", "instances", "networks") if p in parts), ""
+        )
+        if resp.status_code == 403:
+            permission = _PERMISSIONS.get((method, kind), f"compute.{kind}.*")
+            if permission == "compute.routes.get" and parts[-1] == "routes":
+                permission = "compute.routes.list"
+            raise CloudPermissionError(
+                f"Compute Engine denied {permission} on projects/{path} ({message}): grant the"
+                f" node's service account {permission} (roles/compute.networkAdmin has it) and"
+                " the compute-rw scope",
+                action=permission,
+                resource=f"projects/{path}",
+            )
+        raise CloudError(f"Compute {method} projects/{path}: HTTP {resp.status_code}: {message}")
+
+    async def wait(self, project: str, op: dict[str, Any], what: str) -> None:
+        """Poll a global operation until DONE.
+
+        :raises CloudError: the operation failed, or did not finish in time.
+        """
+        name = op.get("name", "")
+        status = op.get("status", "")
+        for polls in range(POLL_LIMIT):
+            if polls:
+                await asyncio.sleep(POLL_INTERVAL)
+            _, op = await self.call("GET", f"{project}/global/operations/{name}")
+            if op.get("error"):
+                raise CloudError(f"{what}: operation {name} failed: {op['error']}")
+            status = op.get("status", "")
+            if status == "DONE":
+                return
+            if polls and polls % 5 == 0:
+                log.info("%s operation status: %s waiting for completion...", what, status)
+        raise CloudError(
+            f"{what}: operation {name} still {status or 'unknown'} after {POLL_LIMIT} polls"
+            f" ({POLL_LIMIT * POLL_INTERVAL:.0f}s); the next pass checks the route again"
+        )
+
+
+class GceBackend:
+    backend_type = "gce"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        if ctx.ext.ext_addr is None:
+            raise BackendError("gce needs an IPv4 address on the external interface")
+        self.ctx = ctx
+        self.metadata = metadata_base(ctx.settings.cloud_metadata_endpoint)
+
+    async def lease_attrs(self, others: Sequence[Lease] = ()) -> LeaseAttrs:
+        assert self.ctx.ext.ext_addr is not None
+        return LeaseAttrs(public_ip=self.ctx.ext.ext_addr)
+
+    async def activate(self, lease: Lease) -> Network:
+        routes = GceRoutes(self, lease)
+        return CloudRouteNetwork(lease, self.ctx.ext.mtu, routes.run, "gce")
+
+
+class GceRoutes:
+    def __init__(self, backend: GceBackend, lease: Lease) -> None:
+        self.lease = lease
+        network = backend.ctx.config.network
+        assert network is not None
+        self.network: IPv4Network = network
+        self.api = GceApi(backend.metadata, compute_base())
+        self.identity: Identity | None = None
+
+    async def _identify(self) -> Identity:
+        if self.identity is not None:
+            return self.identity
+        api = self.api
+        net = (await api.meta("instance/network-interfaces/0/network")).rsplit("/", 1)[-1]
+        project = (await api.meta("project/project-id")).rsplit("/", 1)[-1]
+        instance = (await api.meta("instance/hostname")).split(".", 1)[0]
+        zone = (await api.meta("instance/zone")).rsplit("/", 1)[-1]
+        status, found = await api.call("GET", f"{project}/global/networks/{net}")
+        if status == 404:
+            raise CloudError(f"network {net} not found in project {project}")
+        network_link = str(found["selfLink"])
+        status, found = await api.call("GET", f"{project}/zones/{zone}/instances/{instance}")
+        if status == 404:
+            raise CloudError(f"instance {instance} not found in {project}/{zone}")
+        self.identity = Identity(project, zone, instance, network_link, str(found["selfLink"]))
+        log.info("gce: instance %s in %s, network %s", instance, zone, network_link)
+        return self.identity
+
+    async def run(
+        self, peers: Mapping[str, Lease] | None, gone: frozenset[IPv4Network]
+    ) -> ReconcileReport:
+        ident = await self._identify()
+        api, project = self.api, ident.project
+        own = self.lease.subnet
+        name = route_name(own)
+        added = removed = 0
+        status, route = await api.call("GET", f"{project}/global/routes/{name}")
+        if status == 200 and route.get("nextHopInstance") == ident.instance_link:
+            pass  # flannel: "Exact pre-existing route found"; left alone
+        else:
+            if status == 200:
+                log.warning(
+                    "gce: route %s pointed at %s, not this instance; replacing it",
+                    name,
+                    route.get("nextHopInstance") or route.get("nextHopIp") or "?",
+                )
+                status, op = await api.call("DELETE", f"{project}/global/routes/{name}")
+                if status != 404:  # gone meanwhile: nothing to wait for
+                    await api.wait(project, op, "delete")
+            body = {
+                "destRange": str(own),
+                "name": name,
+                "network": ident.network_link,
+                "nextHopInstance": ident.instance_link,
+                "priority": PRIORITY,
+            }
+            log.info("Inserting route for subnet: %s", own)
+            status, op = await api.call("POST", f"{project}/global/routes", body)
+            if status == 409:  # an earlier pass's insert finished after all: check next pass
+                raise CloudError(f"route {name} appeared while inserting it; checking again")
+            await api.wait(project, op, "insert")
+            added += 1
+        if peers is None:  # an event batch: only what it removed is stale
+            stale: set[IPv4Network] | None = set(gone)
+            live: set[IPv4Network] = set()
+        else:
+            stale = None
+            live = {lease.subnet for lease in peers.values()} - gone
+        status, listing = await api.call("GET", f"{project}/global/routes")
+        for item in listing.get("items", []):
+            if not self._ours(item, ident) or item.get("name") == name:
+                continue
+            dest = IPv4Network(item["destRange"])
+            if (stale is not None and dest not in stale) or (stale is None and dest in live):
+                continue
+            log.info("gce: removing route %s (%s): its lease is gone", item["name"], dest)
+            status, op = await api.call("DELETE", f"{project}/global/routes/{item['name']}")
+            if status != 404:
+                await api.wait(project, op, "delete")
+            removed += 1
+        return ReconcileReport(added=added, removed=removed)
+
+    def _ours(self, item: dict[str, Any], ident: Identity) -> bool:
+        """A route this cluster made: flannel's name for its destination, our network,
+        a destination inside Network."""
+        try:
+            dest = IPv4Network(item.get("destRange", ""))
+        except ValueError:
+            return False
+        return (
+            item.get("name") == route_name(dest)
+            and item.get("network") == ident.network_link
+            and dest.subnet_of(self.network)
+        )
+
+
+def create(ctx: BackendContext) -> GceBackend:
+    return GceBackend(ctx)
