@@ -4,7 +4,10 @@
 * ``watch``: read store snapshots/events into a queue;
 * ``peers``: queued results -> LeaseWatcher -> ``network.apply``/``reconcile`` (a backlog
   is handled as one batch);
-* ``reconcile``: every ``--resync-period`` s a full level-triggered pass;
+* ``reconcile``: a full level-triggered pass every ``--resync-period`` s (a safety net
+  while ``kernel`` repairs drift as the kernel reports it);
+* ``kernel``: the backend's netlink notifications (owned entries restored at once; a
+  full pass when notifications were lost);
 * ``rules``: every ``--iptables-resync`` s re-check masquerade/forward rules;
 * ``probe``: ask the store every 2 s so /healthz knows whether it answers;
 * ``config``: notice a changed network config and tell the operator what to do;
@@ -29,7 +32,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from loden.backend.base import Network, ReconcileReport
+from loden import memory
+from loden.backend.base import KernelWatcher, Network, ReconcileReport
 from loden.errors import (
     ConfigNotFound,
     LeaseRevoked,
@@ -130,6 +134,8 @@ class AgentLoops:
         }
         if self.settings.rules.blackhole_route:
             loops["blackhole"] = self._blackhole_loop
+        if self._kernel_events():
+            loops["kernel"] = self._kernel_loop
         stop: AgentStop | None = None
         try:
             async with asyncio.TaskGroup() as group:
@@ -304,6 +310,7 @@ class AgentLoops:
             except Exception as exc:  # retried by the next pass
                 report = _failed_pass("reconcile", exc)
             self.metrics.reconcile_seconds.observe(time.perf_counter() - began)
+            memory.release()  # a full pass allocates ~10 MB for a moment at 5,000 peers
             self.metrics.peers_skipped.set(len(report.skipped))
             self._record(report, why)
 
@@ -327,12 +334,39 @@ class AgentLoops:
         else:
             self.health.reconcile_failures = 0
 
+    def _kernel_events(self) -> bool:
+        return self.settings.kernel_events and isinstance(self.network, KernelWatcher)
+
     async def _reconcile_loop(self) -> None:
         await self._synced.wait()
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
             await self._reconcile("resync")
             self._ok("reconcile")
+
+    async def _kernel_loop(self) -> None:
+        """Started before the first snapshot, so nothing between it and the snapshot's
+        reconcile goes unseen; until then a resync request waits for that reconcile."""
+        assert isinstance(self.network, KernelWatcher)
+        while True:
+            try:
+                async for drift in self.network.watch_kernel():
+                    if drift.report is not None:
+                        self.metrics.kernel_repairs.inc(drift.report.added)
+                        self._record(drift.report, "kernel notification")
+                    elif drift.resync is not None and self._synced.is_set():
+                        log.warning("%s", drift.resync)
+                        self.metrics.kernel_resyncs.inc()
+                        await self._reconcile("kernel resync")
+            except LodenError as exc:
+                log.error(
+                    "kernel notifications failed: %s (listening again in 10s; drift is "
+                    "repaired by the full reconcile meanwhile)",
+                    exc,
+                )
+                await asyncio.sleep(10.0)
+                if self._synced.is_set():
+                    await self._reconcile("kernel resync")
 
     # -- rules, probe, config --------------------------------------------------------------
 
@@ -419,7 +453,8 @@ class AgentLoops:
         warned_raw = self.config.raw
         warned_bad = ""
         while True:
-            await asyncio.sleep(3 * self.settings.resync_seconds)
+            # Not tied to the data-plane resync, which may be minutes apart.
+            await asyncio.sleep(3 * min(self.settings.resync_seconds, 10))
             try:
                 config = await self.manager.get_network_config()
             except StoreUnavailable as exc:

@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from loden import __version__
+from loden import __version__, memory
 from loden.errors import LodenError, UsageError
 from loden.flags import HelpRequested
 from loden.settings import AgentSettings, agent_flagset
@@ -113,6 +113,7 @@ def agent_main(argv: Sequence[str], prog: str = "flanneld") -> int:
         else f"etcd {','.join(settings.etcd.endpoints)} (api {settings.etcd.api})",
         settings.subnet_file,
     )
+    memory.tune_malloc()
     return asyncio.run(_run_agent(settings))
 
 

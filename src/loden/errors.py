@@ -28,6 +28,7 @@ per dependency, always ``raise X(...) from exc``.
     │   ├── UnknownBackend       Backend.Type not in the registry (lists the known ones)
     │   ├── InterfaceError       no usable external interface / public IP
     │   └── DataplaneError       a netlink or device operation failed (op, object, errno)
+    │       └── NotificationsLost  the kernel dropped change notifications (ENOBUFS)
     └── TrafficRulesError        iptables/nft rules could not be applied
         └── CommandError         a subprocess exited non-zero (argv, exit code, stderr)
 """
@@ -35,6 +36,7 @@ per dependency, always ``raise X(...) from exc``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from errno import ENOBUFS
 
 
 class LodenError(Exception):
@@ -172,6 +174,19 @@ class DataplaneError(BackendError):
         self.op = op
         self.obj = obj
         self.errno = errno
+
+
+class NotificationsLost(DataplaneError):
+    """The kernel dropped change notifications (netlink ENOBUFS): anything may have
+    changed, so the caller must fall back to a full dump-and-diff."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "read",
+            "netlink notifications",
+            "the receive buffer overflowed and the kernel dropped notifications",
+            errno=ENOBUFS,
+        )
 
 
 class TrafficRulesError(LodenError):

@@ -69,6 +69,16 @@ class Metrics:
             "Kernel entries added or removed by reconciles",
             registry=r,
         )
+        self.kernel_repairs = Counter(
+            "loden_kernel_repairs_total",
+            "Owned kernel entries rewritten after a change notification (drift repaired)",
+            registry=r,
+        )
+        self.kernel_resyncs = Counter(
+            "loden_kernel_resyncs_total",
+            "Full reconciles run because notifications were lost or a device changed",
+            registry=r,
+        )
         self.watch_restarts = Gauge("loden_watch_restarts", "Lease watch restarts", registry=r)
         self.lease_events = Counter(
             "loden_lease_events_total", "Peer lease events applied", ["kind"], registry=r

@@ -40,7 +40,9 @@ class LeaseWatcher:
         #: could ever sweep, since only routes inside IPv6Network count as Loden's.
         self._network6 = network6
         self._peers: dict[str, Lease] = {}
-        self._by_ip: dict[IPv4Address, set[str]] = {}
+        #: Public IP -> the key of the lease claiming it, or a set when several do (the
+        #: common single owner costs no set: ~250 bytes per peer at 5,000 peers).
+        self._by_ip: dict[IPv4Address, str | set[str]] = {}
         self._warned: set[str] = set()
 
     @property
@@ -60,7 +62,7 @@ class LeaseWatcher:
         if (
             self._network is not None
             and lease.subnet != NO_IPV4
-            and not lease.subnet.subnet_of(self._network)
+            and not _inside(lease.subnet, self._network)
         ):
             self._warn_once(
                 lease.key,
@@ -109,9 +111,9 @@ class LeaseWatcher:
         self._peers.clear()
         self._peers.update(fresh)
         self._by_ip = {}
-        for key, lease in fresh.items():
-            self._by_ip.setdefault(lease.attrs.public_ip, set()).add(key)
-        self._check_duplicate_ips(self._by_ip)
+        for lease in fresh.values():
+            self._add_ip(lease)
+        self._check_duplicate_ips(ip for ip, keys in self._by_ip.items() if isinstance(keys, set))
         return events
 
     def update(self, events: Iterable[LeaseEvent]) -> list[LeaseEvent]:
@@ -129,7 +131,7 @@ class LeaseWatcher:
                 if old is not None:
                     self._forget_ip(old)
                 self._peers[lease.key] = lease
-                self._by_ip.setdefault(lease.attrs.public_ip, set()).add(lease.key)
+                self._add_ip(lease)
                 touched.add(lease.attrs.public_ip)
                 out.append(event)
             else:
@@ -139,19 +141,38 @@ class LeaseWatcher:
                     out.append(LeaseEvent(EventKind.REMOVED, known))
         # Only the addresses this batch touched: a full scan per event cost ~8 ms at
         # 5,000 peers and delayed every new route behind it.
-        self._check_duplicate_ips({ip: self._by_ip.get(ip, set()) for ip in touched})
+        self._check_duplicate_ips(touched)
         return out
 
-    def _forget_ip(self, lease: Lease) -> None:
-        keys = self._by_ip.get(lease.attrs.public_ip)
-        if keys is not None:
-            keys.discard(lease.key)
-            if not keys:
-                del self._by_ip[lease.attrs.public_ip]
+    def _add_ip(self, lease: Lease) -> None:
+        ip, key = lease.attrs.public_ip, lease.key
+        have = self._by_ip.get(ip)
+        if have is None or have == key:
+            self._by_ip[ip] = key
+        elif isinstance(have, str):
+            self._by_ip[ip] = {have, key}
+        else:
+            have.add(key)
 
-    def _check_duplicate_ips(self, by_ip: Mapping[IPv4Address, set[str]]) -> None:
-        for ip, keys in by_ip.items():
-            if len(keys) > 1 and int(ip) != 0:
+    def _forget_ip(self, lease: Lease) -> None:
+        ip, key = lease.attrs.public_ip, lease.key
+        have = self._by_ip.get(ip)
+        if have is None:
+            return
+        if isinstance(have, str):
+            if have == key:
+                del self._by_ip[ip]
+            return
+        have.discard(key)
+        if len(have) == 1:
+            self._by_ip[ip] = next(iter(have))
+        elif not have:
+            del self._by_ip[ip]
+
+    def _check_duplicate_ips(self, ips: Iterable[IPv4Address]) -> None:
+        for ip in ips:
+            keys = self._by_ip.get(ip)
+            if isinstance(keys, set) and len(keys) > 1 and int(ip) != 0:
                 self._warn_once(
                     "dup:" + ",".join(sorted(keys)),
                     "leases %s all claim public IP %s: only one node can own it; "
@@ -159,3 +180,11 @@ class LeaseWatcher:
                     ", ".join(sorted(keys)),
                     ip,
                 )
+
+
+def _inside(subnet: IPv4Network, network: IPv4Network) -> bool:
+    """``subnet.subnet_of(network)`` without its cached per-object broadcast address
+    (kept on every lease's subnet, that cost ~400 bytes per peer)."""
+    return subnet.prefixlen >= network.prefixlen and int(subnet.network_address) & int(
+        network.netmask
+    ) == int(network.network_address)

@@ -128,7 +128,20 @@ AGENT_FLAGS: tuple[Flag, ...] = (
     Flag("vmodule", "", "comma-separated list of pattern=N settings for file-filtered logging"),
     Flag("log_backtrace_at", "", "when logging hits line file:N, emit a stack trace"),
     # Loden additions.
-    Flag("resync-period", 10, "Loden: seconds between full data-plane reconciles", kind="int"),
+    Flag(
+        "resync-period",
+        300,
+        "Loden: seconds between full data-plane reconciles (dump and diff). A safety net "
+        "while -kernel-events repairs drift as it happens; 10 was the default before",
+        kind="int",
+    ),
+    Flag(
+        "kernel-events",
+        True,
+        "Loden: repair owned routes, neighbours and FDB entries as soon as the kernel "
+        "reports them changed (netlink notifications); false: only -resync-period finds drift",
+        kind="bool",
+    ),
     Flag(
         "state-dir",
         "/var/lib/loden",
@@ -252,6 +265,7 @@ class AgentSettings:
     healthz_ip: str
     healthz_port: int
     resync_seconds: int
+    kernel_events: bool
     state_dir: Path
     verbosity: int
     log_format: str
@@ -327,6 +341,7 @@ class AgentSettings:
             healthz_ip=v["healthz-ip"],
             healthz_port=v["healthz-port"],
             resync_seconds=v["resync-period"],
+            kernel_events=v["kernel-events"],
             state_dir=Path(v["state-dir"]),
             verbosity=v["v"],
             log_format=v["log-format"],

@@ -19,11 +19,11 @@ starts a task that outlives a call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from loden.model.backend_options import BackendOptions
 from loden.model.config import NetworkConfig
@@ -113,6 +113,26 @@ class Network(Protocol):
     async def aclose(self) -> None:
         """Stop: release fds/processes. Kernel state stays unless the backend's contract
         says otherwise (wireguard deletes its device, udp's TUN disappears)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class KernelDrift:
+    """What a :class:`KernelWatcher` saw: entries it already repaired (``report``), or a
+    change it cannot repair entry by entry (``resync``: why a full reconcile is due)."""
+
+    report: ReconcileReport | None = None
+    resync: str | None = None
+
+
+@runtime_checkable
+class KernelWatcher(Protocol):
+    """A :class:`Network` that listens to the kernel's change notifications."""
+
+    def watch_kernel(self) -> AsyncIterator[KernelDrift]:
+        """Repair owned entries as the kernel reports them changed or deleted, for as
+        long as the iterator runs; yield what was repaired and when a full reconcile
+        is needed (notifications lost, a device the entries hang off changed)."""
         ...
 
 

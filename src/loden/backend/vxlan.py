@@ -72,7 +72,6 @@ whose ``BackendV6Data`` is broken keeps its IPv4 path (one warning).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -174,9 +173,9 @@ def peer_v6_mac(lease: Lease) -> str | None:
     return None if data is None else _mac_of(data)
 
 
-@functools.lru_cache(maxsize=16384)
 def _mac_of(backend_data: str) -> str | None:
-    # Cached: parsing costs ~9 µs and a resync of 5,000 peers sees the same texts again.
+    # Not cached: PeerNetwork computes each lease's entries once (~9 µs of parsing), and a
+    # cache of 5,000 texts held ~0.7 MB for nothing (issue 14).
     try:
         return normalise_mac(GoObject.parse(backend_data).get("VtepMAC", as_str, ""))
     except GoJSONError:
@@ -484,6 +483,7 @@ class VxlanNetwork(PeerNetwork):
                 link.index,
             )
             self._entries.clear()
+            self._by_ident = None
         if mac and link.mac != mac:
             await nl.set_link(link.index, mac=mac)
         elif not mac:
@@ -554,6 +554,9 @@ class VxlanNetwork(PeerNetwork):
 
     def _needs_lookup(self) -> bool:
         return self._be.options.direct_routing
+
+    def _watched_links(self) -> set[int]:
+        return {i for i in (self._ext.index, self._index, self._index6) if i}
 
     def _identity_of(self, lease: Lease) -> str | None:
         return peer_mac(lease)

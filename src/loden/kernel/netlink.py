@@ -1,15 +1,13 @@
 """Typed async access to the kernel's network configuration (one network namespace).
 
 :class:`Netlink` is the only door from Loden to rtnetlink, sysctls and ethtool. It
-hides two engines behind one typed API:
-
-* **pyroute2** (``IPRoute``) for the low-volume, attribute-rich objects: links (with
-  their nested vxlan attributes) and addresses;
-* :mod:`loden.kernel.rtnl`, a small struct-based codec, for the high-volume objects:
-  routes, neighbours and FDB entries. Changes are sent in batches (many requests per
-  ``send()``, acks collected per chunk) and state is read with one filtered dump. See
-  that module for the measurements behind this split (5,000 vxlan peers = 15,000
-  entries: ~0.5 s instead of ~7 s with pyroute2 one request at a time).
+speaks rtnetlink through :mod:`loden.kernel.rtnl`, a small struct-based codec: links
+(with their nested vxlan attributes) and addresses, and the high-volume routes,
+neighbours and FDB entries, whose changes are sent in batches (many requests per
+``send()``, acks collected per chunk) and whose state is read with one filtered dump.
+See that module for the measurements behind it (5,000 vxlan peers = 15,000 entries:
+~0.5 s instead of ~7 s with pyroute2 one request at a time; and pyroute2's import alone
+cost the agent ~9 MB of RSS).
 
 Every blocking call runs on one dedicated worker thread. That keeps the agent's event
 loop free while thousands of entries are programmed, serialises use of the sockets
@@ -18,7 +16,7 @@ worker thread ``setns()``-es into the namespace once, so its sockets, sysctl fil
 and ethtool ioctls all act there (tests and the lab drive several "hosts" from one
 process; the agent itself runs inside its namespace and passes nothing).
 
-Errors: pyroute2's ``NetlinkError`` and every ``OSError`` are mapped to
+Errors: every ``OSError`` (the codec's :class:`~loden.kernel.rtnl.NetlinkFailure`) is mapped to
 :class:`~loden.errors.DataplaneError` in exactly one place, :meth:`Netlink._call`;
 batch results carry one ``DataplaneError`` per failed entry.
 """
@@ -35,14 +33,14 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_address
+from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loden.errors import DataplaneError
+from loden.errors import DataplaneError, NotificationsLost
 from loden.kernel import rtnl
 from loden.kernel.netns import enter_netns
-from loden.kernel.rtnl import AF_BRIDGE
+from loden.kernel.rtnl import AF_BRIDGE, EntryChange, KernelChange, LinkChange
 from loden.kernel.types import (
     RT_TABLE_MAIN,
     RTPROT_BOOT,
@@ -69,12 +67,17 @@ __all__ = [
     "Address",
     "BatchResult",
     "Change",
+    "EntryChange",
     "FdbEntry",
     "IPAddress",
     "IPNetwork",
+    "KernelChange",
+    "KernelMonitor",
     "Link",
+    "LinkChange",
     "Neighbour",
     "Netlink",
+    "NotificationsLost",
     "Route",
     "RouteLookup",
     "VxlanSpec",
@@ -120,7 +123,6 @@ class Netlink:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"netlink-w-{tag}")
         self._rtnl: rtnl.RtnlSocket | None = None
         self._wrtnl: rtnl.RtnlSocket | None = None
-        self._ipr: Any = None
         self._closed = False
 
     @classmethod
@@ -141,10 +143,7 @@ class Netlink:
     def _setup(self) -> None:
         if self.netns is not None:
             enter_netns(self.netns)
-        from pyroute2 import IPRoute
-
         self._rtnl = rtnl.RtnlSocket()
-        self._ipr = IPRoute()
 
     def _setup_writer(self) -> None:
         if self.netns is not None:
@@ -152,9 +151,6 @@ class Netlink:
         self._wrtnl = rtnl.RtnlSocket()
 
     def _teardown(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
         if self._rtnl is not None:
             self._rtnl.close()
             self._rtnl = None
@@ -211,25 +207,30 @@ class Netlink:
     # -- links -------------------------------------------------------------------
 
     async def links(self) -> list[Link]:
-        return await self._call("dump", "links", lambda: [_link(m) for m in self._ipr.get_links()])
+        def dump() -> list[Link]:
+            return [rtnl.decode_link(m) for m in self._sock.dump(*rtnl.link_dump_request())]
+
+        return await self._call("dump", "links", dump)
 
     async def link(self, name: str) -> Link | None:
         """The link called ``name``, or None."""
-        return await self._call("get", f"link {name}", self._get_link, {"ifname": name})
+        return await self._call("get", f"link {name}", self._get_link, 0, name)
 
     async def link_by_index(self, index: int) -> Link | None:
-        return await self._call("get", f"link #{index}", self._get_link, {"index": index})
+        return await self._call("get", f"link #{index}", self._get_link, index, None)
 
-    def _get_link(self, spec: dict[str, Any]) -> Link | None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        try:
-            msgs = self._ipr.link("get", **spec)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
+    def _get_link(self, index: int, name: str | None) -> Link | None:
+        (outcome,) = self._sock.transact([rtnl.link_get_request(index=index, name=name)])
+        if outcome.error is not None:
+            if outcome.error.errno in (errno.ENODEV, errno.ENOENT):
                 return None
-            raise
-        return _link(msgs[0]) if msgs else None
+            raise outcome.error
+        return rtnl.decode_link(outcome.replies[0]) if outcome.replies else None
+
+    def _strict_one(self, request: tuple[int, int, bytes]) -> None:
+        (outcome,) = self._sock.transact([request])
+        if outcome.error is not None:
+            raise outcome.error
 
     async def create_link(self, name: str, kind: str, *, mtu: int | None = None) -> Link:
         """Create a link of ``kind`` with no kind-specific data (e.g. ``wireguard``),
@@ -239,11 +240,8 @@ class Netlink:
         """
 
         def create() -> Link:
-            args: dict[str, Any] = {"ifname": name, "kind": kind, "txqlen": 0}
-            if mtu is not None:
-                args["mtu"] = mtu
-            self._ipr.link("add", **args)
-            link = self._get_link({"ifname": name})
+            self._strict_one(rtnl.link_create_request(name, kind, mtu=mtu))
+            link = self._get_link(0, name)
             if link is None:
                 raise OSError(errno.ENODEV, f"{name} vanished right after creation")
             return link
@@ -261,32 +259,8 @@ class Netlink:
         """
 
         def create() -> Link:
-            args: dict[str, Any] = {
-                "ifname": name,
-                "kind": "vxlan",
-                "txqlen": 0,
-                "vxlan_id": spec.vni,
-                "vxlan_port": spec.port,
-                "vxlan_learning": int(spec.learning),
-                "vxlan_l2miss": int(spec.l2miss),
-                "vxlan_l3miss": int(spec.l3miss),
-            }
-            if isinstance(spec.local, IPv6Address):
-                args["vxlan_local6"] = str(spec.local)
-            elif spec.local is not None:
-                args["vxlan_local"] = str(spec.local)
-            if spec.link is not None:
-                args["vxlan_link"] = spec.link
-            if spec.group is not None:
-                args["vxlan_group"] = str(spec.group)
-            if spec.gbp:
-                args["vxlan_gbp"] = True
-            if mtu is not None:
-                args["mtu"] = mtu
-            if mac is not None:
-                args["address"] = mac
-            self._ipr.link("add", **args)
-            link = self._get_link({"ifname": name})
+            self._strict_one(rtnl.vxlan_create_request(name, spec, mtu=mtu, mac=mac))
+            link = self._get_link(0, name)
             if link is None:
                 raise OSError(errno.ENODEV, f"{name} vanished right after creation")
             return link
@@ -302,20 +276,14 @@ class Netlink:
         mac: str | None = None,
         txqlen: int | None = None,
     ) -> None:
-        args: dict[str, Any] = {"index": index}
-        if txqlen is not None:
-            args["txqlen"] = txqlen
-        if up is not None:
-            args["state"] = "up" if up else "down"
-        if mtu is not None:
-            args["mtu"] = mtu
-        if mac is not None:
-            args["address"] = mac
-        if len(args) > 1:
-            await self._call("set", f"link #{index}", lambda: self._ipr.link("set", **args))
+        if up is None and mtu is None and mac is None and txqlen is None:
+            return
+        request = rtnl.link_set_request(index, up=up, mtu=mtu, mac=mac, txqlen=txqlen)
+        await self._call("set", f"link #{index}", self._strict_one, request)
 
     async def delete_link(self, index: int) -> None:
-        await self._call("delete", f"link #{index}", lambda: self._ipr.link("del", index=index))
+        request = rtnl.link_delete_request(index)
+        await self._call("delete", f"link #{index}", self._strict_one, request)
 
     # -- addresses ---------------------------------------------------------------
 
@@ -325,30 +293,25 @@ class Netlink:
         """Addresses (of one link if ``index``), in kernel order."""
 
         def dump() -> list[Address]:
-            kwargs: dict[str, Any] = {}
-            if family is not None:
-                kwargs["family"] = family
-            if index is not None:
-                kwargs["index"] = index
-            return [a for m in self._ipr.get_addr(**kwargs) if (a := _address(m)) is not None]
+            request = rtnl.addr_dump_request(family or socket.AF_UNSPEC, index or 0)
+            out = [rtnl.decode_addr(m) for m in self._sock.dump(*request)]
+            return [
+                a
+                for a in out
+                if a is not None
+                and (index is None or a.index == index)
+                and (family is None or a.ip.version == (4 if family == socket.AF_INET else 6))
+            ]
 
         return await self._call("dump", "addresses", dump)
 
     async def add_address(self, index: int, iface: IPv4Interface | IPv6Interface) -> None:
-        def add() -> None:
-            self._ipr.addr(
-                "replace", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-            )
-
-        await self._call("add", f"address {iface} on #{index}", add)
+        request = rtnl.addr_request(index, iface.ip, iface.network.prefixlen, delete=False)
+        await self._call("add", f"address {iface} on #{index}", self._strict_one, request)
 
     async def delete_address(self, index: int, iface: IPv4Interface | IPv6Interface) -> None:
-        def delete() -> None:
-            self._ipr.addr(
-                "del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-            )
-
-        await self._call("delete", f"address {iface} on #{index}", delete)
+        request = rtnl.addr_request(index, iface.ip, iface.network.prefixlen, delete=True)
+        await self._call("delete", f"address {iface} on #{index}", self._strict_one, request)
 
     # -- routes, neighbours, fdb (rtnl codec) -------------------------------------
 
@@ -408,6 +371,22 @@ class Netlink:
 
         what = f"routes to {len(targets)} destinations"
         return await self._call("lookup", what, lookup, lane=True)
+
+    async def monitor(
+        self, *, rcvbuf: int = 16 << 20, skip_protocol: int | None = RTPROT_LODEN
+    ) -> KernelMonitor:
+        """Subscribe to the namespace's link, neighbour and route change notifications;
+        echoes of this handle's own writes are left out (see :class:`rtnl.RtnlMonitor`).
+
+        ``rcvbuf`` bounds how many notifications the kernel queues for us (kernel memory,
+        used only while they wait); past it they are dropped and
+        :meth:`KernelMonitor.read` raises :class:`NotificationsLost`.
+        """
+        own = frozenset(s.portid for s in (self._rtnl, self._wrtnl) if s is not None)
+        sock = await self._call(
+            "open", "netlink notification socket", rtnl.RtnlMonitor, rcvbuf, skip_protocol, own
+        )
+        return KernelMonitor(sock)
 
     async def apply(self, changes: Sequence[Change], *, missing_ok: bool = True) -> BatchResult:
         """Program ``changes`` in order, batched; per-entry failures are collected.
@@ -496,6 +475,42 @@ class Netlink:
         return await self._call("set", f"tx checksum offload {state} on {name}", run)
 
 
+class KernelMonitor:
+    """Change notifications of one namespace, read on the event loop (non-blocking)."""
+
+    def __init__(self, sock: rtnl.RtnlMonitor) -> None:
+        self._sock = sock
+        self._ready = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def read(self) -> list[KernelChange]:
+        """Wait for notifications and return all that are queued.
+
+        :raises NotificationsLost: some were dropped (the socket stays usable).
+        :raises DataplaneError: the socket failed otherwise.
+        """
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.fileno(), self._ready.set)
+        while True:
+            self._ready.clear()
+            try:
+                changes = self._sock.read()
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    raise NotificationsLost() from exc
+                raise _error("read", "netlink notifications", exc) from exc
+            if changes:
+                return changes
+            await self._ready.wait()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop = None
+        self._sock.close()
+
+
 def _sysctl_path(key: str) -> Path:
     parts = key.strip("/").split("/")
     if any(p in ("", ".", "..") for p in parts):
@@ -508,52 +523,3 @@ def _ethtool(sock: socket.socket, name: str, cmd: int, data: int = 0) -> int:
     ifreq = struct.pack("16sP", name.encode(), ctypes.addressof(value)).ljust(40, b"\0")
     fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, ifreq)
     return int(struct.unpack("=II", value.raw)[1])
-
-
-def _link(msg: Any) -> Link:
-    info = msg.get("IFLA_LINKINFO")
-    kind = info.get("IFLA_INFO_KIND") if info is not None else None
-    vxlan: VxlanSpec | None = None
-    if kind == "vxlan" and info is not None:
-        data = info.get("IFLA_INFO_DATA")
-        if data is not None:
-            local, group = data.get("IFLA_VXLAN_LOCAL"), data.get("IFLA_VXLAN_GROUP")
-            local6 = data.get("IFLA_VXLAN_LOCAL6")
-            local_ip: IPAddress | None = IPv4Address(local) if local else None
-            if local_ip is None and local6 and local6 != "::":
-                local_ip = IPv6Address(local6)
-            vxlan = VxlanSpec(
-                vni=int(data.get("IFLA_VXLAN_ID") or 0),
-                port=int(data.get("IFLA_VXLAN_PORT") or 0),
-                local=local_ip,
-                link=int(data.get("IFLA_VXLAN_LINK")) if data.get("IFLA_VXLAN_LINK") else None,
-                learning=bool(data.get("IFLA_VXLAN_LEARNING")),
-                gbp=bool(data.get("IFLA_VXLAN_GBP")),
-                group=IPv4Address(group) if group and group != "0.0.0.0" else None,
-                l2miss=bool(data.get("IFLA_VXLAN_L2MISS")),
-                l3miss=bool(data.get("IFLA_VXLAN_L3MISS")),
-            )
-    return Link(
-        index=int(msg["index"]),
-        name=str(msg.get("IFLA_IFNAME")),
-        kind=kind,
-        mtu=int(msg.get("IFLA_MTU") or 0),
-        mac=msg.get("IFLA_ADDRESS"),
-        up=bool(msg["flags"] & _IFF_UP),
-        vxlan=vxlan,
-        txqlen=None if msg.get("IFLA_TXQLEN") is None else int(msg.get("IFLA_TXQLEN")),
-    )
-
-
-def _address(msg: Any) -> Address | None:
-    text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-    if not text:
-        return None
-    flags = msg.get("IFA_FLAGS")
-    flags = int(flags) if flags is not None else int(msg["flags"])
-    ip = ip_address(text)
-    prefix = int(msg["prefixlen"])
-    iface: IPv4Interface | IPv6Interface = (
-        IPv4Interface((ip, prefix)) if isinstance(ip, IPv4Address) else IPv6Interface((ip, prefix))
-    )
-    return Address(index=int(msg["index"]), interface=iface, scope=int(msg["scope"]), flags=flags)

@@ -1,0 +1,43 @@
+"""The node agent loads only what it runs: memory is part of its contract (issue 14).
+
+Every imported module stays resident: pyroute2 alone cost ~9 MB of the agent's RSS,
+rich and cryptography more. A fresh interpreter imports what ``flanneld`` imports
+before and while it runs (CLI, agent, the etcd store, the vxlan and host-gw backends)
+and must not have pulled in any of these.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+FORBIDDEN = (
+    "pyroute2",
+    "rich",
+    "cryptography",
+    "unittest",
+    "multiprocessing",
+    "loden.lab",
+    "loden.cni",
+    "loden.tools",
+    "loden.udp",
+    "loden.kernel.wireguard",
+)
+
+PROBE = """
+import json, sys
+import loden.cli, loden.agent, loden.subnet.etcd_v3, loden.subnet.etcd_v2
+from loden.backend import create_backend  # noqa: F401
+import loden.backend.vxlan, loden.backend.hostgw  # noqa: F401
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_flanneld_never_imports_heavy_or_unrelated_modules() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = json.loads(out.stdout)
+    bad = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
+    assert bad == []
