@@ -15,6 +15,8 @@ import sys
 FORBIDDEN = (
     "pyroute2",
     "rich",
+    "click",  # with pygments and rich: httpx's CLI, loaded by ``import httpx`` (~5 MB)
+    "pygments",
     "cryptography",
     "unittest",
     "multiprocessing",
