@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -93,6 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.topology import Host, Process, Topology, TopologyError, wait_until
 
+from loden.kernel.netns import call_in_netns
 from loden.kubeapi.control import KubeApiProcess, node_body
 from loden.model.lease import Lease, LeaseAttrs
 
@@ -122,37 +122,14 @@ MODES: dict[str, tuple[list[str], float | None]] = {
     "new": (["--kernel-events=true", "--resync-period=300"], None),
 }
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 # -- sockets inside a network namespace ----------------------------------------------------
 
 
 def in_netns(netns: str, make: Callable[[], socket.socket]) -> socket.socket:
-    """Create a socket inside ``netns``: a short-lived thread enters it, makes the socket
-    and exits; the socket stays in that namespace (this process never moves)."""
-    result: list[socket.socket | BaseException] = []
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(code, f"setns({netns}): {os.strerror(code)}")
-            finally:
-                os.close(fd)
-            result.append(make())
-        except BaseException as exc:  # handed to the caller
-            result.append(exc)
-
-    thread = threading.Thread(target=target, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+    """Create a socket inside ``netns`` (the project's one way in: a short-lived thread
+    enters it); the socket stays in that namespace, this process never moves."""
+    return call_in_netns(netns, make)
 
 
 class HTTP:
