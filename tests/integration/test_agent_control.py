@@ -114,7 +114,8 @@ def test_waits_for_config_then_notifies_ready_after_subnet_env(node: Node) -> No
         (
             '{"Network": "10.7.0.0/16", "Backend": {"Type": "bogus"}}',
             (),
-            "unknown backend type 'bogus': known types are alloc, host-gw, udp, vxlan, wireguard",
+            "unknown backend type 'bogus': known types are alloc, aws-vpc, gce, host-gw, udp,"
+            " vxlan, wireguard",
         ),
         (
             '{"Network": "10.7.0.0/16", "Backend": {"Type": "alloc"}}',

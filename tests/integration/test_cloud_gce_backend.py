@@ -52,6 +52,8 @@ async def test_route_inserted_exactly_as_flannel(gce_double: GceDouble) -> None:
     # The operation was polled through PENDING -> RUNNING -> DONE.
     assert [k for k, _ in gce_double.calls].count("operation") >= 2
     assert net.mtu == 1460
+    # Sent by google-api-python-client (issue 15), not by hand.
+    assert {c.split()[0] for c in gce_double.api_clients} == {"gdcl/2.202.0"}
 
 
 async def test_restart_leaves_exact_route_alone(gce_double: GceDouble) -> None:

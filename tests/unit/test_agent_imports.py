@@ -9,14 +9,15 @@ and must not have pulled in any of these.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from importlib.metadata import requires
 
 FORBIDDEN = (
     "pyroute2",
     "rich",
-    "click",  # with pygments and rich: httpx's CLI, loaded by ``import httpx`` (~5 MB)
-    "pygments",
+    "pygments",  # with click and rich: httpx's CLI (~5 MB; see loden/__init__.py)
     "cryptography",
     "unittest",
     "multiprocessing",
@@ -27,8 +28,13 @@ FORBIDDEN = (
     "loden.kernel.wireguard",
 )
 
+#: httpx imports its optional command line (``httpx._main``: click, rich, pygments) when
+#: click is importable. Loden does not depend on click; only the test tools do (moto's
+#: server brings Flask, Flask brings click). The probe hides click so it sees what an
+#: installed agent loads; ``test_click_is_not_a_runtime_dependency`` keeps that honest.
 PROBE = """
 import json, sys
+sys.modules["click"] = None
 import loden.cli, loden.agent, loden.subnet.etcd_v3, loden.subnet.etcd_v2
 from loden.backend import create_backend  # noqa: F401
 import loden.backend.vxlan, loden.backend.hostgw  # noqa: F401
@@ -65,3 +71,9 @@ def test_plain_http_etcd_loads_no_ca_bundle() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.split() == ["0", "True"]  # https without flags: the default CAs
+
+
+def test_click_is_not_a_runtime_dependency() -> None:
+    runtime = [r for r in requires("loden") or [] if "extra ==" not in r]
+    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in runtime}
+    assert names and "click" not in names

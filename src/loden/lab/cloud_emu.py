@@ -239,6 +239,8 @@ class GceDouble:
     routes: dict[str, dict[str, Any]] = field(default_factory=dict)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
+    #: The ``x-goog-api-client`` headers Compute requests came with (which client sent them).
+    api_clients: set[str] = field(default_factory=set)
     #: "insert"/"delete"/"get"/"list"/"operation"/"*" -> HTTP status to answer with.
     faults: dict[str, int] = field(default_factory=dict)
     ops_never_finish: bool = False
@@ -408,6 +410,8 @@ class GceDouble:
                     raw = self.rfile.read(length) if length else b""
                     body = json.loads(raw) if raw else None
                     with double.lock:
+                        if self.path.startswith("/compute/"):
+                            double.api_clients.add(self.headers.get("x-goog-api-client", ""))
                         status, doc = double.handle(method, self.path, body, self.client_address[0])
                 data = doc.encode() if isinstance(doc, str) else json.dumps(doc).encode()
                 self.send_response(status)
