@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -381,3 +381,33 @@ async def test_listing_reads_in_pages_at_one_revision(
     assert calls >= 3
     assert sorted(kv.name for kv in paged.kvs) == sorted(names)
     assert paged.cursor == listing.cursor
+
+
+async def test_v3_progress_notifications_are_yielded_as_signs_of_life(
+    etcd_server: Callable[..., EtcdServer],
+) -> None:
+    """An idle watch still proves the store alive (the agent's probe then stays quiet):
+    each etcd progress notification is one result without snapshot or events."""
+    server = etcd_server(
+        enable_v2=False, extra_args=["--experimental-watch-progress-notify-interval=500ms"]
+    )
+    opened = await open_store(settings([server.client_url], "v3"))
+    try:
+        await opened.put_config(CONFIG)
+        m = manager(opened)
+        await m.acquire_lease(attrs(1), PreviousSubnets())
+        stream = m.watch_leases()
+        first = await anext(stream)
+        assert first.snapshot is not None
+        async with asyncio.timeout(10):
+            quiet = await anext(stream)
+        assert quiet.snapshot is None and quiet.events == ()
+        # A real change after it is still delivered as an event.
+        peer = await manager(opened, 2).acquire_lease(attrs(2), PreviousSubnets())
+        async with asyncio.timeout(10):
+            while not (result := await anext(stream)).events:
+                assert result.snapshot is None
+        assert [e.lease.key for e in result.events] == [peer.key]
+        await stream.aclose()  # type: ignore[attr-defined]
+    finally:
+        await opened.aclose()

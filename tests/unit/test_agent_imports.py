@@ -17,6 +17,7 @@ from importlib.metadata import requires
 FORBIDDEN = (
     "pyroute2",
     "rich",
+    "pygments",  # with click and rich: httpx's CLI (~5 MB; see loden/__init__.py)
     "cryptography",
     "unittest",
     "multiprocessing",
@@ -48,6 +49,28 @@ def test_flanneld_never_imports_heavy_or_unrelated_modules() -> None:
     loaded = json.loads(out.stdout)
     bad = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     assert bad == []
+
+
+def test_plain_http_etcd_loads_no_ca_bundle() -> None:
+    """http:// endpoints need no TLS: httpx must not load certifi's CA bundle (~1.4 MB)."""
+    probe = (
+        "import ssl\n"
+        "loaded = []\n"
+        "real = ssl.SSLContext.load_verify_locations\n"
+        "def spy(self, *a, **k):\n"
+        "    loaded.append(a or k)\n"
+        "    return real(self, *a, **k)\n"
+        "ssl.SSLContext.load_verify_locations = spy\n"
+        "from loden.subnet.etcd_http import EtcdHTTP\n"
+        "EtcdHTTP(['http://127.0.0.1:2379', 'http://127.0.0.2:2379'])\n"
+        "plain = len(loaded)\n"
+        "EtcdHTTP(['https://127.0.0.1:2379'])\n"
+        "print(plain, len(loaded) > plain)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["0", "True"]  # https without flags: the default CAs
 
 
 def test_click_is_not_a_runtime_dependency() -> None:

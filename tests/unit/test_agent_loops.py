@@ -375,6 +375,28 @@ async def test_store_error_replies_on_probe_are_transient() -> None:
         await stop(agent)
 
 
+async def test_probe_only_when_the_store_was_silent() -> None:
+    """While the watch keeps delivering, the store proved itself: no probe GET. Once
+    it is quiet for ``probe_after`` s, the probe asks, and a store that stops
+    answering still turns /healthz 503 after the grace."""
+    agent = await start(probe_after=1.5)
+    agent.health.store_grace_seconds = 3.0
+    try:
+        await eventually("first probe", lambda: agent.store.calls.get("get_config", 0) > 0)
+        before = agent.store.calls["get_config"]
+        for n in range(10):  # a lease change every 0.1 s: the watch answers
+            await add_peer(agent, n)
+            await asyncio.sleep(0.1)
+        assert agent.store.calls["get_config"] == before
+        await eventually("probe after silence", lambda: agent.store.calls["get_config"] > before)
+        agent.store.fail("get_config", StoreUnavailable("etcd unreachable: test"))
+        await eventually("store 503", lambda: "subnet store" in agent.problems())
+        agent.store.heal("get_config")
+        await eventually("store back", lambda: "subnet store" not in agent.problems())
+    finally:
+        await stop(agent)
+
+
 async def test_blackhole_route_through_netlink_with_retries() -> None:
     nl = FakeNetlink(error=DataplaneError("add", "route 10.5.1.0/24", "Operation not permitted"))
 

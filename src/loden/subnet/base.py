@@ -101,6 +101,8 @@ class SubnetManager(Protocol):
 
     def watch_leases(self) -> AsyncIterator[WatchResult]:
         """Peer leases: a snapshot first, then events (a snapshot again after a relist).
+        A result with neither only says that the store is alive (an etcd progress
+        notification).
 
         Store outages are retried inside (counted in :attr:`watch_restarts`); anything
         that escapes the iterator is fatal for the agent.

@@ -79,8 +79,15 @@ class EtcdHTTP:
         self.timeout = timeout
         self._preferred = 0
         self._client_cert = bool(context is not None and context_has_cert(context))
+        # Plain http endpoints: no CA bundle at all (httpx would load certifi's ~140
+        # certificates for nothing: ~1.4 MB of the agent's RSS).
+        verify: ssl.SSLContext | bool = (
+            context
+            if context is not None
+            else any(e.startswith("https://") for e in self.endpoints)
+        )
         self._client = httpx.AsyncClient(
-            verify=context if context is not None else True,
+            verify=verify,
             trust_env=False,
             timeout=httpx.Timeout(timeout),
             auth=auth,

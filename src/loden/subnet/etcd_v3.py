@@ -274,6 +274,10 @@ class EtcdV3Store:
                 "key": _b64(start),
                 "range_end": _b64(prefix_end(start)),
                 "start_revision": cursor + 1,
+                # Progress notifications prove the store alive while no lease changes, so
+                # the agent's probe stays quiet (only as often as the server's
+                # --experimental-watch-progress-notify-interval, 10 min by default).
+                "progress_notify": True,
             }
         }
         if self._username and "Authorization" not in self.http.headers:
@@ -327,8 +331,9 @@ class EtcdV3Store:
                         lease_id,
                     )
                 )
-        if not events:
+        if not events and (result.get("created") or "header" not in result):
             return None
+        # No events but a header: a progress notification, yielded as a liveness sign.
         return WatchBatch(tuple(events), cursor)
 
     async def aclose(self) -> None:

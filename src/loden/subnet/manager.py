@@ -378,7 +378,7 @@ class EtcdSubnetManager:
                     recovered()
                     cursor = batch.cursor
                     events = self._to_events(batch.events)
-                    if events:
+                    if events or not batch.events:  # none at all: a progress notification
                         yield WatchResult(events=tuple(events))
                 snapshot_needed = True  # level-triggered safety net against missed events
             except WatchCompacted as exc:
