@@ -492,7 +492,8 @@ class AgentLoops:
                     )
                 continue
             warned_bad = ""
-            self.health.store_last_ok = self.health.clock()
+            # Not a sign of life for /healthz: the kube manager answers from the
+            # net-conf.json it read at start, without asking the API server.
             self._ok("config")
             if config == self.config or config.raw == warned_raw:
                 continue

@@ -18,12 +18,14 @@ One process in the underlay namespace (``python -m loden.lab.cloud serve``, star
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +125,35 @@ def cloud_routes(plan: LabPlan) -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     return {str(k): str(v) for k, v in doc.items()}
+
+
+def wait_for_routes(plan: LabPlan, subnets: Iterable[str], *, timeout: float = 60.0) -> None:
+    """Block until the cloud's table, and so the lab router, routes every node subnet.
+
+    An agent writes its cloud route in its first reconcile pass, after it said it is
+    ready; a ``lab check`` in between would report a data-plane fault that is only a
+    route still on its way (seen once in a loaded test run)."""
+    from loden.errors import LodenError
+
+    wanted = {ipaddress.ip_interface(s).network for s in subnets if s}
+    deadline = time.monotonic() + timeout
+    while True:
+        have = set()
+        for cidr in cloud_routes(plan):
+            try:
+                have.add(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                continue
+        missing = sorted(str(n) for n in wanted - have)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise LodenError(
+                f"the emulated {plan.backend} cloud has no route for {', '.join(missing)}"
+                f" after {timeout:.0f}s; `loden lab status --name {plan.name}` shows each"
+                " node's cloud route and agent health"
+            )
+        time.sleep(0.2)
 
 
 # -- the cloud process -----------------------------------------------------------------

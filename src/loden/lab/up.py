@@ -199,6 +199,9 @@ def up(state: LabState, reporter: Reporter, *, agent_timeout: float = 40.0) -> L
             return ready
 
     records = parallel(plan.node_names(), start)
+    if plan.backend in cloud.CLOUD_BACKENDS and plan.with_agent:
+        with reporter.step("cloud routes of every node in the emulated route table"):
+            cloud.wait_for_routes(plan, [r.subnet for r in records])
     start_pods(state, reporter)
     state.set_phase("up")
     return state
