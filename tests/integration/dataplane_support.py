@@ -7,8 +7,9 @@ leases, as the agent would after reading them from the store.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -20,7 +21,7 @@ from loden.kernel.netlink import Netlink
 from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs
 from loden.settings import BackendSettings
-from tests.fixtures.topology import Host, Pod, Topology
+from tests.fixtures.topology import Host, Pod, Topology, TopologyFactory
 
 
 @dataclass
@@ -137,3 +138,28 @@ def full_mesh(cluster: Cluster) -> list[str]:
 
 def lines(text: str) -> set[str]:
     return {" ".join(line.split()) for line in text.splitlines() if line.strip()}
+
+
+ClusterFactory = Callable[..., Awaitable[Cluster]]
+
+
+@contextlib.asynccontextmanager
+async def clusters(make_topology: TopologyFactory, *, hosts: int) -> AsyncIterator[ClusterFactory]:
+    """A factory of :class:`Cluster` (``hosts`` by default), every one closed on exit;
+    ``start=False`` leaves a cluster for the test to start."""
+    made: list[Cluster] = []
+
+    async def factory(
+        kind: str = "vxlan", hosts: int = hosts, *, start: bool = True, **options: object
+    ) -> Cluster:
+        cluster = Cluster(make_topology(hosts), kind, **options)
+        made.append(cluster)
+        if start:
+            await cluster.start()
+        return cluster
+
+    try:
+        yield factory
+    finally:
+        for cluster in made:
+            await cluster.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from ipaddress import IPv4Network
 
 import pytest
@@ -21,30 +21,24 @@ from loden.backend.routes import PeerNetwork
 from loden.backend.vxlan import VxlanNetwork
 from loden.model.lease import EventKind, LeaseEvent
 from tests.fixtures.topology import TopologyFactory
-from tests.integration.dataplane_support import Cluster, Node, full_mesh, vxlan_lease
+from tests.integration.dataplane_support import (
+    ClusterFactory,
+    Node,
+    clusters,
+    full_mesh,
+    vxlan_lease,
+)
 
 pytestmark = pytest.mark.root
 
-ClusterFactory = Callable[..., Awaitable[Cluster]]
 #: Far below the periodic resync (minutes), far above a repair (milliseconds).
 REPAIR_WAIT = 5.0
 
 
 @pytest.fixture
 async def make_cluster(make_topology: TopologyFactory) -> AsyncIterator[ClusterFactory]:
-    made: list[Cluster] = []
-
-    async def factory(kind: str = "vxlan", hosts: int = 2, **options: object) -> Cluster:
-        cluster = Cluster(make_topology(hosts), kind, **options)
-        made.append(cluster)
-        await cluster.start()
-        return cluster
-
-    try:
+    async with clusters(make_topology, hosts=2) as factory:
         yield factory
-    finally:
-        for cluster in made:
-            await cluster.close()
 
 
 class Watch:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -14,28 +14,23 @@ import pytest
 from loden.backend.vxlan import VxlanNetwork, derived_mac, tx_checksum_decision
 from loden.model.lease import EventKind, LeaseEvent
 from tests.fixtures.topology import Host, Topology, TopologyFactory
-from tests.integration.dataplane_support import Cluster, Node, full_mesh, lines, vxlan_lease
+from tests.integration.dataplane_support import (
+    Cluster,
+    ClusterFactory,
+    Node,
+    clusters,
+    full_mesh,
+    lines,
+    vxlan_lease,
+)
 
 pytestmark = pytest.mark.root
-
-ClusterFactory = Callable[..., Awaitable[Cluster]]
 
 
 @pytest.fixture
 async def make_cluster(make_topology: TopologyFactory) -> AsyncIterator[ClusterFactory]:
-    made: list[Cluster] = []
-
-    async def factory(kind: str = "vxlan", hosts: int = 3, **options: object) -> Cluster:
-        cluster = Cluster(make_topology(hosts), kind, **options)
-        made.append(cluster)
-        await cluster.start()
-        return cluster
-
-    try:
+    async with clusters(make_topology, hosts=3) as factory:
         yield factory
-    finally:
-        for cluster in made:
-            await cluster.close()
 
 
 def stored(host: Host) -> dict[str, object]:

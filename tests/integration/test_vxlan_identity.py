@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -18,30 +18,23 @@ from loden.backend import create_backend
 from loden.backend.vxlan import VxlanNetwork, derived_mac, tx_checksum_decision
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from tests.fixtures.topology import Host, TopologyFactory
-from tests.integration.dataplane_support import Cluster, full_mesh, lines, vxlan_lease
+from tests.integration.dataplane_support import (
+    ClusterFactory,
+    clusters,
+    full_mesh,
+    lines,
+    vxlan_lease,
+)
 
 pytestmark = pytest.mark.root
 
-ClusterFactory = Callable[..., Awaitable[Cluster]]
 OTHER_MAC = "6e:11:22:33:44:55"
 
 
 @pytest.fixture
 async def make_cluster(make_topology: TopologyFactory) -> AsyncIterator[ClusterFactory]:
-    made: list[Cluster] = []
-
-    async def factory(hosts: int = 2, *, start: bool = True) -> Cluster:
-        cluster = Cluster(make_topology(hosts), "vxlan")
-        made.append(cluster)
-        if start:
-            await cluster.start()
-        return cluster
-
-    try:
+    async with clusters(make_topology, hosts=2) as factory:
         yield factory
-    finally:
-        for cluster in made:
-            await cluster.close()
 
 
 def stored(host: Host) -> dict[str, object]:
