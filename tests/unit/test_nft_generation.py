@@ -7,7 +7,10 @@ import struct
 
 import pytest
 
+from loden.traffic import Networks
 from loden.traffic.commands import Commands
+from loden.traffic.iptables import IptablesManager
+from loden.traffic.iptables_rules import masq_chain
 from loden.traffic.nft_generation import (
     NEWGEN_TYPE,
     NftGeneration,
@@ -17,7 +20,9 @@ from loden.traffic.nft_generation import (
     parse_reply,
     source_for_prefix,
 )
-from tests.unit.test_traffic_fakes import FakeRunner
+from loden.traffic.nftables import NftablesManager
+from loden.traffic.nftables import forward_chain as nft_forward_chain
+from tests.unit.test_traffic_fakes import CUR, VERSION, FakeRunner, N, S, save_dump
 
 HDR = struct.Struct("=IHHII")
 
@@ -109,3 +114,66 @@ def test_where_the_id_is_read() -> None:
     counter = Counter([])
     assert generation_source(FakeRunner({}), counter) is counter
     assert isinstance(generation_source(Commands(), "auto"), NftGeneration)
+
+
+class Settable:
+    """A generation that the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+    def read(self) -> int:
+        return self.value
+
+
+async def test_iptables_dump_skipped_while_the_generation_stands() -> None:
+    want = masq_chain(N, S, random_fully=True)
+    good = save_dump("nat", [want.jump.line(), *(r.line() for r in want.rules)], [want.chain])
+    save = ("iptables-nft-save", "-t", "nat")
+    fake = FakeRunner({**VERSION, save: good})
+    gen = Settable()
+    mgr = IptablesManager(fake, generation=gen)
+    assert await mgr.ensure_masq_rules(CUR, Networks(), random_fully=True) is False
+    assert fake.argvs().count(save) == 1
+    fake.calls.clear()
+    for _ in range(5):
+        assert await mgr.ensure_masq_rules(CUR, Networks(), random_fully=True) is False
+    assert fake.calls == []
+    # an edit anywhere: dump again, find the chain gone, rewrite it
+    gen.value = 2
+    fake.answers[save] = save_dump("nat", [])
+    assert await mgr.ensure_masq_rules(CUR, Networks(), random_fully=True) is True
+    assert [a[0] for a in fake.argvs()] == ["iptables-nft-save", "iptables-nft-restore"]
+    # our own write is not recorded: the next call dumps even at the same generation
+    fake.calls.clear()
+    fake.answers[save] = good
+    assert await mgr.ensure_masq_rules(CUR, Networks(), random_fully=True) is False
+    assert fake.argvs() == [save]
+
+
+async def test_iptables_legacy_never_reads_the_generation() -> None:
+    class Refuse:
+        def read(self) -> int:
+            raise AssertionError("legacy has no nf_tables generation")
+
+    fake = FakeRunner({("iptables-legacy", "--version"): "iptables v1.8.9 (legacy)\n"})
+    mgr = IptablesManager(fake, backend="legacy", generation=Refuse())
+    await mgr.ensure_forward_rules(CUR)
+    fake.calls.clear()
+    await mgr.ensure_forward_rules(CUR)
+    assert ("iptables-legacy-save", "-t", "filter") in fake.argvs()
+
+
+async def test_nft_listing_skipped_while_the_generation_stands() -> None:
+    chain = nft_forward_chain(N)
+    list_argv = ("nft", "list", "chain", "ip", "flannel-ipv4", "forward")
+    fake = FakeRunner({list_argv: chain.listing()})
+    gen = Settable()
+    mgr = NftablesManager(fake, generation=gen)
+    assert await mgr.ensure_forward_rules(CUR) is False
+    fake.calls.clear()
+    assert await mgr.ensure_forward_rules(CUR) is False
+    assert fake.calls == []
+    gen.value = 7
+    assert await mgr.ensure_forward_rules(CUR) is False
+    assert fake.argvs() == [list_argv]
