@@ -62,6 +62,7 @@ class QuickHTTP:
         self.context = context
         self.timeout = timeout
         self._targets: dict[str, _Target] = {}
+        self._requests: dict[tuple[object, ...], h11.Request] = {}
         self._origin: tuple[str, str, int] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -122,6 +123,25 @@ class QuickHTTP:
             self._targets[url] = target
         return target
 
+    def _request(
+        self, target: _Target, method: str, headers: Sequence[tuple[str, str]], length: int
+    ) -> h11.Request:
+        """The request event, built once: h11 validates every header with a regular
+        expression, ~20 % of a probe's CPU when done each time."""
+        key = (target.authority, target.path, method, tuple(headers), length)
+        request = self._requests.get(key)
+        if request is None:
+            framing = [("Content-Length", str(length))] if length else []
+            request = h11.Request(
+                method=method,
+                target=target.path,
+                headers=[("Host", target.authority), *framing, *headers],
+            )
+            if len(self._requests) > 16:  # a new token or endpoint now and then
+                self._requests.clear()
+            self._requests[key] = request
+        return request
+
     async def _connect(self, origin: tuple[str, str, int]) -> None:
         scheme, host, port = origin
         tls = self.context if scheme == "https" else None
@@ -149,18 +169,10 @@ class QuickHTTP:
             await self._connect(target.origin)
         conn, reader, writer = self._h11, self._reader, self._writer
         assert conn is not None and reader is not None and writer is not None
-        framing = [("Content-Length", str(len(body)))] if body else []
-        events: list[h11.Event] = [
-            h11.Request(
-                method=method,
-                target=target.path,
-                headers=[("Host", target.authority), *framing, *headers],
-            )
-        ]
+        data = conn.send(self._request(target, method, headers, len(body))) or b""
         if body:
-            events.append(h11.Data(data=body))
-        events.append(h11.EndOfMessage())
-        data = b"".join(conn.send(event) or b"" for event in events)
+            data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
         received = False
         try:
             writer.write(data)
