@@ -146,6 +146,19 @@ async def test_a_reused_connection_closed_unanswered_is_retried_once(server: Ser
         await quick.aclose()
 
 
+async def test_a_second_caller_meanwhile_gets_none(server: Server) -> None:
+    quick = QuickHTTP(context=None, timeout=5)
+    try:
+        first, second = await asyncio.gather(
+            quick.send("GET", server.url + "/x"), quick.send("GET", server.url + "/y")
+        )
+        assert first == Answer(200, b'{"ok": true}') and second is None
+        assert await quick.send("GET", server.url + "/y") == first
+        assert quick.connects == 1  # the first request's connection was left intact
+    finally:
+        await quick.aclose()
+
+
 async def test_hang_refused_and_garbage_are_none(server: Server) -> None:
     quick = QuickHTTP(context=None, timeout=0.5)
     try:

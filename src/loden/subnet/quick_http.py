@@ -55,7 +55,7 @@ class QuickHTTP:
 
     ``context`` is used for https URLs (an https URL without one is never sent: the
     caller's full path decides how to verify). ``timeout`` bounds one whole
-    :meth:`send`, connecting included. Not for concurrent use: one request at a time.
+    :meth:`send`, connecting included.
     """
 
     def __init__(self, *, context: ssl.SSLContext | None, timeout: float) -> None:
@@ -67,6 +67,7 @@ class QuickHTTP:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._h11: h11.Connection | None = None
+        self._busy = False
         #: Connections opened so far (tests check that the connection is reused).
         self.connects = 0
 
@@ -78,7 +79,11 @@ class QuickHTTP:
         headers: Sequence[tuple[str, str]] = (),
         body: bytes = b"",
     ) -> Answer | None:
-        """The server's answer, or None when there was none (the connection is closed)."""
+        """The server's answer, or None when there was none (the connection is closed).
+        A call while another is in flight gets None at once (one connection, one request)."""
+        if self._busy:
+            return None
+        self._busy = True
         try:
             target = self._target(url)
             async with asyncio.timeout(self.timeout):
@@ -96,6 +101,8 @@ class QuickHTTP:
         except BaseException:  # cancelled mid-request: the connection's state is unknown
             self.reset()
             raise
+        finally:
+            self._busy = False
 
     def reset(self) -> None:
         """Close the connection (the next :meth:`send` opens a new one)."""
