@@ -193,3 +193,55 @@ async def test_renewal_floor_only_against_a_busy_loop() -> None:
     m = EtcdSubnetManager(store, ttl=3, renew_margin=3600)
     lease = await m.acquire_lease(attrs(1), PreviousSubnets())
     assert 0.5 <= m.renew_delay(lease) <= 1.0
+
+
+class CountingStore(MemoryStore):
+    """Counts full listings (each one costs ~0.15 s of parsing at 5,000 leases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists = 0
+
+    async def list(self, *, with_ttl: bool = False) -> Listing:
+        self.lists += 1
+        return await super().list(with_ttl=with_ttl)
+
+
+async def test_start_lists_the_leases_once_and_misses_nothing() -> None:
+    """The agent's start: list (identity check), acquire, watch. One listing serves all
+    three; what changes in between is replayed by the watch from the listing's cursor."""
+    store = CountingStore()
+    await store.put_config(CONFIG)
+    peers = [
+        await (await manager(store, n)).acquire_lease(attrs(n), PreviousSubnets()) for n in (2, 3)
+    ]
+    store.lists = 0
+    m = await manager(store)
+    listed = await m.list_leases()
+    assert {x.key for x in listed} == {p.key for p in peers} and store.lists == 1
+    late = await (await manager(store, 9)).acquire_lease(attrs(9), PreviousSubnets())
+    store.lists = 1
+    ours = await m.acquire_lease(attrs(1), PreviousSubnets())
+    assert ours.subnet not in {p.subnet for p in peers}
+    stream = m.watch_leases()
+    first = await anext(stream)
+    assert store.lists == 1  # acquire and the watch reused the listing
+    assert first.snapshot is not None
+    assert {x.key for x in first.snapshot} == {p.key for p in peers} | {ours.key}
+    replayed = await asyncio.wait_for(anext(stream), 5)
+    assert (EventKind.ADDED, late.key) in [(e.kind, e.lease.key) for e in replayed.events]
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_an_old_listing_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loden.subnet.manager.RECENT_SECONDS", 0.0)
+    store = CountingStore()
+    await store.put_config(CONFIG)
+    m = await manager(store)
+    await m.list_leases()
+    await asyncio.sleep(0.01)
+    await m.acquire_lease(attrs(1), PreviousSubnets())
+    stream = m.watch_leases()
+    await anext(stream)
+    assert store.lists == 3
+    await stream.aclose()  # type: ignore[attr-defined]

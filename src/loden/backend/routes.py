@@ -255,35 +255,35 @@ class PeerNetwork:
         self._lease = lease
         self._config = config
         self._ext = ext
-        self._entries: dict[str, tuple[Entry, ...]] = {}
-        #: The accepted peer leases as of the last reconcile plus applied events: what
-        #: ``apply`` replays in full when the base (the vxlan device) had to be recreated.
-        self._peers: dict[str, Lease] = {}
+        #: The one per-peer record (issue 14: five per-lease maps were ~1.5 MB at 5,000
+        #: peers): every accepted peer lease by key, with what it needs, computed once
+        #: per distinct lease (an idle resync re-derives nothing). Its entries are what
+        #: was programmed for the peer; ``apply`` diffs a changed lease against them and
+        #: replays every lease when the base (the vxlan device) had to be recreated.
+        self._wanted: dict[str, tuple[Lease, Wanted]] = {}
+        #: Set when an input of :meth:`_entries_for` changed (route lookups): the next
+        #: pass recomputes every peer, while ``_wanted`` still says what is programmed.
+        self._stale = False
+        #: Every wanted entry by :func:`ident`: the desired set of a reconcile's diff and
+        #: the lookup for kernel notifications. None until rebuilt from ``_wanted``.
+        self._by_ident: dict[object, Entry] | None = None
         #: Held while writing to the kernel and updating the bookkeeping above.
         self._lock = asyncio.Lock()
         #: One reconcile at a time (the snapshot one and the periodic one may overlap).
         self._resync_lock = asyncio.Lock()
-        #: While a reconcile reads and diffs: entry keys and peers that ``apply`` wrote.
+        #: While a reconcile reads and diffs: entry keys and peer records ``apply`` wrote.
         self._touched_keys: set[Key] | None = None
-        self._touched_peers: dict[str, Lease | None] = {}
-        #: What each peer lease needs, computed once per distinct lease (subnet + attrs):
-        #: an idle resync re-derives nothing. Cleared when its inputs change (route
-        #: lookups, the device index).
-        self._wanted: dict[str, tuple[Lease, Wanted]] = {}
+        self._touched_peers: dict[str, tuple[Lease, Wanted] | None] = {}
         #: Peers that claim our identity, by lease key (see :class:`Conflict`).
         self._conflicts: dict[str, str] = {}
         #: Values (VTEP MACs) that several other nodes advertise, with the report line.
         self._shared: dict[str, str] = {}
-        self._desired: frozenset[Entry] | None = None
         self._warned: set[str] = set()
         #: Route lookups of peer public IPs, valid while the routes that are not ours
         #: (connected subnets, gateways: what decides how an underlay IP is reached)
         #: stay the same. One lookup costs a netlink round trip; 5,000 cost ~0.2 s.
         self._lookup_cache: dict[IPAddress, RouteLookup | None] = {}
         self._lookup_basis: frozenset[tuple[object, ...]] | None = None
-        #: ``_entries`` by :func:`ident`, built when a kernel notification needs it and
-        #: dropped whenever ``_entries`` changes.
-        self._by_ident: dict[object, Entry] | None = None
         #: Admin state (up) of the links watched by :meth:`watch_kernel`.
         self._links_up: dict[int, bool] = {}
 
@@ -319,14 +319,16 @@ class PeerNetwork:
 
     # -- identity ------------------------------------------------------------------------
 
-    def _check_shared(self, wanted: Iterable[tuple[str, Lease]]) -> None:
+    def _check_shared(
+        self, wanted: Iterable[tuple[str, Lease]], records: Mapping[str, tuple[Lease, Wanted]]
+    ) -> None:
         """Find values several programmed peers with different public IPs advertise (a
         copied state directory, a cloned image): every node's forwarding holds one
         destination per value, so one of those peers is unreachable. Checked when the
         peer set changed; peers that got no entries (ours, skipped) are not counted."""
         by_value: dict[str, list[Lease]] = {}
         for key, lease in wanted:
-            cached = self._wanted.get(key)
+            cached = records.get(key)
             if cached is None or not isinstance(cached[1], tuple):
                 continue
             value = self._identity_of(lease)
@@ -373,12 +375,16 @@ class PeerNetwork:
             self._warned.add(reason)
 
     def _forget_entries(self) -> None:
-        """The kernel lost what hung off the base, or an input of :meth:`_entries_for`
-        changed: recompute every peer's entries."""
-        self._entries.clear()
-        self._by_ident = None
+        """The kernel lost what hung off the base: nothing is programmed any more."""
         self._wanted.clear()
-        self._desired = None
+        self._by_ident = None
+
+    def _programmed(self, key: str) -> tuple[Entry, ...]:
+        record = self._wanted.get(key)
+        return record[1] if record is not None and isinstance(record[1], tuple) else ()
+
+    def _build_index(self) -> dict[object, Entry]:
+        return {ident(e): e for _, r in self._wanted.values() if isinstance(r, tuple) for e in r}
 
     def _watched_links(self) -> set[int]:
         """Links whose loss flushes this backend's entries (the kernel sends no
@@ -418,26 +424,29 @@ class PeerNetwork:
         )
         if basis != self._lookup_basis:
             self._lookup_cache.clear()
-            self._wanted.clear()
-            self._desired = None
+            self._stale = True
             self._lookup_basis = basis
 
     def _compute(
         self,
         leases: Iterable[tuple[str, Lease]],
         lookups: Mapping[IPAddress, RouteLookup | None],
-    ) -> tuple[dict[str, tuple[Entry, ...]], list[str]]:
-        """Entries per accepted peer, and why the others get none (warned once each)."""
-        entries: dict[str, tuple[Entry, ...]] = {}
+        into: dict[str, tuple[Lease, Wanted]],
+    ) -> tuple[list[str], bool]:
+        """Record what each lease needs in ``into`` (records of ``_wanted`` are reused
+        when the lease is the same); returns why some get no entries (warned once each)
+        and whether any record differs from ``_wanted``'s."""
         skipped: list[str] = []
+        changed = False
         for key, lease in leases:
-            cached = self._wanted.get(key)
-            if cached is not None and cached[0] == lease:
-                result = cached[1]
-            else:
-                result = self._entries_for(lease, lookups)
-                self._wanted[key] = (lease, result)
-                self._desired = None
+            record = self._wanted.get(key)
+            if record is None or record[0] != lease or self._stale:
+                fresh = (lease, self._entries_for(lease, lookups))
+                if record is None or record != fresh:
+                    changed = True
+                    record = fresh
+            into[key] = record
+            result = record[1]
             if isinstance(result, Conflict):
                 if self._conflicts.get(key) != result.reason:
                     log.error("%s", result.reason)
@@ -451,9 +460,7 @@ class PeerNetwork:
                         self._warned.clear()
                     log.warning("%s", result)
                     self._warned.add(result)
-            else:
-                entries[key] = result
-        return entries, skipped
+        return skipped, changed
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         """Make the kernel hold exactly what ``peers`` need.
@@ -482,45 +489,40 @@ class PeerNetwork:
             self._check_lookup_basis(kernel)
         lookups = await self._lookups(lease for _, lease in wanted)
         live = {key for key, _ in wanted}
-        if len(self._wanted) > len(live):
-            self._wanted = {k: v for k, v in self._wanted.items() if k in live}
-            self._desired = None
         self._conflicts = {k: v for k, v in self._conflicts.items() if k in live}
-        entries, skipped = self._compute(wanted, lookups)
+        # Computed aside, not into ``_wanted``: an ``apply`` may run while this pass
+        # waits for the lock, and must see what is programmed, not this pass's view.
+        records: dict[str, tuple[Lease, Wanted]] = {}
+        skipped, changed = self._compute(wanted, lookups, records)
+        self._stale = False
         if len(self._lookup_cache) > 2 * len(wanted) + 64:  # keep the cache bounded
             keep = {ip for _, lease in wanted for ip in self._public_ips(lease)}
             self._lookup_cache = {k: v for k, v in self._lookup_cache.items() if k in keep}
-        desired = self._desired
-        if desired is None:  # the peer set changed since the last pass
-            desired = frozenset(e for es in entries.values() for e in es)
-            self._desired = desired
-            self._check_shared(wanted)
-        changes = diff(desired, kernel, self._owns)
+        index = self._by_ident
+        if index is None or changed or len(records) != len(self._wanted):
+            index = {ident(e): e for _, r in records.values() if isinstance(r, tuple) for e in r}
+            self._check_shared(wanted, records)
+        changes = diff(set(index.values()), kernel, self._owns)
         async with self._lock:
             touched = self._touched_keys or set()
             if touched:
                 changes = [c for c in changes if entry_key(c.entry) not in touched]
             result = await self._nl.apply(changes)
-            for key, lease in self._touched_peers.items():
-                if lease is None:
-                    entries.pop(key, None)
-                elif key in self._entries:
-                    entries[key] = self._entries[key]
-            self._entries = entries
-            self._by_ident = None
-            self._peers = dict(wanted)
-            for key, lease in self._touched_peers.items():
-                if lease is None:
-                    self._peers.pop(key, None)
+            for key, record in self._touched_peers.items():
+                if record is None:
+                    records.pop(key, None)
                 else:
-                    self._peers[key] = lease
+                    records[key] = record
+            self._wanted = records
+            self._by_ident = self._build_index() if self._touched_peers else index
+        programmed = sum(1 for _, r in records.values() if isinstance(r, tuple))
         out = report(result, changes, skipped, self._all_conflicts())
         if changes or out.errors:
             log.info(
                 "%s reconcile: %d peers (%d skipped), %d written (%d adopted), %d removed, "
                 "%d errors, %.3fs",
                 self.backend_type,
-                len(entries),
+                programmed,
                 len(skipped),
                 out.added,
                 adopted(changes, kernel),
@@ -548,14 +550,16 @@ class PeerNetwork:
         async with self._lock:
             alive = [(key, lease) for key, lease in latest.items() if lease is not None]
             lookups = await self._lookups([*(lease for _, lease in alive), *fallback.values()])
-            new, skipped = self._compute(alive, lookups)
+            old = {key: self._programmed(key) for key in latest}
+            known = {key for key in latest if key in self._wanted}
+            skipped, _ = self._compute(alive, lookups, self._wanted)
             changes: list[Change] = []
-            for key in latest:
-                old = self._entries.get(key)
-                if old is None and key in fallback:
+            for key, lease in latest.items():
+                before = old[key]
+                if key not in known and key in fallback:
                     guess = self._entries_for(fallback[key], lookups)
-                    old = guess if isinstance(guess, tuple) else ()
-                changes += transition(old or (), new.get(key, ()))
+                    before = guess if isinstance(guess, tuple) else ()
+                changes += transition(before, self._programmed(key) if lease else ())
             changes = ordered(changes)
             result = await self._nl.apply(changes)
             # The base (vxlan device) is only checked when a write failed: a check per
@@ -563,24 +567,18 @@ class PeerNetwork:
             broken = bool(result.failed) and not await self._base_intact()
             if self._touched_keys is not None:
                 self._touched_keys.update(entry_key(c.entry) for c in changes)
-                self._touched_peers.update(latest)
             for key, lease in latest.items():
-                self._unindex(self._entries.get(key, ()))
-                if key in new and not broken:
-                    self._entries[key] = new[key]
-                    self._reindex(new[key])
-                else:
-                    self._entries.pop(key, None)
+                self._unindex(old[key])
                 if lease is None:
-                    self._peers.pop(key, None)
+                    self._wanted.pop(key, None)
                     self._conflicts.pop(key, None)
-                    if self._wanted.pop(key, None) is not None:
-                        self._desired = None
                 else:
-                    self._peers[key] = lease
+                    self._reindex(self._programmed(key))
+                if self._touched_keys is not None:
+                    self._touched_peers[key] = self._wanted.get(key)
             if not broken:
                 return report(result, changes, skipped, self._all_conflicts())
-            peers = dict(self._peers)
+            peers = {key: record[0] for key, record in self._wanted.items()}
         log.warning(
             "%s: writes failed and the device is gone: replaying every peer", self.backend_type
         )
@@ -630,8 +628,8 @@ class PeerNetwork:
         return why
 
     def _unindex(self, entries: Iterable[Entry]) -> None:
-        """Keep the index in step with one peer's ``_entries`` (an apply touches a few
-        peers; rebuilding it for 15,000 entries each time would cost milliseconds)."""
+        """Keep the index in step with one peer's record (an apply touches a few peers;
+        rebuilding it for 15,000 entries each time would cost milliseconds)."""
         if self._by_ident is not None:
             for entry in entries:
                 if self._by_ident.get(ident(entry)) == entry:
@@ -643,7 +641,7 @@ class PeerNetwork:
 
     def _wanted_by_ident(self) -> dict[object, Entry]:
         if self._by_ident is None:
-            self._by_ident = {ident(e): e for es in self._entries.values() for e in es}
+            self._by_ident = self._build_index()
         return self._by_ident
 
     async def _repair(self, changes: Sequence[KernelChange]) -> ReconcileReport | None:

@@ -482,8 +482,7 @@ class VxlanNetwork(PeerNetwork):
                 index,
                 link.index,
             )
-            self._entries.clear()
-            self._by_ident = None
+            self._forget_entries()
         if mac and link.mac != mac:
             await nl.set_link(link.index, mac=mac)
         elif not mac:

@@ -386,6 +386,11 @@ class Netlink:
         sock = await self._call(
             "open", "netlink notification socket", rtnl.RtnlMonitor, rcvbuf, skip_protocol, own
         )
+        if not sock.filtered:
+            log.debug(
+                "the kernel refused the notification socket's filter: echoes of our own "
+                "writes are dropped after reading them (more CPU, same result)"
+            )
         return KernelMonitor(sock)
 
     async def apply(self, changes: Sequence[Change], *, missing_ok: bool = True) -> BatchResult:

@@ -21,6 +21,7 @@ The socket turns on ``NETLINK_CAP_ACK`` (acks do not echo the request),
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -451,15 +452,71 @@ class EntryChange:
 KernelChange = LinkChange | EntryChange
 
 
+_SO_ATTACH_FILTER: Final = 26
+_BPF_LD_W_ABS: Final = 0x20
+_BPF_LD_H_ABS: Final = 0x28
+_BPF_LD_B_ABS: Final = 0x30
+_BPF_JEQ_K: Final = 0x15
+_BPF_RET_K: Final = 0x06
+_BPF_INSN = struct.Struct("=HBBI")
+
+
+def _network_order(value: int, fmt: str) -> int:
+    """``value`` as a classic BPF absolute load sees it: the kernel loads packet bytes
+    big-endian, while netlink headers are in host order."""
+    return int.from_bytes(struct.pack("=" + fmt, value), "big")
+
+
+def echo_filter(skip_portids: Sequence[int], skip_protocol: int | None) -> bytes:
+    """A classic BPF program for a notification socket that drops, inside the kernel,
+    what :class:`RtnlMonitor` would drop anyway: messages whose ``nlmsg_pid`` is one of
+    ``skip_portids``, and RTM_NEWROUTE with ``rtm_protocol == skip_protocol``. Every
+    notification is its own datagram, so the header at offset 0 is the message's.
+
+    Why in the kernel: measured with 15,000 vxlan entries written in one batch, reading
+    and discarding 10,000 echoes in Python cost ~0.15 s of CPU and slowed the batch
+    itself (the writer thread waits for the interpreter lock the reader holds).
+    """
+    accept = [_BPF_INSN.pack(_BPF_RET_K, 0, 0, 0xFFFFFFFF)]
+    drop = [_BPF_INSN.pack(_BPF_RET_K, 0, 0, 0)]
+    tail: list[bytes] = []
+    if skip_protocol is not None:
+        tail = [
+            _BPF_INSN.pack(_BPF_LD_H_ABS, 0, 0, 4),  # nlmsg_type
+            _BPF_INSN.pack(_BPF_JEQ_K, 0, 2, _network_order(RTM_NEWROUTE, "H")),
+            _BPF_INSN.pack(_BPF_LD_B_ABS, 0, 0, 16 + 5),  # rtm_protocol
+            _BPF_INSN.pack(_BPF_JEQ_K, 1, 0, skip_protocol),  # -> drop
+        ]
+    pids = sorted(set(skip_portids))
+    program = [_BPF_INSN.pack(_BPF_LD_W_ABS, 0, 0, 12)]  # nlmsg_pid
+    for i, pid in enumerate(pids):
+        to_drop = len(pids) - 1 - i + len(tail) + 1  # skip the rest, the tail, accept
+        program.append(_BPF_INSN.pack(_BPF_JEQ_K, to_drop, 0, _network_order(pid, "I")))
+    return b"".join(program + tail + accept + drop)
+
+
+def attach_filter(sock: socket.socket, program: bytes) -> None:
+    """``SO_ATTACH_FILTER``: the kernel copies the program, so the buffer may go."""
+    count = len(program) // _BPF_INSN.size
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HL", count, ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
 class RtnlMonitor:
     """A non-blocking socket subscribed to the link, neighbour and route groups.
 
-    Echoes of the agent's own writes are dropped before decoding (a cold start at 5,000
-    vxlan peers echoes 15,000 of them): notifications whose ``nlmsg_pid`` is one of
+    Echoes of the agent's own writes are dropped (a cold start at 5,000 vxlan peers
+    echoes 15,000 of them): notifications whose ``nlmsg_pid`` is one of
     ``skip_portids`` (the sockets that made the change; the kernel fills it in for
     routes and neighbours, not for vxlan FDB entries), and RTM_NEWROUTE of routes with
-    protocol ``skip_protocol``. Deletions by anybody else are always decoded.
+    protocol ``skip_protocol``. A socket filter (:func:`echo_filter`) drops them in the
+    kernel; :meth:`read` checks again, so a kernel that refuses the filter only costs
+    CPU. Deletions by anybody else are always decoded.
     """
+
+    #: Whether the kernel accepted :func:`echo_filter` on this socket.
+    filtered: bool
 
     def __init__(
         self,
@@ -477,6 +534,11 @@ class RtnlMonitor:
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.bind((0, groups))
+            try:
+                attach_filter(sock, echo_filter(sorted(skip_portids), skip_protocol))
+                self.filtered = True
+            except OSError:
+                self.filtered = False
         except BaseException:
             sock.close()
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -89,7 +90,8 @@ class LeaseAttrs:
                 ) from exc
         return cls(
             public_ip=ip4,
-            backend_type=backend_type,
+            # One string for all leases of a type, not one per lease.
+            backend_type=sys.intern(backend_type),
             backend_data=cls.encode_data(data),
             public_ipv6=ip6,
             backend_v6_data=cls.encode_data(v6_data),
@@ -109,10 +111,12 @@ class Lease:
     reserved: bool = False
     #: Store-specific handle (etcd v3 lease id, v2 modifiedIndex); not part of equality.
     store_ref: int = field(default=0, compare=False)
+    #: The store key (``10.5.40.0-24``), made once: every map of the agent is keyed by
+    #: it, and a key made per use was one more string per map per peer (issue 14).
+    key: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        return subnet_key(self.subnet, self.ipv6_subnet)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", subnet_key(self.subnet, self.ipv6_subnet))
 
     def ttl_remaining(self, now: float | None = None) -> float | None:
         if self.expiration is None:

@@ -49,6 +49,8 @@ MAX_CLAIM_ATTEMPTS = 200
 #: The shortest pause between renewals, whatever the margin: a margin as long as the
 #: TTL (possible with the hidden ``--subnet-lease-ttl``) must not renew in a busy loop.
 RENEW_FLOOR_SECONDS = 1.0
+#: How long a listing made at start is reused by acquiring and the first watch.
+RECENT_SECONDS = 10.0
 
 
 def parse_lease_name(name: str) -> tuple[IPv4Network, IPv6Network | None]:
@@ -106,6 +108,14 @@ class EtcdSubnetManager:
         self.claim_conflicts = 0
         self._watch_restarts = 0
         self._warned: set[str] = set()
+        #: The last full listing (monotonic time, cursor, leases) while it is young: the
+        #: agent's start lists the leases for its identity check, then acquires, then
+        #: watches; each listed and parsed all of them (~0.15 s and ~1 MB of garbage
+        #: apiece at 5,000 leases). Now the start lists once: acquiring plans from this
+        #: listing (its create/update is a compare-and-swap, so a listing a moment old
+        #: is safe) and the watch takes it as its snapshot and resumes at its cursor,
+        #: so every change made since is replayed.
+        self._recent: tuple[float, int, tuple[Lease, ...]] | None = None
 
     @property
     def name(self) -> str:
@@ -181,7 +191,27 @@ class EtcdSubnetManager:
 
     async def list_leases(self, *, with_ttl: bool = False) -> list[Lease]:
         listing = await self.store.list(with_ttl=with_ttl)
-        return self._parse_listing(listing.kvs)
+        leases = self._parse_listing(listing.kvs)
+        if not with_ttl:
+            self._recent = (time.monotonic(), listing.cursor, tuple(leases))
+        return leases
+
+    def _take_recent(self, *, keep: bool) -> tuple[int, tuple[Lease, ...]] | None:
+        """The recent listing (cursor, leases) if younger than :data:`RECENT_SECONDS`;
+        forgotten unless ``keep``."""
+        recent, self._recent = self._recent, (self._recent if keep else None)
+        if recent is None or time.monotonic() - recent[0] > RECENT_SECONDS:
+            self._recent = None
+            return None
+        return recent[1], recent[2]
+
+    def _remember_own(self, lease: Lease) -> None:
+        """Put our new or renewed lease into the recent listing, so the watch's first
+        snapshot holds it (a snapshot without it reads as "our lease vanished")."""
+        if self._recent is not None:
+            at, cursor, leases = self._recent
+            others = tuple(old for old in leases if not old.same_subnets(lease))
+            self._recent = (at, cursor, (*others, lease))
 
     def _value(self, attrs: LeaseAttrs) -> bytes:
         return attrs.to_json(legacy=self.store.legacy_values).encode()
@@ -194,8 +224,13 @@ class EtcdSubnetManager:
         lost: set[IPv4Network | IPv6Network] = set()
         for attempt in range(1, MAX_CLAIM_ATTEMPTS + 1):
             config = await self.get_network_config()
-            listing = await self.store.list()
-            leases = self._parse_listing(listing.kvs)
+            recent = self._take_recent(keep=True) if attempt == 1 else None
+            if recent is not None:
+                leases = list(recent[1])
+            else:
+                listing = await self.store.list()
+                leases = self._parse_listing(listing.kvs)
+                del listing
             plan = allocator.plan(
                 config,
                 leases,
@@ -242,6 +277,7 @@ class EtcdSubnetManager:
                         attrs.public_ip,
                         " (a reservation)" if old.reserved else "",
                     )
+                    self._remember_own(lease)
                     return lease
                 choice = plan.choice
                 lease = Lease(choice.subnet, attrs, choice.ipv6_subnet)
@@ -252,14 +288,17 @@ class EtcdSubnetManager:
                     attrs.public_ip if int(attrs.public_ip) else attrs.public_ipv6,
                     choice.reason,
                 )
-                return Lease(
+                lease = Lease(
                     lease.subnet,
                     attrs,
                     lease.ipv6_subnet,
                     expiration=time.time() + self.ttl,
                     store_ref=kv.ref,
                 )
+                self._remember_own(lease)
+                return lease
             except LeaseConflict as exc:
+                self._recent = None  # somebody else wrote meanwhile: list afresh
                 self.claim_conflicts += 1
                 if isinstance(plan.choice, allocator.Fresh):
                     lost.add(plan.choice.subnet)
@@ -366,12 +405,17 @@ class EtcdSubnetManager:
         while True:
             try:
                 if snapshot_needed:
-                    listing = await self.store.list()
-                    cursor = listing.cursor
-                    snapshot = tuple(self._parse_listing(listing.kvs))
-                    # Not kept in this frame while the watch runs (hours): 5,000 raw
-                    # values and their names were ~1.5 MB of the agent's RSS.
-                    del listing
+                    recent = self._take_recent(keep=False)
+                    if recent is not None:
+                        cursor, snapshot = recent
+                    else:
+                        listing = await self.store.list()
+                        cursor = listing.cursor
+                        snapshot = tuple(self._parse_listing(listing.kvs))
+                        # Not kept in this frame while the watch runs (hours): 5,000 raw
+                        # values and their names were ~1.5 MB of the agent's RSS.
+                        del listing
+                    del recent
                     snapshot_needed = False
                     recovered()
                     yield WatchResult(snapshot=snapshot)
