@@ -10,7 +10,7 @@ class, so failover and TLS behave identically for both. Design points:
   which would otherwise replace the CA. A TLS failure is never retried in plaintext.
 * httpx exceptions are mapped to :mod:`loden.errors` here and nowhere else.
 * :meth:`EtcdHTTP.quick` is the /healthz probe's fast path: the same request on one
-  kept-open h11 connection (:mod:`loden.subnet.quick_http`, ~15x less CPU than httpx),
+  kept-open h11 connection (:mod:`loden.subnet.quick_http`, ~4x less CPU than httpx),
   to the preferred endpoint only; on any failure the caller uses :meth:`request`.
 """
 
