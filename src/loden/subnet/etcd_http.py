@@ -31,6 +31,8 @@ from loden.errors import ConfigError, StoreAuthError, StoreUnavailable
 from loden.subnet.quick_http import Answer, QuickHTTP
 
 log = logging.getLogger(__name__)
+#: Deadline of the probe's fast path (see ``_quick``).
+QUICK_TIMEOUT_SECONDS = 1.0
 
 
 def tls_context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -101,7 +103,10 @@ class EtcdHTTP:
         self.headers: dict[str, str] = {}
         # The fast path sends the same credentials as httpx: the TLS context (an https
         # endpoint without one has no fast path) and the basic auth of the v2 API.
-        self._quick = QuickHTTP(context=context, timeout=timeout)
+        # A shorter deadline than the full path's: a member that holds the connection
+        # but does not answer goes to the failover path (and its precise error) within
+        # about a second, so "not answering" is reported as early as before.
+        self._quick = QuickHTTP(context=context, timeout=min(timeout, QUICK_TIMEOUT_SECONDS))
         self._quick_auth: list[tuple[str, str]] = []
         if auth is not None:
             pair = b":".join(part.encode() for part in auth)
