@@ -140,6 +140,9 @@ def diff(
     have_set = set(kernel)
     missing = want_set - have_set
     extra = have_set - want_set
+    del have_set
+    if not extra:  # a cold start or a clean node: no per-key work (nor its ~1 MB of keys)
+        return ordered(Change(want) for want in missing)
     have: dict[Key, list[Entry]] = {}
     for entry in extra:
         have.setdefault(entry_key(entry), []).append(entry)
@@ -148,7 +151,6 @@ def diff(
     matched: set[int] = set()
     for want in missing:
         key = entry_key(want)
-        missing_keys.add(key)
         found = False
         for entry in have.get(key, ()):
             if in_sync(want, entry):
@@ -156,6 +158,8 @@ def diff(
                 found = True
         if not found:
             changes.append(Change(want))
+            if key in have:  # only keys an extra entry may share are worth keeping
+                missing_keys.add(key)
     wanted_keys: set[Key] | None = None
     for key, entries in have.items():
         for entry in entries:

@@ -403,14 +403,14 @@ class Netlink:
         if not changes:
             return BatchResult(0)
 
-        def run() -> list[rtnl.Outcome]:
-            return self._wsock.transact([rtnl.encode(c.entry, delete=c.delete) for c in changes])
+        def run() -> list[tuple[int, rtnl.NetlinkFailure]]:
+            return self._wsock.write(rtnl.encode(c.entry, delete=c.delete) for c in changes)
 
-        outcomes = await self._call("program", f"{len(changes)} entries", run, lane=True)
+        failures = await self._call("program", f"{len(changes)} entries", run, lane=True)
         failed: list[tuple[Change, DataplaneError]] = []
-        for change, outcome in zip(changes, outcomes, strict=True):
-            err = outcome.error
-            if err is None or (change.delete and missing_ok and err.errno in _GONE):
+        for position, err in failures:
+            change = changes[position]
+            if change.delete and missing_ok and err.errno in _GONE:
                 continue
             op, _, obj = change.describe().partition(" ")
             failed.append((change, _error(op, obj, err)))

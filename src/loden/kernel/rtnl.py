@@ -26,7 +26,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -36,6 +36,7 @@ from ipaddress import (
     IPv6Interface,
     IPv6Network,
 )
+from itertools import islice
 from typing import Final
 
 from loden.kernel.types import (
@@ -350,6 +351,44 @@ class RtnlSocket:
             acked = [bool(f & NLM_F_ACK) for _, f, _ in chunk]
             outcomes.extend(self._collect(first, acked))
         return outcomes
+
+    def write(self, requests: Iterable[tuple[int, int, bytes]]) -> list[tuple[int, NetlinkFailure]]:
+        """Send acked change requests (type, flags with ``NLM_F_ACK``, body) in chunks,
+        encoding them as they are consumed; returns only the failures, by position.
+
+        Why not :meth:`transact`: a cold start at 5,000 vxlan peers writes 15,000
+        entries, and holding every encoded request and every outcome at once was ~4 MB
+        of short-lived objects, which the agent then kept as fragmented RSS (issue 14).
+
+        :raises OSError: the socket failed (e.g. ENOBUFS: acks were lost).
+        """
+        failures: list[tuple[int, NetlinkFailure]] = []
+        source = iter(requests)
+        done = 0
+        while True:
+            first = (self._seq + 1) & 0xFFFFFFFF or 1
+            datagram = b"".join(self._header(k, f, b) for k, f, b in islice(source, CHUNK))
+            if not datagram:
+                return failures
+            count = (self._seq - first + 1) & 0xFFFFFFFF
+            self._sock.send(datagram)
+            del datagram
+            acked = 0
+            while acked < count:
+                data = self._sock.recv(1 << 20)
+                offset = 0
+                while offset + 16 <= len(data):
+                    length, kind, flags, seq, _pid = _HDR.unpack_from(data, offset)
+                    if length < 16:
+                        break
+                    index = (seq - first) & 0xFFFFFFFF
+                    if index < count and kind == NLMSG_ERROR:
+                        acked += 1
+                        err = _error(data[offset : offset + length], flags)
+                        if err is not None:
+                            failures.append((done + index, err))
+                    offset += (length + 3) & ~3
+            done += count
 
     def _collect(self, first: int, acked: list[bool]) -> list[Outcome]:
         count = len(acked)

@@ -9,10 +9,14 @@ class, so failover and TLS behave identically for both. Design points:
   ``trust_env=False``: these machines export ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``,
   which would otherwise replace the CA. A TLS failure is never retried in plaintext.
 * httpx exceptions are mapped to :mod:`loden.errors` here and nowhere else.
+* :meth:`EtcdHTTP.quick` is the /healthz probe's fast path: the same request on one
+  kept-open h11 connection (:mod:`loden.subnet.quick_http`, ~4x less CPU than httpx),
+  to the preferred endpoint only; on any failure the caller uses :meth:`request`.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -24,8 +28,11 @@ from typing import Any
 import httpx
 
 from loden.errors import ConfigError, StoreAuthError, StoreUnavailable
+from loden.subnet.quick_http import Answer, QuickHTTP
 
 log = logging.getLogger(__name__)
+#: Deadline of the probe's fast path (see ``_quick``).
+QUICK_TIMEOUT_SECONDS = 1.0
 
 
 def tls_context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -94,6 +101,16 @@ class EtcdHTTP:
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
         self.headers: dict[str, str] = {}
+        # The fast path sends the same credentials as httpx: the TLS context (an https
+        # endpoint without one has no fast path) and the basic auth of the v2 API.
+        # A shorter deadline than the full path's: a member that holds the connection
+        # but does not answer goes to the failover path (and its precise error) within
+        # about a second, so "not answering" is reported as early as before.
+        self._quick = QuickHTTP(context=context, timeout=min(timeout, QUICK_TIMEOUT_SECONDS))
+        self._quick_auth: list[tuple[str, str]] = []
+        if auth is not None:
+            pair = b":".join(part.encode() for part in auth)
+            self._quick_auth = [("Authorization", "Basic " + base64.b64encode(pair).decode())]
 
     def _order(self) -> list[int]:
         n = len(self.endpoints)
@@ -179,6 +196,36 @@ class EtcdHTTP:
         assert response is not None
         return response
 
+    async def quick(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: bytes = b"",
+        accept: Callable[[Answer], bool],
+    ) -> bool:
+        """Send one small request to :attr:`current` on the kept-open probe connection;
+        True when ``accept`` takes the answer. False on anything else (no answer, a TLS
+        or protocol failure, an answer ``accept`` refuses or raises on): the connection
+        is closed and the caller asks :meth:`request`, which fails over, and whose
+        errors say precisely what is wrong. ``path`` includes any query string, encoded.
+        """
+        headers = [*self._quick_auth, *self.headers.items()]
+        if json_body:
+            headers.append(("Content-Type", "application/json"))
+        answer = await self._quick.send(
+            method, self.current + path, headers=headers, body=json_body
+        )
+        if answer is None:
+            return False
+        try:
+            if accept(answer):
+                return True
+        except Exception as exc:  # a malformed answer: the full path names it
+            log.debug("quick %s %s: answer refused: %s", method, path, exc)
+        self._quick.reset()
+        return False
+
     async def long_poll(
         self, path: str, *, params: dict[str, str], poll_seconds: float
     ) -> httpx.Response | None:
@@ -255,6 +302,7 @@ class EtcdHTTP:
             raise StoreAuthError(f"TLS with etcd at {url} failed: {exc}") from exc
 
     async def aclose(self) -> None:
+        await self._quick.aclose()
         await self._client.aclose()
 
 

@@ -10,6 +10,7 @@ are written in the v2-era form without ``PublicIPv6``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +19,7 @@ import httpx
 
 from loden.errors import LeaseConflict, StoreAuthError, StoreError, WatchCompacted
 from loden.subnet.etcd_http import MALFORMED, EtcdHTTP, reading_reply
+from loden.subnet.quick_http import Answer
 from loden.subnet.store import Listing, StoredKV, StoreEvent, StoreEventKind, WatchBatch
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class EtcdV2Store:
         self.http = http
         self.prefix = prefix.rstrip("/")
         self.subnets = f"{self.prefix}/subnets"
+        self._config_target: str | None = None
 
     def _path(self, key: str) -> str:
         return "/v2/keys" + key
@@ -86,12 +89,33 @@ class EtcdV2Store:
         )
         if response.status_code == 200:
             with reading_reply("get config"):
-                return str(response.json()["node"].get("value", "")).encode()
+                return self._config_value(response.json())
         code, _ = self._error(response)
         if code == KEY_NOT_FOUND or response.status_code == 404:
             return None
         self._raise("get config", response)
         return None
+
+    async def quick_probe(self) -> bool:
+        """The read :meth:`get_config` makes, on the probe connection. A 404 is an
+        answer, as there (the key is absent)."""
+        if self._config_target is None:
+            url = httpx.URL(self._path(f"{self.prefix}/config"), params={"quorum": "true"})
+            self._config_target = url.raw_path.decode("ascii")
+
+        def accept(answer: Answer) -> bool:
+            if answer.status == 404:
+                return True
+            if answer.status != 200:
+                return False
+            self._config_value(json.loads(answer.body))  # malformed: not an answer
+            return True
+
+        return await self.http.quick("GET", self._config_target, accept=accept)
+
+    @staticmethod
+    def _config_value(reply: Any) -> bytes:
+        return str(reply["node"].get("value", "")).encode()
 
     async def put_config(self, value: bytes) -> None:
         response = await self.http.request(

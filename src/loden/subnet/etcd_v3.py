@@ -29,6 +29,7 @@ from loden.errors import (
     WatchCompacted,
 )
 from loden.subnet.etcd_http import EtcdHTTP, reading_reply
+from loden.subnet.quick_http import Answer
 from loden.subnet.store import Listing, StoredKV, StoreEvent, StoreEventKind, WatchBatch
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class EtcdV3Store:
         self._username = username
         self._password = password
         self._ttl_cache: dict[int, float] = {}
+        self._range_body: bytes | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -148,10 +150,36 @@ class EtcdV3Store:
     # -- LeaseStore ---------------------------------------------------------------------------
 
     async def get_config(self) -> bytes | None:
-        reply = await self._post("kv/range", {"key": _b64(f"{self.prefix}/config")})
+        reply = await self._post("kv/range", self._config_range())
         with reading_reply("kv/range"):
-            kvs = reply.get("kvs") or []
-            return _unb64(kvs[0].get("value")) if kvs else None
+            return self._config_value(reply)
+
+    async def quick_probe(self) -> bool:
+        """The read :meth:`get_config` makes, on the probe connection (no token yet:
+        only the full path can authenticate)."""
+        if self._username and "Authorization" not in self.http.headers:
+            return False
+        if self._range_body is None:
+            self._range_body = json.dumps(self._config_range()).encode()
+
+        def accept(answer: Answer) -> bool:
+            if answer.status != 200:
+                return False
+            # Parsed as get_config parses it: a 200 etcd would not send is no answer.
+            self._config_value(json.loads(answer.body))
+            return True
+
+        return await self.http.quick(
+            "POST", "/v3/kv/range", json_body=self._range_body, accept=accept
+        )
+
+    def _config_range(self) -> dict[str, Any]:
+        return {"key": _b64(f"{self.prefix}/config")}
+
+    @staticmethod
+    def _config_value(reply: Any) -> bytes | None:
+        kvs = reply.get("kvs") or []
+        return _unb64(kvs[0].get("value")) if kvs else None
 
     async def put_config(self, value: bytes) -> None:
         await self._post("kv/put", {"key": _b64(f"{self.prefix}/config"), "value": _b64(value)})

@@ -87,6 +87,9 @@ class MemoryStore:
         self.requests += 1
         return self._config
 
+    async def quick_probe(self) -> bool:
+        return False  # get_config is the cheap path here (and where faults are injected)
+
     async def put_config(self, value: bytes) -> None:
         self.requests += 1
         self._config = value

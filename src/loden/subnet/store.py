@@ -71,6 +71,16 @@ class LeaseStore(Protocol):
         """The raw ``<prefix>/config`` value, or None when absent."""
         ...
 
+    async def quick_probe(self) -> bool:
+        """Did the store answer a real read of the config just now, on a cheap path?
+
+        False means "no proof" (no answer, or no cheap path at all), never an error:
+        the caller then asks :meth:`get_config`, whose failure says what is wrong. For
+        the agent's /healthz probe, whose every-3-s read through httpx was ~40 % of an
+        idle agent's CPU.
+        """
+        ...
+
     async def put_config(self, value: bytes) -> None: ...
 
     async def list(self, *, with_ttl: bool = False) -> Listing:
