@@ -23,6 +23,7 @@ from loden.errors import TrafficRulesError
 from loden.traffic.base import Networks, TrafficManager
 from loden.traffic.commands import DEFAULT_TIMEOUT, Commands, Runner
 from loden.traffic.iptables import BackendChoice, IptablesManager
+from loden.traffic.nft_generation import GenerationChoice
 from loden.traffic.nftables import NftablesManager
 
 __all__ = [
@@ -63,18 +64,21 @@ def open_traffic_manager(
     runner: Runner | None = None,
     iptables_backend: BackendChoice = "auto",
     timeout: float = DEFAULT_TIMEOUT,
+    generation: GenerationChoice = "auto",
 ) -> ManagedTraffic:
     """The manager for ``EnableNFTables`` = ``nftables``.
 
     ``prefix`` is put before every command (tests: ``("ip", "netns", "exec", NS)``);
     ``runner`` replaces command execution entirely (unit tests). ``iptables_backend``
     forces ``nf_tables`` or ``legacy`` instead of what ``iptables --version`` reports.
+    ``generation`` is where the nf_tables generation id is read to skip dumping an
+    unchanged ruleset ("auto": the namespace the commands run in; None: always dump).
     Nothing runs until the first call.
     """
     run: Runner = runner if runner is not None else Commands(tuple(prefix), timeout)
     if nftables:
-        return NftablesManager(run)
-    return IptablesManager(run, backend=iptables_backend)
+        return NftablesManager(run, generation=generation)
+    return IptablesManager(run, backend=iptables_backend, generation=generation)
 
 
 def check_br_netfilter(*, ipv6: bool, proc: Path = Path("/proc/sys/net/bridge")) -> None:

@@ -41,6 +41,7 @@ from loden.traffic.iptables_save import (
     restore_payload,
     stale_rules,
 )
+from loden.traffic.nft_generation import GenerationChoice, VerifiedAt, generation_source
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +243,28 @@ async def delete_nft_tables(runner: Runner) -> bool:
 class IptablesManager:
     """:class:`~loden.traffic.base.TrafficManager` for iptables mode (the default).
 
-    Stateless towards the kernel: every ``ensure_*`` call reads the tables again, so a
-    restart, an ``iptables -F`` by an admin or a firewall reload are all repaired by the
-    next call. Calls are serialised by a lock.
+    Every ``ensure_*`` call checks the kernel again, so a restart, an ``iptables -F`` by
+    an admin or a firewall reload are all repaired by the next call. With the nf_tables
+    backend the check is cheap while nothing changes: a chain verified at nf_tables
+    generation G is not dumped again while the generation is still G (any committed
+    edit, by anyone, bumps it; see :mod:`loden.traffic.nft_generation`). The legacy
+    backend has no generation: it is dumped every time. Calls are serialised by a lock.
+
+    ``generation`` is where that id is read: ``"auto"`` derives it from a
+    :class:`~loden.traffic.commands.Commands` runner's namespace (none for other
+    runners), ``None`` turns the shortcut off.
     """
 
-    def __init__(self, runner: Runner | None = None, *, backend: BackendChoice = "auto") -> None:
+    def __init__(
+        self,
+        runner: Runner | None = None,
+        *,
+        backend: BackendChoice = "auto",
+        generation: GenerationChoice = "auto",
+    ) -> None:
         self._runner: Runner = runner if runner is not None else Commands()
         self._choice: BackendChoice = backend
+        self._verified = VerifiedAt(generation_source(self._runner, generation))
         self._tools: dict[Family, Xtables] = {}
         #: (family, chain) already reconciled once: later repairs are resync repairs.
         self._installed: set[tuple[Family, str]] = set()
@@ -269,6 +284,7 @@ class IptablesManager:
             )
             await warn_if_other_backend_in_use(self._runner, xt)
             self._tools[family] = xt
+            self._announce(f"check-{xt.backend}", self._check_description(xt))
         return xt
 
     async def check(self, *, ipv6: bool) -> None:
@@ -363,6 +379,7 @@ class IptablesManager:
                     xt = await detect_xtables(self._runner, family, self._choice)
                 removed |= await remove_chains(self._runner, xt)
             self._installed.clear()
+            self._verified.forget()
         return removed
 
     def _announce(self, key: str, message: str) -> None:
@@ -370,16 +387,34 @@ class IptablesManager:
             self._announced.add(key)
             log.info("%s", message)
 
+    def _check_description(self, xt: Xtables) -> str:
+        if xt.backend == "legacy":
+            return "rules check: iptables-legacy, dump every --iptables-resync pass"
+        if self._verified.source is None:
+            return "rules check: no nf_tables generation source for this runner, dump every pass"
+        return "rules check: nf_tables generation id (dump only after a change)"
+
     async def _reconcile(self, xt: Xtables, want: ChainSpec, stale: Sequence[Rule]) -> bool:
-        """One dump, one diff, and at most one iptables-restore for one chain."""
+        """At most one dump, one diff, and at most one iptables-restore for one chain.
+
+        The generation is read *before* the dump: an edit racing with the dump bumps it
+        past the recorded value, so the next call dumps again.
+        """
         key = (xt.family, want.chain)
         first = key not in self._installed
         self._installed.add(key)
+        checked = (want, tuple(stale))
+        gen = self._verified.generation() if xt.backend == "nf_tables" else None
+        if self._verified.unchanged(key, checked, gen):
+            return False
         dump = await self._runner.run([xt.save, "-t", want.table])
         table = parse_save(dump.text).get(want.table, SavedTable(want.table))
         drift = diff_chain(table, want, stale)
         if drift.ok:
+            self._verified.verified(key, checked, gen)
             return False
+        # Not recorded after our own write: the next call dumps and records what it sees.
+        self._verified.forget(key)
         where = f"{xt.cmd} table {want.table} chain {want.chain}"
         if drift.stale or drift.stale_in_chain:
             log.info("Recycling rules built from the previous network/subnet (%s)", where)
