@@ -123,6 +123,9 @@ class AgentLoops:
     open_netlink: Callable[[], Awaitable[Netlink]] = Netlink.open
     #: Consecutive failures per loop; a loop is absent while it works.
     _failures: dict[str, int] = field(default_factory=dict)
+    #: When the last full pass (any reason) started: the periodic one waits a whole
+    #: period after it, so a relist's pass is not followed by another one at once.
+    _last_full_pass: float = 0.0
 
     async def run(self) -> int:
         """Run every loop until cancelled (returns nothing then) or one meets a fatal
@@ -311,6 +314,7 @@ class AgentLoops:
 
     async def _reconcile(self, why: str) -> None:
         async with self._reconcile_lock:
+            self._last_full_pass = time.monotonic()
             began = time.perf_counter()
             try:
                 # The live mapping, read by the backend when its pass starts: a copy made
@@ -349,7 +353,10 @@ class AgentLoops:
     async def _reconcile_loop(self) -> None:
         await self._synced.wait()
         while True:
-            await asyncio.sleep(self.settings.resync_seconds)
+            wait = self._last_full_pass + self.settings.resync_seconds - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
             await self._reconcile("resync")
             self._ok("reconcile")
 

@@ -245,3 +245,28 @@ async def test_an_old_listing_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> 
     await anext(stream)
     assert store.lists == 3
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_watch_is_reissued_from_its_cursor_and_relists_only_when_due() -> None:
+    """A watch request is re-issued every ``relist_seconds`` (an idle stream may be cut
+    on the way without notice); a full listing only every ``full_relist_seconds``."""
+    store = CountingStore()
+    await store.put_config(CONFIG)
+    m = EtcdSubnetManager(store, relist_seconds=0.05, full_relist_seconds=3600)
+    stream = m.watch_leases()
+    first = await anext(stream)
+    assert first.snapshot == () and store.lists == 1
+    await asyncio.sleep(0.3)  # several re-issues, nothing changed meanwhile
+    peer = await (await manager(store, 2)).acquire_lease(attrs(2), PreviousSubnets())
+    result = await asyncio.wait_for(anext(stream), 5)
+    assert result.snapshot is None
+    assert [(e.kind, e.lease.key) for e in result.events] == [(EventKind.ADDED, peer.key)]
+    assert store.lists == 2  # only the peer's own acquire listed, the watch did not
+    await stream.aclose()  # type: ignore[attr-defined]
+
+    due = EtcdSubnetManager(store, relist_seconds=0.05, full_relist_seconds=0.0)
+    stream = due.watch_leases()
+    await anext(stream)
+    again = await asyncio.wait_for(anext(stream), 5)
+    assert again.snapshot is not None and {x.key for x in again.snapshot} == {peer.key}
+    await stream.aclose()  # type: ignore[attr-defined]
