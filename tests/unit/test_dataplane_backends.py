@@ -122,3 +122,31 @@ async def test_alloc_backend() -> None:
     assert (report.added, report.removed, report.errors) == (0, 0, ())
     assert await network.reconcile({peer.key: peer}) == report
     await network.aclose()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}',
+        '{"VNI":4096,"VtepMAC":"fe:ed:fa:ce:00:ff"}',
+        '{"VtepMAC":"02:00:00:00:00:0a"}',
+        '{"VNI":1,"VtepMAC":"02:00:00:00:00:0A"}',
+        '{"VNI":1,"vtepmac":"02:00:00:00:00:01"}',
+        '{"VNI":1,"VtepMAC":"02:00:00:00:00:01","VtepMAC":"02:00:00:00:00:02"}',
+        '{"VNI":1,"VtepMAC":"02-00-00-00-00-03"}',
+        '{"VNI":1,"VtepMAC":"\\u00302:00:00:00:00:01"}',
+        '{"VNI":1,"VtepMAC":"not a mac"}',
+        '{"VNI":1}',
+    ],
+)
+def test_vtep_mac_fast_path_reads_what_the_go_parser_reads(data: str) -> None:
+    """The canonical BackendData is read with a regex (entries are derived in every full
+    pass); it must agree with the Go-compatible parser on every input."""
+    from loden.backend import vxlan
+    from loden.model.gojson import GoJSONError, GoObject, as_str
+
+    try:
+        slow = vxlan.normalise_mac(GoObject.parse(data).get("VtepMAC", as_str, ""))
+    except GoJSONError:
+        slow = None
+    assert vxlan._mac_of(data) == slow

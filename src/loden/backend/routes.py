@@ -259,25 +259,26 @@ class PeerNetwork:
         self._lease = lease
         self._config = config
         self._ext = ext
-        #: The one per-peer record (issue 14: five per-lease maps were ~1.5 MB at 5,000
-        #: peers): every accepted peer lease by key, with what it needs, computed once
-        #: per distinct lease (an idle resync re-derives nothing). Its entries are what
-        #: was programmed for the peer; ``apply`` diffs a changed lease against them and
-        #: replays every lease when the base (the vxlan device) had to be recreated.
-        self._wanted: dict[str, tuple[Lease, Wanted]] = {}
-        #: Set when an input of :meth:`_entries_for` changed (route lookups): the next
-        #: pass recomputes every peer, while ``_wanted`` still says what is programmed.
-        self._stale = False
-        #: Every wanted entry by :func:`ident`: the desired set of a reconcile's diff and
-        #: the lookup for kernel notifications. None until rebuilt from ``_wanted``.
-        self._by_ident: dict[object, Entry] | None = None
+        #: The peers whose entries are programmed, by lease key: the lease only. Their
+        #: entries are derived again when needed (~3 µs a peer): kept per peer, with
+        #: their per-peer tuples and records, they were ~2 MB of the agent's memory at
+        #: 5,000 peers (issue 14). ``apply`` diffs a changed lease against the entries
+        #: of the lease here; the whole set is replayed when the base (the vxlan
+        #: device) had to be recreated.
+        self._wanted: dict[str, Lease] = {}
+        #: Accepted peers that get no entries: the lease and why (or the Conflict).
+        self._unwanted: dict[str, tuple[Lease, str | Conflict]] = {}
+        #: The lease key of every programmed entry by :func:`ident` (keys and idents are
+        #: the leases' own objects): the lookup of kernel notifications. None until
+        #: rebuilt from ``_wanted``.
+        self._by_ident: dict[object, str] | None = None
         #: Held while writing to the kernel and updating the bookkeeping above.
         self._lock = asyncio.Lock()
         #: One reconcile at a time (the snapshot one and the periodic one may overlap).
         self._resync_lock = asyncio.Lock()
-        #: While a reconcile reads and diffs: entry keys and peer records ``apply`` wrote.
+        #: While a reconcile reads and diffs: entry keys and peers ``apply`` wrote.
         self._touched_keys: set[Key] | None = None
-        self._touched_peers: dict[str, tuple[Lease, Wanted] | None] = {}
+        self._touched_peers: set[str] = set()
         #: Peers that claim our identity, by lease key (see :class:`Conflict`).
         self._conflicts: dict[str, str] = {}
         #: Values (VTEP MACs) that several other nodes advertise, with the report line.
@@ -323,18 +324,13 @@ class PeerNetwork:
 
     # -- identity ------------------------------------------------------------------------
 
-    def _check_shared(
-        self, wanted: Iterable[tuple[str, Lease]], records: Mapping[str, tuple[Lease, Wanted]]
-    ) -> None:
+    def _check_shared(self, programmed: Iterable[Lease]) -> None:
         """Find values several programmed peers with different public IPs advertise (a
         copied state directory, a cloned image): every node's forwarding holds one
         destination per value, so one of those peers is unreachable. Checked when the
         peer set changed; peers that got no entries (ours, skipped) are not counted."""
         by_value: dict[str, list[Lease]] = {}
-        for key, lease in wanted:
-            cached = records.get(key)
-            if cached is None or not isinstance(cached[1], tuple):
-                continue
+        for lease in programmed:
             value = self._identity_of(lease)
             if value is not None:
                 by_value.setdefault(value, []).append(lease)
@@ -383,12 +379,20 @@ class PeerNetwork:
         self._wanted.clear()
         self._by_ident = None
 
-    def _programmed(self, key: str) -> tuple[Entry, ...]:
-        record = self._wanted.get(key)
-        return record[1] if record is not None and isinstance(record[1], tuple) else ()
+    def _entries_of(self, lease: Lease | None) -> tuple[Entry, ...]:
+        """The entries ``lease`` needs now (none if it cannot have any)."""
+        if lease is None:
+            return ()
+        result = self._entries_for(lease, self._lookup_cache)
+        return result if isinstance(result, tuple) else ()
 
-    def _build_index(self) -> dict[object, Entry]:
-        return {ident(e): e for _, r in self._wanted.values() if isinstance(r, tuple) for e in r}
+    def _programmed(self, key: str) -> tuple[Entry, ...]:
+        return self._entries_of(self._wanted.get(key))
+
+    def _build_index(self) -> dict[object, str]:
+        return {
+            ident(e): key for key, lease in self._wanted.items() for e in self._entries_of(lease)
+        }
 
     def _watched_links(self) -> set[int]:
         """Links whose loss flushes this backend's entries (the kernel sends no
@@ -428,43 +432,38 @@ class PeerNetwork:
         )
         if basis != self._lookup_basis:
             self._lookup_cache.clear()
-            self._stale = True
             self._lookup_basis = basis
 
     def _compute(
         self,
         leases: Iterable[tuple[str, Lease]],
         lookups: Mapping[IPAddress, RouteLookup | None],
-        into: dict[str, tuple[Lease, Wanted]],
-    ) -> tuple[list[str], bool]:
-        """Record what each lease needs in ``into`` (records of ``_wanted`` are reused
-        when the lease is the same); returns why some get no entries (warned once each)
-        and whether any record differs from ``_wanted``'s."""
+    ) -> tuple[dict[str, tuple[Entry, ...]], dict[str, tuple[Lease, str | Conflict]], list[str]]:
+        """What each lease needs: entries by key, the peers that get none (with why),
+        and the reasons (warned once each; conflicts logged when they change)."""
+        entries: dict[str, tuple[Entry, ...]] = {}
+        unwanted: dict[str, tuple[Lease, str | Conflict]] = {}
         skipped: list[str] = []
-        changed = False
         for key, lease in leases:
-            record = self._wanted.get(key)
-            if record is None or record[0] != lease or self._stale:
-                fresh = (lease, self._entries_for(lease, lookups))
-                if record is None or record != fresh:
-                    changed = True
-                    record = fresh
-            into[key] = record
-            result = record[1]
+            result = self._entries_for(lease, lookups)
+            if isinstance(result, tuple):
+                entries[key] = result
+                self._conflicts.pop(key, None)
+                continue
+            unwanted[key] = (lease, result)
             if isinstance(result, Conflict):
                 if self._conflicts.get(key) != result.reason:
                     log.error("%s", result.reason)
                 self._conflicts[key] = result.reason
                 continue
             self._conflicts.pop(key, None)
-            if isinstance(result, str):
-                skipped.append(result)
-                if result not in self._warned:
-                    if len(self._warned) > 10000:  # bounded: a hostile store cannot grow it
-                        self._warned.clear()
-                    log.warning("%s", result)
-                    self._warned.add(result)
-        return skipped, changed
+            skipped.append(result)
+            if result not in self._warned:
+                if len(self._warned) > 10000:  # bounded: a hostile store cannot grow it
+                    self._warned.clear()
+                log.warning("%s", result)
+                self._warned.add(result)
+        return entries, unwanted, skipped
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         """Make the kernel hold exactly what ``peers`` need.
@@ -479,12 +478,12 @@ class PeerNetwork:
                     self._forget_entries()
                 wanted = [(key, lease) for key, lease in peers.items() if self.accepts(lease)]
                 self._touched_keys = set()
-                self._touched_peers = {}
+                self._touched_peers = set()
             try:
                 return await self._reconcile(wanted)
             finally:
                 self._touched_keys = None
-                self._touched_peers = {}
+                self._touched_peers = set()
 
     async def _reconcile(self, wanted: list[tuple[str, Lease]]) -> ReconcileReport:
         started = time.monotonic()
@@ -494,39 +493,45 @@ class PeerNetwork:
         lookups = await self._lookups(lease for _, lease in wanted)
         live = {key for key, _ in wanted}
         self._conflicts = {k: v for k, v in self._conflicts.items() if k in live}
-        # Computed aside, not into ``_wanted``: an ``apply`` may run while this pass
-        # waits for the lock, and must see what is programmed, not this pass's view.
-        records: dict[str, tuple[Lease, Wanted]] = {}
-        skipped, changed = self._compute(wanted, lookups, records)
-        self._stale = False
+        entries, unwanted, skipped = self._compute(wanted, lookups)
         if len(self._lookup_cache) > 2 * len(wanted) + 64:  # keep the cache bounded
             keep = {ip for _, lease in wanted for ip in self._public_ips(lease)}
             self._lookup_cache = {k: v for k, v in self._lookup_cache.items() if k in keep}
-        index = self._by_ident
-        if index is None or changed or len(records) != len(self._wanted):
-            index = {ident(e): e for _, r in records.values() if isinstance(r, tuple) for e in r}
-            self._check_shared(wanted, records)
-        changes = diff(set(index.values()), kernel, self._owns)
+        programmed = {key: lease for key, lease in wanted if key in entries}
+        changes = diff({e for es in entries.values() for e in es}, kernel, self._owns)
+        # From this pass's entries, not the leases': a changed route lookup may turn a
+        # direct route into vxlan entries for the same lease.
+        index = {ident(e): key for key, es in entries.items() for e in es}
+        if programmed != self._wanted:
+            self._check_shared(programmed.values())
         async with self._lock:
             touched = self._touched_keys or set()
             if touched:
                 changes = [c for c in changes if entry_key(c.entry) not in touched]
             result = await self._nl.apply(changes)
-            for key, record in self._touched_peers.items():
-                if record is None:
-                    records.pop(key, None)
-                else:
-                    records[key] = record
-            self._wanted = records
-            self._by_ident = self._build_index() if self._touched_peers else index
-        programmed = sum(1 for _, r in records.values() if isinstance(r, tuple))
+            # Peers an ``apply`` wrote while this pass read and diffed: its record wins.
+            for key in self._touched_peers:
+                for entry in entries.get(key, ()):
+                    if index.get(ident(entry)) == key:
+                        del index[ident(entry)]
+                programmed.pop(key, None)
+                unwanted.pop(key, None)
+                if key in self._wanted:
+                    programmed[key] = self._wanted[key]
+                    index.update((ident(e), key) for e in self._programmed(key))
+                elif key in self._unwanted:
+                    unwanted[key] = self._unwanted[key]
+            self._wanted = programmed
+            self._unwanted = unwanted
+            self._by_ident = index
+        del entries
         out = report(result, changes, skipped, self._all_conflicts())
         if changes or out.errors:
             log.info(
                 "%s reconcile: %d peers (%d skipped), %d written (%d adopted), %d removed, "
                 "%d errors, %.3fs",
                 self.backend_type,
-                programmed,
+                len(programmed),
                 len(skipped),
                 out.added,
                 adopted(changes, kernel),
@@ -555,15 +560,14 @@ class PeerNetwork:
             alive = [(key, lease) for key, lease in latest.items() if lease is not None]
             lookups = await self._lookups([*(lease for _, lease in alive), *fallback.values()])
             old = {key: self._programmed(key) for key in latest}
-            known = {key for key in latest if key in self._wanted}
-            skipped, _ = self._compute(alive, lookups, self._wanted)
-            changes: list[Change] = []
-            for key, lease in latest.items():
-                before = old[key]
-                if key not in known and key in fallback:
+            for key in latest:
+                if key not in self._wanted and key not in self._unwanted and key in fallback:
                     guess = self._entries_for(fallback[key], lookups)
-                    before = guess if isinstance(guess, tuple) else ()
-                changes += transition(before, self._programmed(key) if lease else ())
+                    old[key] = guess if isinstance(guess, tuple) else ()
+            new, unwanted, skipped = self._compute(alive, lookups)
+            changes: list[Change] = []
+            for key in latest:
+                changes += transition(old[key], new.get(key, ()))
             changes = ordered(changes)
             result = await self._nl.apply(changes)
             # The base (vxlan device) is only checked when a write failed: a check per
@@ -571,18 +575,22 @@ class PeerNetwork:
             broken = bool(result.failed) and not await self._base_intact()
             if self._touched_keys is not None:
                 self._touched_keys.update(entry_key(c.entry) for c in changes)
+                self._touched_peers.update(latest)
             for key, lease in latest.items():
-                self._unindex(old[key])
+                self._unindex(old[key], key)
+                self._wanted.pop(key, None)
+                self._unwanted.pop(key, None)
                 if lease is None:
-                    self._wanted.pop(key, None)
                     self._conflicts.pop(key, None)
+                elif key in new:
+                    self._wanted[key] = lease
+                    self._reindex(new[key], key)
                 else:
-                    self._reindex(self._programmed(key))
-                if self._touched_keys is not None:
-                    self._touched_peers[key] = self._wanted.get(key)
+                    self._unwanted[key] = unwanted[key]
             if not broken:
                 return report(result, changes, skipped, self._all_conflicts())
-            peers = {key: record[0] for key, record in self._wanted.items()}
+            peers = dict(self._wanted)
+            peers.update((key, lease) for key, (lease, _) in self._unwanted.items())
         log.warning(
             "%s: writes failed and the device is gone: replaying every peer", self.backend_type
         )
@@ -631,34 +639,41 @@ class PeerNetwork:
             self._links_up[change.index] = up
         return why
 
-    def _unindex(self, entries: Iterable[Entry]) -> None:
-        """Keep the index in step with one peer's record (an apply touches a few peers;
+    def _unindex(self, entries: Iterable[Entry], key: str) -> None:
+        """Keep the index in step with one peer (an apply touches a few peers;
         rebuilding it for 15,000 entries each time would cost milliseconds)."""
         if self._by_ident is not None:
             for entry in entries:
-                if self._by_ident.get(ident(entry)) == entry:
+                if self._by_ident.get(ident(entry)) == key:
                     del self._by_ident[ident(entry)]
 
-    def _reindex(self, entries: Iterable[Entry]) -> None:
+    def _reindex(self, entries: Iterable[Entry], key: str) -> None:
         if self._by_ident is not None:
-            self._by_ident.update((ident(e), e) for e in entries)
+            self._by_ident.update((ident(e), key) for e in entries)
 
-    def _wanted_by_ident(self) -> dict[object, Entry]:
+    def _wanted_entry(self, have: Entry) -> Entry | None:
+        """The programmed entry in the place of kernel entry ``have``, if one is ours."""
         if self._by_ident is None:
             self._by_ident = self._build_index()
-        return self._by_ident
+        key = self._by_ident.get(ident(have))
+        if key is None:
+            return None
+        slot = ident(have)
+        for entry in self._programmed(key):
+            if ident(entry) == slot and same_slot(entry, have):
+                return entry
+        return None
 
     async def _repair(self, changes: Sequence[KernelChange]) -> ReconcileReport | None:
         """Rewrite the wanted entries that ``changes`` deleted or altered."""
         async with self._lock:
-            index = self._wanted_by_ident()
             todo: dict[object, Entry] = {}
             for change in changes:
                 if not isinstance(change, EntryChange):
                     continue
                 have = change.entry
-                want = index.get(ident(have))
-                if want is None or not same_slot(want, have):
+                want = self._wanted_entry(have)
+                if want is None:
                     continue  # not ours: left alone
                 if change.deleted or not in_sync(want, have):
                     todo[ident(want)] = want
