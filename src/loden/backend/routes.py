@@ -91,12 +91,15 @@ def entry_key(entry: Entry) -> Key:
 
 def ident(entry: Entry) -> object:
     """What tells one backend's entries apart among themselves: a route by destination, a
-    neighbour by address, an FDB entry by MAC. The values are the entries' own fields
-    (no new objects), so an index of the wanted entries costs only its dict. Device,
-    table and family are then checked by :func:`same_slot`; addresses, networks and MAC
-    strings never compare equal to one another, for IPv4 and IPv6 alike."""
-    if isinstance(entry, FdbEntry):
-        return entry.lladdr
+    neighbour by address, an FDB entry by its remote (the peer's public IP). The values
+    are objects the peer's lease already holds (no new objects: an index of 15,000 MAC
+    strings made after the cold start's big batch pinned ~3 MB of the allocator's pools,
+    issue 14). Device, table and family are then checked by :func:`same_slot`; an
+    overlay address (route, neighbour) is never an underlay one (FDB remote).
+
+    An FDB entry whose remote somebody changed is therefore not found by its new
+    remote: the periodic reconcile repairs that one; deletions, the common drift,
+    are found at once."""
     return entry.dst
 
 
@@ -123,6 +126,9 @@ def _rank(change: Change) -> int:
 
 def ordered(changes: Iterable[Change]) -> list[Change]:
     """Stale routes, then neighbours/FDB, then routes, then stale neighbours/FDB."""
+    if isinstance(changes, list):
+        changes.sort(key=_rank)  # in place: no second list of 15,000 at a cold start
+        return changes
     return sorted(changes, key=_rank)
 
 
@@ -268,9 +274,9 @@ class PeerNetwork:
         self._wanted: dict[str, Lease] = {}
         #: Accepted peers that get no entries: the lease and why (or the Conflict).
         self._unwanted: dict[str, tuple[Lease, str | Conflict]] = {}
-        #: The lease key of every programmed entry by :func:`ident` (keys and idents are
-        #: the leases' own objects): the lookup of kernel notifications. None until
-        #: rebuilt from ``_wanted``.
+        #: The lease key of every programmed entry by :func:`ident`: the lookup of kernel
+        #: notifications. None until a notification needs it (then built from
+        #: ``_wanted``); never built when the agent does not listen to the kernel.
         self._by_ident: dict[object, str] | None = None
         #: Held while writing to the kernel and updating the bookkeeping above.
         self._lock = asyncio.Lock()
@@ -424,30 +430,39 @@ class PeerNetwork:
             ips.append(lease.attrs.public_ipv6)
         return ips
 
-    def _check_lookup_basis(self, kernel: Iterable[Entry]) -> None:
+    def _check_lookup_basis(self, kernel: Iterable[Entry]) -> bool:
+        """Drop the route lookups if the routes they depend on changed (True then)."""
         basis = frozenset(
             (e.dst, e.gateway, e.oif, e.priority, e.type)
             for e in kernel
             if isinstance(e, Route) and e.protocol != RTPROT_LODEN
         )
-        if basis != self._lookup_basis:
-            self._lookup_cache.clear()
-            self._lookup_basis = basis
+        if basis == self._lookup_basis:
+            return False
+        self._lookup_cache.clear()
+        self._lookup_basis = basis
+        return True
 
     def _compute(
         self,
         leases: Iterable[tuple[str, Lease]],
         lookups: Mapping[IPAddress, RouteLookup | None],
-    ) -> tuple[dict[str, tuple[Entry, ...]], dict[str, tuple[Lease, str | Conflict]], list[str]]:
-        """What each lease needs: entries by key, the peers that get none (with why),
-        and the reasons (warned once each; conflicts logged when they change)."""
-        entries: dict[str, tuple[Entry, ...]] = {}
+        into: dict[str, tuple[Entry, ...]] | set[Entry],
+        programmed: dict[str, Lease],
+    ) -> tuple[dict[str, tuple[Lease, str | Conflict]], list[str]]:
+        """What each lease needs: its entries go ``into`` (by key, or all in one set),
+        its lease into ``programmed``; returns the peers that get none (with why) and
+        the reasons (warned once each; conflicts logged when they change)."""
         unwanted: dict[str, tuple[Lease, str | Conflict]] = {}
         skipped: list[str] = []
         for key, lease in leases:
             result = self._entries_for(lease, lookups)
             if isinstance(result, tuple):
-                entries[key] = result
+                if isinstance(into, set):
+                    into.update(result)
+                else:
+                    into[key] = result
+                programmed[key] = lease
                 self._conflicts.pop(key, None)
                 continue
             unwanted[key] = (lease, result)
@@ -463,7 +478,7 @@ class PeerNetwork:
                     self._warned.clear()
                 log.warning("%s", result)
                 self._warned.add(result)
-        return entries, unwanted, skipped
+        return unwanted, skipped
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         """Make the kernel hold exactly what ``peers`` need.
@@ -476,7 +491,8 @@ class PeerNetwork:
             async with self._lock:
                 if await self._ensure_base():
                     self._forget_entries()
-                wanted = [(key, lease) for key, lease in peers.items() if self.accepts(lease)]
+                # A dict, not 5,000 (key, lease) pairs: one allocation (see ``_reconcile``).
+                wanted = {key: lease for key, lease in peers.items() if self.accepts(lease)}
                 self._touched_keys = set()
                 self._touched_peers = set()
             try:
@@ -485,24 +501,26 @@ class PeerNetwork:
                 self._touched_keys = None
                 self._touched_peers = set()
 
-    async def _reconcile(self, wanted: list[tuple[str, Lease]]) -> ReconcileReport:
+    async def _reconcile(self, wanted: dict[str, Lease]) -> ReconcileReport:
         started = time.monotonic()
         kernel = await self._kernel()
-        if self._needs_lookup():
-            self._check_lookup_basis(kernel)
-        lookups = await self._lookups(lease for _, lease in wanted)
-        live = {key for key, _ in wanted}
-        self._conflicts = {k: v for k, v in self._conflicts.items() if k in live}
-        entries, unwanted, skipped = self._compute(wanted, lookups)
+        # A changed route lookup may turn a direct route into vxlan entries for the same
+        # lease: the index is rebuilt then, as when the peer set changed.
+        rebuild = self._needs_lookup() and self._check_lookup_basis(kernel)
+        lookups = await self._lookups(wanted.values())
+        self._conflicts = {k: v for k, v in self._conflicts.items() if k in wanted}
+        # One set of entries, no per-peer tuples: the cold start's short-lived peak
+        # decides how much memory the allocator keeps afterwards (issue 14).
+        desired: set[Entry] = set()
+        programmed: dict[str, Lease] = {}
+        unwanted, skipped = self._compute(wanted.items(), lookups, desired, programmed)
         if len(self._lookup_cache) > 2 * len(wanted) + 64:  # keep the cache bounded
-            keep = {ip for _, lease in wanted for ip in self._public_ips(lease)}
+            keep = {ip for lease in wanted.values() for ip in self._public_ips(lease)}
             self._lookup_cache = {k: v for k, v in self._lookup_cache.items() if k in keep}
-        programmed = {key: lease for key, lease in wanted if key in entries}
-        changes = diff({e for es in entries.values() for e in es}, kernel, self._owns)
-        # From this pass's entries, not the leases': a changed route lookup may turn a
-        # direct route into vxlan entries for the same lease.
-        index = {ident(e): key for key, es in entries.items() for e in es}
+        changes = diff(desired, kernel, self._owns)
+        del desired
         if programmed != self._wanted:
+            rebuild = True
             self._check_shared(programmed.values())
         async with self._lock:
             touched = self._touched_keys or set()
@@ -511,20 +529,20 @@ class PeerNetwork:
             result = await self._nl.apply(changes)
             # Peers an ``apply`` wrote while this pass read and diffed: its record wins.
             for key in self._touched_peers:
-                for entry in entries.get(key, ()):
-                    if index.get(ident(entry)) == key:
-                        del index[ident(entry)]
+                rebuild = True
                 programmed.pop(key, None)
                 unwanted.pop(key, None)
                 if key in self._wanted:
                     programmed[key] = self._wanted[key]
-                    index.update((ident(e), key) for e in self._programmed(key))
                 elif key in self._unwanted:
                     unwanted[key] = self._unwanted[key]
             self._wanted = programmed
             self._unwanted = unwanted
-            self._by_ident = index
-        del entries
+            if rebuild:
+                # Built again when a notification needs it: by then this pass's 15,000
+                # entries are gone. The index keeps MAC strings, and built from the big
+                # batch they pinned ~4 MB of the allocator's pools (a string in each).
+                self._by_ident = None
         out = report(result, changes, skipped, self._all_conflicts())
         if changes or out.errors:
             log.info(
@@ -564,7 +582,8 @@ class PeerNetwork:
                 if key not in self._wanted and key not in self._unwanted and key in fallback:
                     guess = self._entries_for(fallback[key], lookups)
                     old[key] = guess if isinstance(guess, tuple) else ()
-            new, unwanted, skipped = self._compute(alive, lookups)
+            new: dict[str, tuple[Entry, ...]] = {}
+            unwanted, skipped = self._compute(alive, lookups, new, {})
             changes: list[Change] = []
             for key in latest:
                 changes += transition(old[key], new.get(key, ()))

@@ -84,7 +84,8 @@ def lease_from_kv(kv: StoredKV | StoreEvent, *, now: float | None = None) -> Lea
         attrs=attrs,
         expiration=now + kv.ttl if known_ttl and kv.ttl is not None else None,
         reserved=kv.ttl is None,
-        store_ref=kv.ref,
+        # No store_ref: nothing reads it for a listed or watched lease, and each etcd
+        # lease id is a 36-byte integer per peer the agent kept (issue 14).
     )
 
 
