@@ -32,6 +32,7 @@ go first, then neighbours/FDB are written, then routes, then stale neighbours/FD
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from loden.backend.base import ExternalInterface, KernelDrift, ReconcileReport
-from loden.errors import NotificationsLost
+from loden.errors import DataplaneError, NotificationsLost
 from loden.kernel.netlink import (
     RTPROT_LODEN,
     BatchResult,
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 Entry = Route | Neighbour | FdbEntry
 Key = tuple[object, ...]
 _RTN_UNICAST = 1
+#: Peers per write of a fresh start (see ``PeerNetwork._fresh``).
+FRESH_CHUNK = 500
 #: The kernel gives an IPv6 route without a metric 1024 (``ip -6 route`` shows it): the
 #: desired IPv6 entries say so, or every resync would see them as different and rewrite.
 IPV6_METRIC = 1024
@@ -509,24 +512,33 @@ class PeerNetwork:
         rebuild = self._needs_lookup() and self._check_lookup_basis(kernel)
         lookups = await self._lookups(wanted.values())
         self._conflicts = {k: v for k, v in self._conflicts.items() if k in wanted}
-        # One set of entries, no per-peer tuples: the cold start's short-lived peak
-        # decides how much memory the allocator keeps afterwards (issue 14).
-        desired: set[Entry] = set()
-        programmed: dict[str, Lease] = {}
-        unwanted, skipped = self._compute(wanted.items(), lookups, desired, programmed)
         if len(self._lookup_cache) > 2 * len(wanted) + 64:  # keep the cache bounded
             keep = {ip for lease in wanted.values() for ip in self._public_ips(lease)}
             self._lookup_cache = {k: v for k, v in self._lookup_cache.items() if k in keep}
-        changes = diff(desired, kernel, self._owns)
-        del desired
+        programmed: dict[str, Lease] = {}
+        if not self._wanted and not any(self._owns(e) for e in kernel):
+            # A fresh start (nothing of ours in the kernel, nothing programmed): no
+            # diff is needed, so peers are written a chunk at a time instead of all
+            # 15,000 entries and their changes at once. That short-lived peak decided
+            # how much memory the allocator kept for good (~2 MB, issue 14).
+            unwanted, skipped, result = await self._fresh(wanted, lookups, set(kernel), programmed)
+            changes: list[Change] = []
+        else:
+            # One set of entries, no per-peer tuples (the same peak).
+            desired: set[Entry] = set()
+            unwanted, skipped = self._compute(wanted.items(), lookups, desired, programmed)
+            changes = diff(desired, kernel, self._owns)
+            del desired
+            result = None
         if programmed != self._wanted:
             rebuild = True
             self._check_shared(programmed.values())
         async with self._lock:
-            touched = self._touched_keys or set()
-            if touched:
-                changes = [c for c in changes if entry_key(c.entry) not in touched]
-            result = await self._nl.apply(changes)
+            if result is None:
+                touched = self._touched_keys or set()
+                if touched:
+                    changes = [c for c in changes if entry_key(c.entry) not in touched]
+                result = await self._nl.apply(changes)
             # Peers an ``apply`` wrote while this pass read and diffed: its record wins.
             for key in self._touched_peers:
                 rebuild = True
@@ -539,12 +551,11 @@ class PeerNetwork:
             self._wanted = programmed
             self._unwanted = unwanted
             if rebuild:
-                # Built again when a notification needs it: by then this pass's 15,000
-                # entries are gone. The index keeps MAC strings, and built from the big
-                # batch they pinned ~4 MB of the allocator's pools (a string in each).
-                self._by_ident = None
+                self._by_ident = None  # built again when a notification needs it
         out = report(result, changes, skipped, self._all_conflicts())
-        if changes or out.errors:
+        if not changes and result.applied:  # a fresh start wrote without a change list
+            out = dataclasses.replace(out, added=result.applied)
+        if out.added or out.removed or out.errors:
             log.info(
                 "%s reconcile: %d peers (%d skipped), %d written (%d adopted), %d removed, "
                 "%d errors, %.3fs",
@@ -558,6 +569,38 @@ class PeerNetwork:
                 time.monotonic() - started,
             )
         return out
+
+    async def _fresh(
+        self,
+        wanted: dict[str, Lease],
+        lookups: Mapping[IPAddress, RouteLookup | None],
+        kernel: set[Entry],
+        programmed: dict[str, Lease],
+    ) -> tuple[dict[str, tuple[Lease, str | Conflict]], list[str], BatchResult]:
+        """Write what ``wanted`` needs and the kernel lacks, :data:`FRESH_CHUNK` peers
+        at a time (each chunk ordered as :func:`ordered` says): the peers that get no
+        entries, why, and every write's outcome in one result."""
+        unwanted: dict[str, tuple[Lease, str | Conflict]] = {}
+        skipped: list[str] = []
+        failed: list[tuple[Change, DataplaneError]] = []
+        applied = 0
+        keys = list(wanted)
+        for start in range(0, len(keys), FRESH_CHUNK):
+            desired: set[Entry] = set()
+            chunk = [(key, wanted[key]) for key in keys[start : start + FRESH_CHUNK]]
+            more_unwanted, more_skipped = self._compute(chunk, lookups, desired, programmed)
+            unwanted.update(more_unwanted)
+            skipped += more_skipped
+            changes = ordered([Change(e) for e in desired if e not in kernel])
+            del desired
+            async with self._lock:
+                touched = self._touched_keys or set()
+                if touched:
+                    changes = [c for c in changes if entry_key(c.entry) not in touched]
+                result = await self._nl.apply(changes)
+            applied += result.applied
+            failed += result.failed
+        return unwanted, skipped, BatchResult(applied, tuple(failed))
 
     async def apply(self, events: Sequence[LeaseEvent]) -> ReconcileReport:
         latest: dict[str, Lease | None] = {}
