@@ -663,14 +663,14 @@ class VxlanNetwork(PeerNetwork):
             Route(subnet, gateway=gateway, oif=index, onlink=True, priority=IPV6_METRIC),
         )
 
-    async def _kernel(self) -> list[Entry]:
-        entries: list[Entry] = await super()._kernel()
+    async def _kernel(self, skip: set[Entry] | None = None) -> list[Entry]:
+        entries: list[Entry] = await super()._kernel(skip)
         if self._index:
-            entries += await self._nl.neighbours(self._index)
-            entries += await self._nl.fdb(self._index)
+            entries += await self._nl.neighbours(self._index, skip=skip)
+            entries += await self._nl.fdb(self._index, skip=skip)
         if self._index6:
-            entries += await self._nl.neighbours(self._index6, family=socket.AF_INET6)
-            entries += await self._nl.fdb(self._index6)
+            entries += await self._nl.neighbours(self._index6, family=socket.AF_INET6, skip=skip)
+            entries += await self._nl.fdb(self._index6, skip=skip)
         return entries
 
     def _owns(self, entry: Entry) -> bool:
