@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from loden.errors import StoreAuthError, StoreUnavailable
+from loden.model.config import NetworkConfig
 from loden.settings import EtcdSettings
 from loden.subnet import open_store
 from loden.subnet.etcd_v2 import EtcdV2Store
@@ -88,6 +89,19 @@ async def test_fast_path_sends_nothing_through_httpx(opened: LeaseStore) -> None
     await opened.put_config(CONFIG)
     await probes_without_httpx(opened)
     assert connects(opened) == 1
+
+
+async def test_config_checks_take_the_fast_path_and_read_the_same(opened: LeaseStore) -> None:
+    """The agent's config check (every 30 s) reads the config the probe reads: on the
+    kept-open connection, and exactly what the full path reads."""
+    await opened.put_config(CONFIG)
+    m = manager(opened)
+    full = NetworkConfig.parse(await opened.get_config() or b"")
+    await m.get_network_config()
+    sent = count_httpx(opened)
+    for _ in range(5):
+        assert await m.get_network_config() == full
+    assert sent() == 0
 
 
 async def test_outage_raises_as_before_and_recovery_is_fast_again(

@@ -96,6 +96,7 @@ from loden.kernel.netlink import (
     RTPROT_BOOT,
     FdbEntry,
     IPAddress,
+    IPNetwork,
     Link,
     Neighbour,
     Netlink,
@@ -591,11 +592,13 @@ class VxlanNetwork(PeerNetwork):
         return entries
 
     def _own_mac_clash(
-        self, lease: Lease, what: str, mac: str | None, own: str, public_ip: IPAddress
+        self, lease: Lease, subnet: IPNetwork, mac: str | None, own: str, public_ip: IPAddress
     ) -> str | Conflict | None:
-        """Our own MAC in a lease: our older lease (skipped) or another node (conflict)."""
+        """Our own MAC in a lease: our older lease (skipped) or another node (conflict).
+        Runs for every peer in every full pass: nothing is formatted unless it clashes."""
         if not own or mac != own:
             return None
+        what = str(subnet)
         ours = self._be.public_ip if public_ip.version == 4 else self._be.ctx.ext.ext_v6_addr
         device = self._be.name if public_ip.version == 4 else f"flannel-v6.{self._be.options.vni}"
         if public_ip == ours:
@@ -612,14 +615,14 @@ class VxlanNetwork(PeerNetwork):
 
     def _entries_v4(self, lease: Lease, lookups: Mapping[IPAddress, RouteLookup | None]) -> Wanted:
         subnet, public_ip = lease.subnet, lease.attrs.public_ip
-        clash = self._own_mac_clash(lease, str(subnet), peer_mac(lease), self._mac, public_ip)
+        mac = peer_mac(lease)
+        clash = self._own_mac_clash(lease, subnet, mac, self._mac, public_ip)
         if clash is not None:
             return clash
         if self._be.options.direct_routing:
             found = lookups.get(public_ip)
             if found is not None and found.gateway is None and found.oif:
                 return (Route(subnet, gateway=public_ip, oif=found.oif),)
-        mac = peer_mac(lease)
         if mac is None:
             return (
                 f"vxlan: peer {subnet} ({public_ip}) has no valid VtepMAC in its"
@@ -641,7 +644,7 @@ class VxlanNetwork(PeerNetwork):
         public_ip = lease.attrs.public_ipv6
         if public_ip is None:
             return f"vxlan: peer {subnet} has an IPv6 subnet but no PublicIPv6: IPv6 skipped"
-        clash = self._own_mac_clash(lease, str(subnet), peer_v6_mac(lease), self._mac6, public_ip)
+        clash = self._own_mac_clash(lease, subnet, peer_v6_mac(lease), self._mac6, public_ip)
         if clash is not None:
             return clash
         if self._be.options.direct_routing:

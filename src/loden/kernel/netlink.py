@@ -68,6 +68,7 @@ __all__ = [
     "Address",
     "BatchResult",
     "Change",
+    "Entry",
     "EntryChange",
     "FdbEntry",
     "IPAddress",

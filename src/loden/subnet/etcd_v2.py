@@ -96,22 +96,25 @@ class EtcdV2Store:
         self._raise("get config", response)
         return None
 
-    async def quick_probe(self) -> bool:
+    async def quick_config(self) -> tuple[bool, bytes | None]:
         """The read :meth:`get_config` makes, on the probe connection. A 404 is an
         answer, as there (the key is absent)."""
         if self._config_target is None:
             url = httpx.URL(self._path(f"{self.prefix}/config"), params={"quorum": "true"})
             self._config_target = url.raw_path.decode("ascii")
+        value: list[bytes | None] = []
 
         def accept(answer: Answer) -> bool:
             if answer.status == 404:
+                value.append(None)
                 return True
             if answer.status != 200:
                 return False
-            self._config_value(json.loads(answer.body))  # malformed: not an answer
+            value.append(self._config_value(json.loads(answer.body)))  # malformed: no answer
             return True
 
-        return await self.http.quick("GET", self._config_target, accept=accept)
+        answered = await self.http.quick("GET", self._config_target, accept=accept)
+        return (True, value[0]) if answered and value else (False, None)
 
     @staticmethod
     def _config_value(reply: Any) -> bytes:

@@ -154,24 +154,26 @@ class EtcdV3Store:
         with reading_reply("kv/range"):
             return self._config_value(reply)
 
-    async def quick_probe(self) -> bool:
+    async def quick_config(self) -> tuple[bool, bytes | None]:
         """The read :meth:`get_config` makes, on the probe connection (no token yet:
         only the full path can authenticate)."""
         if self._username and "Authorization" not in self.http.headers:
-            return False
+            return False, None
         if self._range_body is None:
             self._range_body = json.dumps(self._config_range()).encode()
+        value: list[bytes | None] = []
 
         def accept(answer: Answer) -> bool:
             if answer.status != 200:
                 return False
             # Parsed as get_config parses it: a 200 etcd would not send is no answer.
-            self._config_value(json.loads(answer.body))
+            value.append(self._config_value(json.loads(answer.body)))
             return True
 
-        return await self.http.quick(
+        answered = await self.http.quick(
             "POST", "/v3/kv/range", json_body=self._range_body, accept=accept
         )
+        return (True, value[0]) if answered and value else (False, None)
 
     def _config_range(self) -> dict[str, Any]:
         return {"key": _b64(f"{self.prefix}/config")}

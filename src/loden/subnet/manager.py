@@ -138,10 +138,16 @@ class EtcdSubnetManager:
         return self._watch_restarts
 
     async def probe(self) -> None:
-        # The kept-open connection answers the steady state for ~1/4 of httpx's CPU; any
-        # failure there is re-asked the full way, so errors and failover stay the same.
-        if not await self.store.quick_probe():
-            await self.store.get_config()
+        await self._read_config()
+
+    async def _read_config(self) -> bytes | None:
+        """The config value: the kept-open connection answers the steady state for a
+        fraction of httpx's CPU; any failure there is asked again the full way, so
+        errors and failover stay the same."""
+        answered, raw = await self.store.quick_config()
+        if not answered:
+            raw = await self.store.get_config()
+        return raw
 
     async def public_ip_override(self) -> PublicIPOverride:
         return PublicIPOverride()  # etcd has no per-node settings
@@ -161,7 +167,7 @@ class EtcdSubnetManager:
         :raises NetworkConfigError: it does not parse or validate.
         :raises StoreUnavailable: etcd did not answer.
         """
-        raw = await self.store.get_config()
+        raw = await self._read_config()
         if raw is None:
             raise ConfigNotFound(
                 f"network config not found in etcd ({self.store.api} API) at the config key; "

@@ -87,8 +87,8 @@ class MemoryStore:
         self.requests += 1
         return self._config
 
-    async def quick_probe(self) -> bool:
-        return False  # get_config is the cheap path here (and where faults are injected)
+    async def quick_config(self) -> tuple[bool, bytes | None]:
+        return False, None  # get_config is the cheap path here (and faults go there)
 
     async def put_config(self, value: bytes) -> None:
         self.requests += 1

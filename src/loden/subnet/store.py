@@ -71,12 +71,12 @@ class LeaseStore(Protocol):
         """The raw ``<prefix>/config`` value, or None when absent."""
         ...
 
-    async def quick_probe(self) -> bool:
-        """Did the store answer a real read of the config just now, on a cheap path?
-
-        False means "no proof" (no answer, or no cheap path at all), never an error:
-        the caller then asks :meth:`get_config`, whose failure says what is wrong. For
-        the agent's /healthz probe, whose every-3-s read through httpx was ~40 % of an
+    async def quick_config(self) -> tuple[bool, bytes | None]:
+        """:meth:`get_config` on a cheap path: (True, its value) when the store answered
+        that read just now; (False, None) means "no answer here" (none, or no cheap
+        path at all), never an error: the caller then asks :meth:`get_config`, whose
+        failure says what is wrong. For the agent's periodic reads (the /healthz probe
+        every 3 s, the config check every 30 s): through httpx they were most of an
         idle agent's CPU.
         """
         ...
