@@ -376,11 +376,11 @@ async def test_store_error_replies_on_probe_are_transient() -> None:
 
 
 async def test_probe_only_when_the_store_was_silent() -> None:
-    """While the watch keeps delivering, the store proved itself: no probe GET. Once
-    it is quiet for ``probe_after`` s, the probe asks, and a store that stops
-    answering still turns /healthz 503 after the grace."""
-    agent = await start(probe_after=1.5)
-    agent.health.store_grace_seconds = 3.0
+    """While the watch keeps delivering, the store proved itself: no probe GET (the
+    next tick would still leave a second of the grace). Once it is quiet, the probe
+    asks, and a store that stops answering still turns /healthz 503 after the grace."""
+    agent = await start(probe_after=1.0)
+    agent.health.store_grace_seconds = 5.0
     try:
         await eventually("first probe", lambda: agent.store.calls.get("get_config", 0) > 0)
         before = agent.store.calls["get_config"]
