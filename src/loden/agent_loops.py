@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 #: Exit statuses of a running agent (the startup ones are in ``cli.py``).
 EXIT_LEASE_REVOKED = 3
 EXIT_STORE_REFUSED = 4
+#: The longest full-pass period of a backend without kernel notifications.
+PASS_WITHOUT_EVENTS_SECONDS = 10.0
 #: How often a store that stopped answering is probed until it answers again.
 PROBE_RETRY_SECONDS = 2.0
 
@@ -352,8 +354,15 @@ class AgentLoops:
 
     async def _reconcile_loop(self) -> None:
         await self._synced.wait()
+        period: float = self.settings.resync_seconds
+        if not self._kernel_events():
+            # Nothing repairs drift between passes for these backends (udp, wireguard,
+            # the cloud routes, or -kernel-events=false): keep the old 10-s pass. A
+            # cloud route another node's stale snapshot deleted came back only after
+            # 5 minutes with the 300-s safety-net period.
+            period = min(period, PASS_WITHOUT_EVENTS_SECONDS)
         while True:
-            wait = self._last_full_pass + self.settings.resync_seconds - time.monotonic()
+            wait = self._last_full_pass + period - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
@@ -489,8 +498,9 @@ class AgentLoops:
         warned_raw = self.config.raw
         warned_bad = ""
         while True:
-            # Not tied to the data-plane resync, which may be minutes apart.
-            await asyncio.sleep(3 * min(self.settings.resync_seconds, 10))
+            # Not tied to the data-plane resync, which may be minutes apart; on the
+            # probe's and the rules check's ticks (30 s is a multiple of their 5 s).
+            await sleep_to_tick(3 * min(self.settings.resync_seconds, 10))
             try:
                 config = await self.manager.get_network_config()
             except StoreUnavailable as exc:

@@ -207,9 +207,11 @@ class CountingStore(MemoryStore):
         return await super().list(with_ttl=with_ttl)
 
 
-async def test_start_lists_the_leases_once_and_misses_nothing() -> None:
-    """The agent's start: list (identity check), acquire, watch. One listing serves all
-    three; what changes in between is replayed by the watch from the listing's cursor."""
+async def test_acquire_reuses_the_start_listing_and_the_watch_lists_afresh() -> None:
+    """The agent's start: list (identity check), acquire, watch. Acquiring plans from
+    the start's listing; the watch lists afresh, so its snapshot, which is acted on
+    before any replayed change, holds a peer that joined in between (the cloud
+    backends delete every route a snapshot lacks)."""
     store = CountingStore()
     await store.put_config(CONFIG)
     peers = [
@@ -223,13 +225,12 @@ async def test_start_lists_the_leases_once_and_misses_nothing() -> None:
     store.lists = 1
     ours = await m.acquire_lease(attrs(1), PreviousSubnets())
     assert ours.subnet not in {p.subnet for p in peers}
+    assert store.lists == 1  # acquire reused the listing
     stream = m.watch_leases()
     first = await anext(stream)
-    assert store.lists == 1  # acquire and the watch reused the listing
+    assert store.lists == 2
     assert first.snapshot is not None
-    assert {x.key for x in first.snapshot} == {p.key for p in peers} | {ours.key}
-    replayed = await asyncio.wait_for(anext(stream), 5)
-    assert (EventKind.ADDED, late.key) in [(e.kind, e.lease.key) for e in replayed.events]
+    assert {x.key for x in first.snapshot} == {p.key for p in peers} | {ours.key, late.key}
     await stream.aclose()  # type: ignore[attr-defined]
 
 

@@ -119,12 +119,12 @@ class EtcdSubnetManager:
         self._watch_restarts = 0
         self._warned: set[str] = set()
         #: The last full listing (monotonic time, cursor, leases) while it is young: the
-        #: agent's start lists the leases for its identity check, then acquires, then
-        #: watches; each listed and parsed all of them (~0.15 s and ~1 MB of garbage
-        #: apiece at 5,000 leases). Now the start lists once: acquiring plans from this
-        #: listing (its create/update is a compare-and-swap, so a listing a moment old
-        #: is safe) and the watch takes it as its snapshot and resumes at its cursor,
-        #: so every change made since is replayed.
+        #: agent's start lists the leases for its identity check, then acquires; each
+        #: listed and parsed all of them (~0.15 s apiece at 5,000 leases). Acquiring now
+        #: plans from that listing (its create/update is a compare-and-swap, so a listing
+        #: a moment old is safe). The watch still lists afresh: its snapshot is acted on
+        #: before the changes since are replayed, and the cloud backends delete every
+        #: route a snapshot lacks (a peer that joined meanwhile lost its route).
         self._recent: tuple[float, int, tuple[Lease, ...]] | None = None
 
     @property
@@ -212,22 +212,13 @@ class EtcdSubnetManager:
             self._recent = (time.monotonic(), listing.cursor, tuple(leases))
         return leases
 
-    def _take_recent(self, *, keep: bool) -> tuple[int, tuple[Lease, ...]] | None:
+    def _take_recent(self) -> tuple[int, tuple[Lease, ...]] | None:
         """The recent listing (cursor, leases) if younger than :data:`RECENT_SECONDS`;
-        forgotten unless ``keep``."""
-        recent, self._recent = self._recent, (self._recent if keep else None)
+        forgotten either way."""
+        recent, self._recent = self._recent, None
         if recent is None or time.monotonic() - recent[0] > RECENT_SECONDS:
-            self._recent = None
             return None
         return recent[1], recent[2]
-
-    def _remember_own(self, lease: Lease) -> None:
-        """Put our new or renewed lease into the recent listing, so the watch's first
-        snapshot holds it (a snapshot without it reads as "our lease vanished")."""
-        if self._recent is not None:
-            at, cursor, leases = self._recent
-            others = tuple(old for old in leases if not old.same_subnets(lease))
-            self._recent = (at, cursor, (*others, lease))
 
     def _value(self, attrs: LeaseAttrs) -> bytes:
         return attrs.to_json(legacy=self.store.legacy_values).encode()
@@ -240,7 +231,7 @@ class EtcdSubnetManager:
         lost: set[IPv4Network | IPv6Network] = set()
         for attempt in range(1, MAX_CLAIM_ATTEMPTS + 1):
             config = await self.get_network_config()
-            recent = self._take_recent(keep=True) if attempt == 1 else None
+            recent = self._take_recent() if attempt == 1 else None
             if recent is not None:
                 leases = list(recent[1])
             else:
@@ -293,7 +284,6 @@ class EtcdSubnetManager:
                         attrs.public_ip,
                         " (a reservation)" if old.reserved else "",
                     )
-                    self._remember_own(lease)
                     return lease
                 choice = plan.choice
                 lease = Lease(choice.subnet, attrs, choice.ipv6_subnet)
@@ -311,7 +301,6 @@ class EtcdSubnetManager:
                     expiration=time.time() + self.ttl,
                     store_ref=kv.ref,
                 )
-                self._remember_own(lease)
                 return lease
             except LeaseConflict as exc:
                 self._recent = None  # somebody else wrote meanwhile: list afresh
@@ -423,17 +412,12 @@ class EtcdSubnetManager:
             try:
                 if snapshot_needed:
                     relist_at = loop.time() + self.full_relist_seconds
-                    recent = self._take_recent(keep=False)
-                    if recent is not None:
-                        cursor, snapshot = recent
-                    else:
-                        listing = await self.store.list()
-                        cursor = listing.cursor
-                        snapshot = tuple(self._parse_listing(listing.kvs))
-                        # Not kept in this frame while the watch runs (hours): 5,000 raw
-                        # values and their names were ~1.5 MB of the agent's RSS.
-                        del listing
-                    del recent
+                    listing = await self.store.list()
+                    cursor = listing.cursor
+                    snapshot = tuple(self._parse_listing(listing.kvs))
+                    # Not kept in this frame while the watch runs (hours): 5,000 raw
+                    # values and their names were ~1.5 MB of the agent's RSS.
+                    del listing
                     snapshot_needed = False
                     recovered()
                     yield WatchResult(snapshot=snapshot)
