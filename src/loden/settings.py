@@ -132,7 +132,8 @@ AGENT_FLAGS: tuple[Flag, ...] = (
         "resync-period",
         300,
         "Loden: seconds between full data-plane reconciles (dump and diff). A safety net "
-        "while -kernel-events repairs drift as it happens; 10 was the default before",
+        "while -kernel-events repairs drift as it happens; backends without kernel "
+        "notifications (udp, wireguard, aws-vpc, gce) pass at least every 10 s",
         kind="int",
     ),
     Flag(
