@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -541,7 +542,13 @@ async def sleep_to_tick(period: float) -> None:
     these machines each wake-up of an idle agent cost ~2 ms of CPU whatever it did
     (cold caches), which made the wake-ups, not the work, most of its idle CPU."""
     loop = asyncio.get_running_loop()
-    await asyncio.sleep(period - loop.time() % period)
+    # Shifted by a phase of this process's own: agents sharing a machine (the lab, the
+    # test suite) would otherwise all wake at the same instants.
+    await asyncio.sleep(period - (loop.time() - _TICK_PHASE) % period)
+
+
+#: This process's offset of :func:`sleep_to_tick` (one for all its loops).
+_TICK_PHASE = random.uniform(0.0, 3600.0)
 
 
 def _one_line(exc: BaseException) -> str:
