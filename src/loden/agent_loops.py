@@ -5,7 +5,8 @@
 * ``peers``: queued results -> LeaseWatcher -> ``network.apply``/``reconcile`` (a backlog
   is handled as one batch);
 * ``reconcile``: a full level-triggered pass every ``--resync-period`` s (a safety net
-  while ``kernel`` repairs drift as the kernel reports it);
+  while ``kernel`` repairs drift as the kernel reports it), and soon after any failed
+  write (backoff 1 s doubling to 60 s) until a pass is clean;
 * ``kernel``: the backend's netlink notifications (owned entries restored at once; a
   full pass when notifications were lost);
 * ``rules``: every ``--iptables-resync`` s re-check masquerade/forward rules;
@@ -29,6 +30,7 @@ README.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -129,6 +131,15 @@ class AgentLoops:
     #: When the last full pass (any reason) started: the periodic one waits a whole
     #: period after it, so a relist's pass is not followed by another one at once.
     _last_full_pass: float = 0.0
+    #: Some write of a pass, an apply or a repair failed since the last clean full pass:
+    #: the periodic pass then comes after a backoff, not a whole period (up to 5 min).
+    _writes_failed: bool = False
+    #: Reports with errors so far (a pass clears ``_writes_failed`` only if none came
+    #: while it ran: it skips the entries a concurrent apply wrote, failed ones included).
+    _error_reports: int = 0
+    _failed_at: float = 0.0
+    #: Set when writes fail, so a waiting reconcile loop reconsiders its deadline.
+    _retry_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> int:
         """Run every loop until cancelled (returns nothing then) or one meets a fatal
@@ -318,6 +329,7 @@ class AgentLoops:
     async def _reconcile(self, why: str) -> None:
         async with self._reconcile_lock:
             self._last_full_pass = time.monotonic()
+            errors_before = self._error_reports
             began = time.perf_counter()
             try:
                 # The live mapping, read by the backend when its pass starts: a copy made
@@ -329,6 +341,8 @@ class AgentLoops:
             memory.release()  # a full pass allocates ~10 MB for a moment at 5,000 peers
             self.metrics.peers_skipped.set(len(report.skipped))
             self._record(report, why)
+            if not report.errors and self._error_reports == errors_before:
+                self._writes_failed = False  # a clean pass wrote all that failed before
 
     def _record(self, report: ReconcileReport, why: str) -> None:
         self.metrics.peers.set(len(self.watcher.peers))
@@ -342,6 +356,12 @@ class AgentLoops:
                 "%s: data plane repaired (%d added, %d removed)", why, report.added, report.removed
             )
         if report.errors:
+            # Level-triggered: the failed writes are retried by a full pass soon (with
+            # backoff), not at the next periodic one, up to 5 min away at the default.
+            self._writes_failed = True
+            self._error_reports += 1
+            self._failed_at = time.monotonic()
+            self._retry_wake.set()
             self.metrics.reconcile_errors.inc()
             self.health.reconcile_failures += 1
             self.health.reconcile_last_error = report.errors[0]
@@ -362,12 +382,24 @@ class AgentLoops:
             # cloud route another node's stale snapshot deleted came back only after
             # 5 minutes with the 300-s safety-net period.
             period = min(period, PASS_WITHOUT_EVENTS_SECONDS)
+        backoff = self.retry_initial
         while True:
-            wait = self._last_full_pass + period - time.monotonic()
+            retrying = self._writes_failed
+            if retrying:  # not at once: what made the writes fail may last a moment
+                due = max(self._last_full_pass, self._failed_at) + min(backoff, period)
+            else:
+                backoff = self.retry_initial
+                due = self._last_full_pass + period
+            wait = due - time.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
+                self._retry_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._retry_wake.wait()
                 continue
-            await self._reconcile("resync")
+            await self._reconcile("retry of failed writes" if retrying else "resync")
+            if retrying:
+                backoff = min(backoff * 2.0, self.retry_max)
             self._ok("reconcile")
 
     async def _kernel_loop(self) -> None:

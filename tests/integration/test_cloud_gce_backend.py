@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
 
+import loden.backend.cloud as cloud
 import loden.backend.gce as gce
 from loden.backend import create_backend
 from loden.backend.base import BackendContext, ExternalInterface, Network
@@ -107,6 +109,33 @@ async def test_stale_route_removed_other_clusters_kept(gce_double: GceDouble) ->
         "flannel-10-50-1-0-24",
         "flannel-10-40-9-0-24",
     }
+
+
+async def test_full_pass_removes_a_leaseless_route_only_after_the_grace(
+    gce_double: GceDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that just joined has published its lease and written its route, but a peer
+    whose watch has not delivered that lease yet must not delete the route: a full pass
+    removes a leaseless route only if an earlier pass, the grace before, found it so."""
+    monkeypatch.setattr(cloud, "STALE_GRACE_SECONDS", 0.3)
+    lease_b = Lease(IPv4Network("10.40.6.0/24"), LeaseAttrs(public_ip=IPv4Address("10.128.0.3")))
+    b = await start(gce_double, "node-b", "10.40.6.0/24")
+    assert not (await b.reconcile({})).errors
+    a = await start(gce_double, "node-a", "10.40.5.0/24")
+    assert not (await a.reconcile({})).errors  # b's lease not seen yet
+    assert "flannel-10-40-6-0-24" in gce_double.routes
+    await a.apply([LeaseEvent(EventKind.ADDED, lease_b)])  # it arrives: no longer suspect
+    await asyncio.sleep(0.4)
+    assert not (await a.reconcile({lease_b.key: lease_b})).errors
+    assert "flannel-10-40-6-0-24" in gce_double.routes
+    # Gone while a was not watching (no event): found leaseless twice, the grace apart.
+    report = await a.reconcile({})
+    assert not report.errors and report.removed == 0
+    await asyncio.sleep(0.4)
+    report = await a.reconcile({})
+    assert not report.errors and report.removed == 1
+    assert "flannel-10-40-6-0-24" not in gce_double.routes
+    assert "flannel-10-40-5-0-24" in gce_double.routes
 
 
 async def test_failures_retried_reported_recovered(

@@ -100,9 +100,11 @@ class FakeNetwork:
     reconciled: list[set[str]] = field(default_factory=list)
     apply_error: Exception | None = None
     reconcile_error: Exception | None = None
+    apply_failures: int = 0
 
     async def apply(self, events: Sequence[LeaseEvent]) -> ReconcileReport:
         if self.apply_error is not None:
+            self.apply_failures += 1
             raise self.apply_error
         self.applied.extend(events)
         return ReconcileReport(added=len(events))
@@ -324,7 +326,9 @@ async def test_watch_error_restarts_the_watch_and_peers_still_arrive() -> None:
         await stop(agent)
 
 
-async def test_data_plane_exceptions_are_reported_not_fatal() -> None:
+async def test_data_plane_exceptions_are_reported_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """An unexpected exception from the backend (a bug, an unmapped pyroute2 error) is a
     failed pass: reported, retried by the next one; other peers keep being applied."""
     agent = await start()
@@ -339,12 +343,33 @@ async def test_data_plane_exceptions_are_reported_not_fatal() -> None:
         )
         agent.network.apply_error = RuntimeError("netlink socket closed")
         await add_peer(agent, 3)
-        await eventually(
-            "apply failure recorded", lambda: "RuntimeError" in agent.health.reconcile_last_error
-        )
+        await eventually("apply failure logged", lambda: "apply: RuntimeError" in caplog.text)
         assert not agent.task.done()
         agent.network.apply_error = agent.network.reconcile_error = None
         await eventually("reconcile healthy again", lambda: agent.health.reconcile_failures == 0)
+    finally:
+        await stop(agent)
+
+
+async def test_failed_writes_bring_the_full_pass_forward() -> None:
+    """A failed apply is retried by a full pass after a short backoff, not at the next
+    periodic pass (300 s by default); once a pass is clean the period applies again."""
+    agent = await start(flags=["-resync-period=300"])
+    try:
+        await asyncio.sleep(0.2)
+        passes = len(agent.network.reconciled)
+        agent.network.apply_error = RuntimeError("netlink: No buffer space available")
+        key = await add_peer(agent, 2)
+        await eventually("apply failed", lambda: agent.network.apply_failures > 0)
+        await eventually(
+            "retried by a full pass holding the peer",
+            lambda: any(key in peers for peers in agent.network.reconciled[passes:]),
+        )
+        assert agent.health.reconcile_failures == 0
+        agent.network.apply_error = None
+        settled = len(agent.network.reconciled)
+        await asyncio.sleep(0.5)  # > retry_max: only the period would bring another pass
+        assert len(agent.network.reconciled) == settled
     finally:
         await stop(agent)
 

@@ -8,10 +8,10 @@ routes inside ``Network`` are removed. Better than flannel:
 
 * a correct route is left alone (flannel v0.11 deletes and recreates it at every start);
   a foreign route on our subnet is replaced atomically (``ReplaceRoute``) and logged;
-* routes whose lease is gone are removed by any peer, but only routes Loden can prove it
-  made: EC2 routes carry no tags, so each route Loden writes is recorded as a tag on its
-  route table, ``loden.io/route/<cidr>`` = ``<Network>``; another cluster's routes (other
-  tag value, or none) are never touched;
+* routes whose lease is gone are removed by any peer (see :mod:`loden.backend.cloud` for
+  when), but only routes Loden can prove it made: EC2 routes carry no tags, so each
+  route Loden writes is recorded as a tag on its route table, ``loden.io/route/<cidr>``
+  = ``<Network>``; another cluster's routes (other tag value, or none) are never touched;
 * every cloud call runs in the agent's reconcile pass (see :mod:`loden.backend.cloud`):
   failures are retried with backoff and reported by ``/healthz``, never fatal;
 * IMDSv2 (token) with IMDSv1 fallback; a denied call names the IAM action and resource.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from loden.backend.base import BackendContext, Network, ReconcileReport
-from loden.backend.cloud import CloudRouteNetwork
+from loden.backend.cloud import CloudRouteNetwork, Stale
 from loden.errors import BackendError, CloudError, CloudPermissionError
 from loden.model.backend_options import AwsVpcOptions
 from loden.model.lease import Lease, LeaseAttrs
@@ -287,9 +287,7 @@ class AwsVpcRoutes:
             f" {vpc_id} no main table): set Backend.RouteTableID"
         )
 
-    async def run(
-        self, peers: Mapping[str, Lease] | None, gone: frozenset[IPv4Network]
-    ) -> ReconcileReport:
+    async def run(self, stale: Stale) -> ReconcileReport:
         ec2, ident = await self._identify()
         if not self.src_dst_done:
             try:
@@ -302,22 +300,12 @@ class AwsVpcRoutes:
             except CloudError as exc:  # flannel: a warning; pods' packets may be dropped
                 log.warning("failed to disable SourceDestCheck on %s: %s.", ident.eni, exc)
             self.src_dst_done = True
-        if peers is None:  # an event batch: only what it removed is stale
-            stale: Callable[[IPv4Network], bool] = gone.__contains__
-        else:
-            live = {lease.subnet for lease in peers.values()} - gone
-
-            def stale(net: IPv4Network) -> bool:
-                return net not in live
-
         report = ReconcileReport()
         for rtb in ident.tables:
             report += await self._table(ec2, ident, rtb, stale)
         return report
 
-    async def _table(
-        self, ec2: Ec2, ident: Identity, rtb: str, stale: Callable[[IPv4Network], bool]
-    ) -> ReconcileReport:
+    async def _table(self, ec2: Ec2, ident: Identity, rtb: str, stale: Stale) -> ReconcileReport:
         what = f"route table {rtb}"
         found = await ec2.call("describe_route_tables", what, RouteTableIds=[rtb])
         tables = found.get("RouteTables", [])

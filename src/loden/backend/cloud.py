@@ -23,16 +23,26 @@ log = logging.getLogger(__name__)
 #: Backoff between failed passes: 1, 2, 4, ... seconds, at most this.
 MAX_BACKOFF = 20.0
 
-#: ``run_pass(peers, gone)``: ``peers`` the complete peer set (a reconcile), or None (an
-#: event batch: then only the subnets in ``gone`` may be removed).
-Pass = Callable[[Mapping[str, Lease] | None, frozenset[IPv4Network]], Awaitable[ReconcileReport]]
+#: A full pass removes an owned route whose subnet no known lease holds only once it was
+#: found so for this long (at the next pass, 10 s later): a node that just joined writes
+#: its route right after publishing its lease, and a peer listing the routes before that
+#: lease reached its watch would otherwise delete the new route (seen in the lab).
+STALE_GRACE_SECONDS = 5.0
+
+#: Is an owned route to this subnet stale, to be removed now?
+Stale = Callable[[IPv4Network], bool]
+#: ``run_pass(stale)``: one pass; the own route, and owned routes ``stale`` names removed.
+Pass = Callable[[Stale], Awaitable[ReconcileReport]]
 
 
 class CloudRouteNetwork:
     """A :class:`~loden.backend.base.Network` whose data plane is a cloud route table.
 
-    ``run_pass(peers, gone)`` does one level-triggered pass: the own route, and removal of
-    owned routes whose lease is gone (``gone``: subnets known removed by an event).
+    ``run_pass(stale)`` does one level-triggered pass: the own route, and removal of the
+    owned routes ``stale`` names. After an event batch those are the subnets it removed;
+    in a full pass, those no lease held in this pass and in one at least
+    :data:`STALE_GRACE_SECONDS` before (checked against the peers known when the route
+    is looked at, not when the pass began).
     """
 
     def __init__(self, lease: Lease, mtu: int, run_pass: Pass, what: str) -> None:
@@ -45,6 +55,8 @@ class CloudRouteNetwork:
         self._retry_at = 0.0
         self._last_error = ""
         self._peers: dict[str, Lease] = {}
+        #: Owned routes found without a lease in a full pass: when that was first seen.
+        self._suspects: dict[IPv4Network, float] = {}
 
     @property
     def lease(self) -> Lease:
@@ -67,11 +79,28 @@ class CloudRouteNetwork:
             return self._still_failing()
         # Only the subnets these events removed: a peer set built from events alone is
         # not proof that any other route is stale.
-        return await self._guarded(None, gone)
+        return await self._guarded(lambda net: net in gone and net not in self._live())
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         self._peers = dict(peers)
-        return await self._guarded(dict(peers), frozenset())
+        suspects, self._suspects = self._suspects, {}
+        live: set[IPv4Network] | None = None
+
+        def stale(net: IPv4Network) -> bool:
+            nonlocal live
+            if live is None:  # once the pass has listed the routes: the newest peers
+                live = self._live()
+            if net in live:
+                return False
+            now = time.monotonic()
+            first = self._suspects[net] = suspects.get(net, now)
+            return now - first >= STALE_GRACE_SECONDS
+
+        return await self._guarded(stale)
+
+    def _live(self) -> set[IPv4Network]:
+        """The subnets of the peers known now (``apply`` keeps them current)."""
+        return {lease.subnet for lease in self._peers.values()}
 
     async def aclose(self) -> None:
         return None
@@ -81,9 +110,7 @@ class CloudRouteNetwork:
             return ReconcileReport(errors=(self._last_error,))
         return ReconcileReport()
 
-    async def _guarded(
-        self, peers: Mapping[str, Lease] | None, gone: frozenset[IPv4Network]
-    ) -> ReconcileReport:
+    async def _guarded(self, stale: Stale) -> ReconcileReport:
         async with self._lock:
             now = time.monotonic()
             if self._failures and now < self._retry_at:
@@ -92,7 +119,7 @@ class CloudRouteNetwork:
                     errors=(f"{self._last_error} (next attempt in {left:.0f}s)",)
                 )
             try:
-                report = await self._run_pass(peers, gone)
+                report = await self._run_pass(stale)
             except Exception as exc:
                 report = ReconcileReport(errors=(str(exc) or type(exc).__name__,))
             if report.errors:

@@ -8,9 +8,10 @@ operation polled to completion; the lease carries only ``PublicIP``. Better than
 * every call runs in the agent's reconcile pass (:mod:`loden.backend.cloud`): failures,
   including an operation that never finishes, are retried with backoff and reported by
   ``/healthz`` instead of exiting with the lease left behind;
-* routes of subnets whose lease is gone are removed, but only routes Loden can prove are
-  this cluster's: a ``flannel-`` name, this node's network, and a destination inside
-  ``Network`` (so two clusters in one project never delete each other's routes);
+* routes of subnets whose lease is gone are removed (see :mod:`loden.backend.cloud` for
+  when), but only routes Loden can prove are this cluster's: a ``flannel-`` name, this
+  node's network, and a destination inside ``Network`` (so two clusters in one project
+  never delete each other's routes);
 * a 403 names the IAM permission and the resource.
 
 Compute API calls go through google-api-python-client with the discovery document it
@@ -29,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 import httpx
 
 from loden.backend.base import BackendContext, Network, ReconcileReport
-from loden.backend.cloud import CloudRouteNetwork
+from loden.backend.cloud import CloudRouteNetwork, Stale
 from loden.errors import BackendError, CloudError, CloudPermissionError
 from loden.model.lease import Lease, LeaseAttrs
 
@@ -311,9 +312,7 @@ class GceRoutes:
         log.info("gce: instance %s in %s, network %s", instance, zone, network_link)
         return self.identity
 
-    async def run(
-        self, peers: Mapping[str, Lease] | None, gone: frozenset[IPv4Network]
-    ) -> ReconcileReport:
+    async def run(self, stale: Stale) -> ReconcileReport:
         ident = await self._identify()
         api, project = self.api, ident.project
         own = self.lease.subnet
@@ -355,17 +354,11 @@ class GceRoutes:
                 raise CloudError(f"route {name} appeared while inserting it; checking again")
             await api.wait(project, op, "insert")
             added += 1
-        if peers is None:  # an event batch: only what it removed is stale
-            stale: set[IPv4Network] | None = set(gone)
-            live: set[IPv4Network] = set()
-        else:
-            stale = None
-            live = {lease.subnet for lease in peers.values()} - gone
         for item in await api.list_routes(project):
             if not self._ours(item, ident) or item.get("name") == name:
                 continue
             dest = IPv4Network(item["destRange"])
-            if (stale is not None and dest not in stale) or (stale is None and dest in live):
+            if not stale(dest):
                 continue
             log.info("gce: removing route %s (%s): its lease is gone", item["name"], dest)
             status, op = await self._delete(project, str(item["name"]))
