@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 
@@ -103,6 +103,49 @@ async def test_32_agents_at_once_distinct(store: LeaseStore, etcd: EtcdServer, a
     assert len({lease.subnet for lease in leases}) == 32
     assert sum(m.claim_conflicts for m in managers) > 0  # the race really happened
     assert len((await store.list()).kvs) == 32
+
+
+async def test_dual_stack_agents_at_once_never_share_a_subnet(etcd: EtcdServer, api: str) -> None:
+    """A dual-stack key holds both subnets, so the create's compare-and-swap does not
+    stop two nodes taking the same IPv4 subnet with different IPv6 ones: the creation
+    order must (it did not: 1 start in ~30 of three dual-stack agents at once shared
+    one, and those two nodes could not reach each other's pods). Four agents on four
+    IPv4 subnets and 256 IPv6 ones collide on IPv4 in most rounds."""
+    config = (
+        b'{"Network": "10.6.0.0/22", "SubnetMin": "10.6.0.0", "EnableIPv6": true,'
+        b' "IPv6Network": "fd00:6::/56", "Backend": {"Type": "vxlan"}}'
+    )
+    conflicts = 0
+    for round_ in range(6):
+        prefix = f"/loden-race-{round_}-{time.monotonic_ns()}"
+        stores = [
+            await open_store(settings([etcd.client_url], api, prefix=prefix)) for _ in range(4)
+        ]
+        try:
+            await stores[0].put_config(config)
+            managers = [manager(s, seed=round_ * 10 + i) for i, s in enumerate(stores)]
+            leases = await asyncio.gather(
+                *(
+                    m.acquire_lease(
+                        LeaseAttrs(
+                            IPv4Address(f"192.168.1.{i + 10}"),
+                            "vxlan",
+                            public_ipv6=IPv6Address(f"fd99::{i}"),
+                        ),
+                        PreviousSubnets(),
+                    )
+                    for i, m in enumerate(managers)
+                )
+            )
+            listed = (await stores[0].list()).kvs
+        finally:
+            for s in stores:
+                await s.aclose()
+        assert len({lease.subnet for lease in leases}) == 4, [lease.key for lease in leases]
+        assert len({lease.ipv6_subnet for lease in leases}) == 4
+        assert sorted(kv.name for kv in listed) == sorted(lease.key for lease in leases)
+        conflicts += sum(m.claim_conflicts for m in managers)
+    assert conflicts > 0  # the races really happened
 
 
 async def test_exhaustion(store: LeaseStore) -> None:

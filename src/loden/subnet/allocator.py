@@ -82,7 +82,8 @@ def plan(
     exclude: frozenset[IPv4Network | IPv6Network] = frozenset(),
     window: int = CANDIDATE_WINDOW,
 ) -> Plan:
-    """Decide what to claim. ``exclude`` lists subnets just lost in a race; ``window``
+    """Decide what to claim. ``exclude`` lists subnets just lost in a race or held by
+    keys whose value does not parse; ``window``
     is how many free candidates to choose among (flannel: 100; widened after lost
     races so that a storm of starting nodes spreads out instead of colliding).
 
@@ -120,7 +121,7 @@ def plan(
             or not config.contains_v6(prev6)
             or any(prev6.overlaps(t) for t in taken_v6)
         ):
-            prev6 = _pick_v6(config, taken_v6, rng, salt=_salt(attrs))
+            prev6 = _pick_v6(config, taken_v6, rng, salt=_salt(attrs), exclude=exclude)
         return Plan(Fresh(prev, prev6, f"previous subnet {prev} from the subnet file"), stale)
 
     free: list[IPv4Network] = []
@@ -146,7 +147,11 @@ def plan(
             f"{config.subnet_max} are leased ({len(leases)} leases); enlarge Network, raise "
             "SubnetLen or remove stale leases (loden leases)"
         )
-    v6 = _pick_v6(config, taken_v6, rng, salt=_salt(attrs)) if config.enable_ipv6 else None
+    v6 = (
+        _pick_v6(config, taken_v6, rng, salt=_salt(attrs), exclude=exclude, window=window)
+        if config.enable_ipv6
+        else None
+    )
     pick = free[(rng.randrange(len(free)) + _salt(attrs)) % len(free)]
     return Plan(Fresh(pick, v6, "random free subnet"), stale)
 

@@ -79,6 +79,7 @@ class EtcdV2Store:
             str(node.get("value", "")).encode(),
             None if ttl is None else float(ttl),
             int(node.get("modifiedIndex", 0)),
+            int(node.get("createdIndex", 0)),
         )
 
     # -- LeaseStore ---------------------------------------------------------------------------
@@ -142,6 +143,11 @@ class EtcdV2Store:
             return Listing((), index)
         self._raise("list subnets", response)
         return Listing((), index)
+
+    async def created_since(self, cursor: int) -> tuple[StoredKV, ...]:
+        """v2 cannot filter by creation: the whole listing, filtered here."""
+        listing = await self.list()
+        return tuple(kv for kv in listing.kvs if kv.created > cursor)
 
     async def get(self, name: str) -> StoredKV | None:
         response = await self.http.request(

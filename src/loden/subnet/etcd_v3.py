@@ -145,6 +145,7 @@ class EtcdV3Store:
             _unb64(raw.get("value")),
             ttl,
             int(raw.get("lease", 0)),
+            int(raw.get("create_revision", 0)),
         )
 
     # -- LeaseStore ---------------------------------------------------------------------------
@@ -234,6 +235,18 @@ class EtcdV3Store:
                 return None
             lease_id = int(kvs[0].get("lease", 0))
             return self._kv(kvs[0], None if lease_id == 0 else float("nan"))
+
+    async def created_since(self, cursor: int) -> tuple[StoredKV, ...]:
+        start = self.subnets.encode()
+        body = {
+            "key": _b64(start),
+            "range_end": _b64(prefix_end(start)),
+            "min_create_revision": cursor + 1,
+            "keys_only": True,
+        }
+        reply = await self._post("kv/range", body)
+        with reading_reply("kv/range"):
+            return tuple(self._kv(raw, None) for raw in reply.get("kvs") or [])
 
     async def _put_if(
         self, name: str, value: bytes, ttl: int | None, compare: dict[str, Any]

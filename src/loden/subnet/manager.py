@@ -16,11 +16,13 @@ over flannel:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from loden.errors import (
@@ -35,7 +37,7 @@ from loden.errors import (
 )
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from loden.model.net import parse_subnet_key, subnet_key
+from loden.model.net import NO_IPV4, parse_subnet_key, subnet_key
 from loden.model.subnet_env import PreviousSubnets
 from loden.subnet import allocator
 from loden.subnet.base import PublicIPOverride, WatchResult
@@ -89,6 +91,20 @@ def lease_from_kv(kv: StoredKV | StoreEvent, *, now: float | None = None) -> Lea
     )
 
 
+Subnet = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class _Planning:
+    """A listing to plan an acquire from: when it was made (monotonic), its cursor, its
+    leases, and the subnets of its keys whose value does not parse."""
+
+    when: float
+    cursor: int
+    leases: tuple[Lease, ...]
+    occupied: set[Subnet]
+
+
 class EtcdSubnetManager:
     """Subnet manager over a :class:`LeaseStore` (both etcd APIs share it)."""
 
@@ -125,7 +141,7 @@ class EtcdSubnetManager:
         #: a moment old is safe). The watch still lists afresh: its snapshot is acted on
         #: before the changes since are replayed, and the cloud backends delete every
         #: route a snapshot lacks (a peer that joined meanwhile lost its route).
-        self._recent: tuple[float, int, tuple[Lease, ...]] | None = None
+        self._recent: _Planning | None = None
 
     @property
     def name(self) -> str:
@@ -178,7 +194,12 @@ class EtcdSubnetManager:
 
     # -- leases ---------------------------------------------------------------------------
 
-    def _parse_listing(self, kvs: tuple[StoredKV, ...]) -> list[Lease]:
+    def _parse_listing(
+        self, kvs: tuple[StoredKV, ...], occupied: set[Subnet] | None = None
+    ) -> list[Lease]:
+        """The leases that parse; ``occupied`` gets the subnets of lease keys whose value
+        does not: somebody holds them all the same, and a dual-stack key's create does
+        not collide with a key on the same IPv4 subnet but another IPv6 one."""
         now = time.time()
         leases: list[Lease] = []
         for kv in kvs:
@@ -186,6 +207,13 @@ class EtcdSubnetManager:
                 leases.append(lease_from_kv(kv, now=now))
             except ParseError as exc:
                 self._warn_bad(kv.name, kv.value, exc)
+                if occupied is not None:
+                    with contextlib.suppress(ParseError):
+                        subnet, ipv6_subnet = parse_lease_name(kv.name)
+                        if subnet != NO_IPV4:
+                            occupied.add(subnet)
+                        if ipv6_subnet is not None:
+                            occupied.add(ipv6_subnet)
         return leases
 
     def _warn_bad(self, name: str, value: bytes, exc: ParseError) -> None:
@@ -207,18 +235,18 @@ class EtcdSubnetManager:
 
     async def list_leases(self, *, with_ttl: bool = False) -> list[Lease]:
         listing = await self.store.list(with_ttl=with_ttl)
-        leases = self._parse_listing(listing.kvs)
+        occupied: set[Subnet] = set()
+        leases = self._parse_listing(listing.kvs, occupied)
         if not with_ttl:
-            self._recent = (time.monotonic(), listing.cursor, tuple(leases))
+            self._recent = _Planning(time.monotonic(), listing.cursor, tuple(leases), occupied)
         return leases
 
-    def _take_recent(self) -> tuple[int, tuple[Lease, ...]] | None:
-        """The recent listing (cursor, leases) if younger than :data:`RECENT_SECONDS`;
-        forgotten either way."""
+    def _take_recent(self) -> _Planning | None:
+        """The recent listing if younger than :data:`RECENT_SECONDS`; forgotten either way."""
         recent, self._recent = self._recent, None
-        if recent is None or time.monotonic() - recent[0] > RECENT_SECONDS:
+        if recent is None or time.monotonic() - recent.when > RECENT_SECONDS:
             return None
-        return recent[1], recent[2]
+        return recent
 
     def _value(self, attrs: LeaseAttrs) -> bytes:
         return attrs.to_json(legacy=self.store.legacy_values).encode()
@@ -228,15 +256,17 @@ class EtcdSubnetManager:
 
         :raises SubnetsExhausted: nothing free. :raises StoreUnavailable: etcd down.
         """
-        lost: set[IPv4Network | IPv6Network] = set()
+        lost: set[Subnet] = set()
         for attempt in range(1, MAX_CLAIM_ATTEMPTS + 1):
             config = await self.get_network_config()
             recent = self._take_recent() if attempt == 1 else None
             if recent is not None:
-                leases = list(recent[1])
+                cursor, leases, occupied = recent.cursor, list(recent.leases), recent.occupied
             else:
                 listing = await self.store.list()
-                leases = self._parse_listing(listing.kvs)
+                occupied = set()
+                cursor = listing.cursor
+                leases = self._parse_listing(listing.kvs, occupied)
                 del listing
             plan = allocator.plan(
                 config,
@@ -244,7 +274,7 @@ class EtcdSubnetManager:
                 attrs,
                 previous,
                 rng=self.rng,
-                exclude=frozenset(lost),
+                exclude=frozenset(lost | occupied),
                 window=allocator.CANDIDATE_WINDOW << min(len(lost), 6),
             )
             for dup in plan.duplicates_of_ours:
@@ -288,6 +318,7 @@ class EtcdSubnetManager:
                 choice = plan.choice
                 lease = Lease(choice.subnet, attrs, choice.ipv6_subnet)
                 kv = await self.store.create(lease.key, self._value(attrs), self.ttl)
+                await self._check_rivals(lease, cursor)
                 log.info(
                     "allocated lease %s to current node %s (%s)",
                     lease.key,
@@ -320,6 +351,49 @@ class EtcdSubnetManager:
             "is something rewriting <prefix>/subnets?"
         )
 
+    async def _check_rivals(self, lease: Lease, cursor: int) -> None:
+        """Did a lease on one of our new subnets appear after the listing we planned from?
+
+        The create's compare-and-swap is on the key, and a dual-stack key holds both
+        subnets: two nodes picking the same IPv4 subnet with different IPv6 ones (or the
+        other way round, or one of them single-stack) write different keys, and both
+        creates succeed. Then each node ignores the other's lease as its own subnet
+        and the two can reach nobody through it (seen: 1 start in ~30 of three
+        dual-stack nodes at once). The store's creation order decides: the earlier
+        lease stays, the later one is deleted by its own node, which picks again.
+        Go flanneld does not check: a rival it creates after ours is reported.
+
+        :raises LeaseConflict: we came second (our key is deleted again).
+        """
+        rivals: list[tuple[int, str]] = []
+        mine = 0
+        for kv in await self.store.created_since(cursor):
+            if kv.name == lease.key:
+                mine = kv.created
+                continue
+            try:
+                subnet, ipv6_subnet = parse_lease_name(kv.name)
+            except ParseError:
+                continue
+            if _overlap(lease, subnet, ipv6_subnet):
+                rivals.append((kv.created, kv.name))
+        if not mine:
+            raise LeaseConflict(f"{lease.key} vanished right after we created it")
+        first = min(rivals, default=None)
+        if first is not None and first[0] < mine:
+            await self.store.delete(lease.key, expect_value=self._value(lease.attrs))
+            raise LeaseConflict(
+                f"{first[1]} was created just before our {lease.key} and overlaps it"
+            )
+        for _, name in rivals:
+            log.warning(
+                "lease %s was created just after ours (%s) and overlaps it: its node must "
+                "pick another subnet (Loden does by itself; Go flanneld does not check, "
+                "restart it there)",
+                name,
+                lease.key,
+            )
+
     async def renew_lease(self, lease: Lease) -> Lease:
         """Extend our lease (a fresh TTL); re-create it if it vanished and is still free.
 
@@ -336,6 +410,13 @@ class EtcdSubnetManager:
                 if current is None:
                     raise LeaseRevoked(f"our lease {lease.key} keeps vanishing") from None
             else:
+                try:  # meanwhile another node may hold one of its subnets under another key
+                    await self._check_rivals(lease, 0)
+                except LeaseConflict as exc:
+                    raise LeaseRevoked(
+                        f"our lease {lease.key} had vanished, and {exc}; restart to get a "
+                        "new subnet"
+                    ) from None
                 log.warning("our lease %s had vanished from etcd; re-created it", lease.key)
                 return _with_expiry(lease, ttl, kv.ref)
         try:
@@ -472,6 +553,18 @@ class EtcdSubnetManager:
             closer = getattr(stream, "aclose", None)
             if closer is not None:
                 await closer()
+
+
+def _overlap(lease: Lease, subnet: IPv4Network, ipv6_subnet: IPv6Network | None) -> bool:
+    """Do the subnets of a lease key share addresses with ``lease``'s, family by family
+    (an IPv6-only key's IPv4 part ``0.0.0.0/0`` holds nothing)?"""
+    if lease.subnet != NO_IPV4 and subnet != NO_IPV4 and lease.subnet.overlaps(subnet):
+        return True
+    return (
+        lease.ipv6_subnet is not None
+        and ipv6_subnet is not None
+        and lease.ipv6_subnet.overlaps(ipv6_subnet)
+    )
 
 
 def _with_expiry(lease: Lease, ttl: int | None, ref: int) -> Lease:

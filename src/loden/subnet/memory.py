@@ -21,6 +21,7 @@ class _Entry:
     value: bytes
     expires: float | None
     revision: int
+    created: int
 
 
 class MemoryStore:
@@ -79,7 +80,7 @@ class MemoryStore:
 
     def _kv(self, name: str, entry: _Entry) -> StoredKV:
         ttl = None if entry.expires is None else max(0.0, entry.expires - self._clock())
-        return StoredKV(name, entry.value, ttl, entry.revision)
+        return StoredKV(name, entry.value, ttl, entry.revision, entry.created)
 
     # -- LeaseStore -------------------------------------------------------------------------
 
@@ -100,6 +101,11 @@ class MemoryStore:
         kvs = tuple(self._kv(n, e) for n, e in sorted(self._data.items()))
         return Listing(kvs, self._revision)
 
+    async def created_since(self, cursor: int) -> tuple[StoredKV, ...]:
+        self.requests += 1
+        await self._expire()
+        return tuple(self._kv(n, e) for n, e in sorted(self._data.items()) if e.created > cursor)
+
     async def get(self, name: str) -> StoredKV | None:
         self.requests += 1
         await self._expire()
@@ -117,7 +123,10 @@ class MemoryStore:
                 self._revision + 1,
             )
         )
-        self._data[name] = _Entry(value, expires, revision)
+        old = self._data.get(name)
+        self._data[name] = _Entry(
+            value, expires, revision, revision if old is None else old.created
+        )
         return self._kv(name, self._data[name])
 
     async def create(self, name: str, value: bytes, ttl: int | None) -> StoredKV:

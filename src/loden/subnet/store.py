@@ -30,6 +30,9 @@ class StoredKV:
     ttl: float | None
     #: Adapter handle: etcd v3 lease id or v2 modifiedIndex.
     ref: int = 0
+    #: When the key was created, in the store's own order (etcd v3 create_revision, v2
+    #: createdIndex; 0: unknown): which of two overlapping leases came first.
+    created: int = 0
 
 
 class StoreEventKind(enum.Enum):
@@ -88,6 +91,12 @@ class LeaseStore(Protocol):
         ...
 
     async def get(self, name: str) -> StoredKV | None: ...
+
+    async def created_since(self, cursor: int) -> tuple[StoredKV, ...]:
+        """The lease keys created after ``cursor`` (a :class:`Listing` cursor), with
+        ``created`` set; values may be left empty. What a node that planned from a
+        listing at ``cursor`` may have raced with."""
+        ...
 
     async def create(self, name: str, value: bytes, ttl: int | None) -> StoredKV:
         """Create ``name`` only if absent; ``ttl`` None makes no TTL.
