@@ -46,6 +46,7 @@ from loden.kernel.netlink import (
     RTPROT_LODEN,
     BatchResult,
     Change,
+    Digest,
     EntryChange,
     FdbEntry,
     IPAddress,
@@ -300,6 +301,14 @@ class PeerNetwork:
         self._lookup_basis: frozenset[tuple[object, ...]] | None = None
         #: Admin state (up) of the links watched by :meth:`watch_kernel`.
         self._links_up: dict[int, bool] = {}
+        #: Bumped whenever what the kernel should hold may change (see
+        #: :meth:`_expect_changed`).
+        self._generation = 0
+        #: (generation, digest of the dumps) of the last no-change pass that found the
+        #: kernel exactly as wanted: while both still match, the next no-change pass
+        #: only fingerprints the dumps (~25 ms at 5,000 vxlan peers instead of ~130 ms
+        #: deriving, hashing and decoding 15,000 entries each way: issue 14).
+        self._quiet: tuple[int, int] | None = None
 
     @property
     def lease(self) -> Lease:
@@ -362,12 +371,15 @@ class PeerNetwork:
     def _all_conflicts(self) -> tuple[str, ...]:
         return (*self._conflicts.values(), *self._shared.values())
 
-    async def _kernel(self, skip: set[Entry] | None = None) -> list[Entry]:
+    async def _kernel(
+        self, skip: set[Entry] | None = None, digest: Digest | None = None
+    ) -> list[Entry]:
         """Every kernel entry this backend might own (dumped once per reconcile); with
-        ``skip``, those equal to one in it are left out and removed from it."""
-        entries: list[Entry] = list(await self._nl.routes(skip=skip))
+        ``skip``, those equal to one in it are left out and removed from it; ``digest``
+        gets every dumped message (see :class:`Digest`)."""
+        entries: list[Entry] = list(await self._nl.routes(skip=skip, digest=digest))
         if self._config.enable_ipv6:
-            entries += await self._nl.routes(family=socket.AF_INET6, skip=skip)
+            entries += await self._nl.routes(family=socket.AF_INET6, skip=skip, digest=digest)
         return entries
 
     def _owns(self, entry: Entry) -> bool:
@@ -388,6 +400,13 @@ class PeerNetwork:
         """The kernel lost what hung off the base: nothing is programmed any more."""
         self._wanted.clear()
         self._by_ident = None
+        self._expect_changed()
+
+    def _expect_changed(self) -> None:
+        """What the kernel should hold may have changed (programmed peers, devices):
+        the digest of the last quiet pass no longer proves anything."""
+        self._generation += 1
+        self._quiet = None
 
     def _entries_of(self, lease: Lease | None) -> tuple[Entry, ...]:
         """The entries ``lease`` needs now (none if it cannot have any)."""
@@ -527,12 +546,25 @@ class PeerNetwork:
         filtered dump. Matching kernel entries are dropped as they are decoded, so the
         pass holds the missing entries and the kernel's others, not 15,000 of each;
         that short-lived peak is what the allocator kept (~3 MB after each resync at
-        5,000 peers, issue 14)."""
+        5,000 peers, issue 14).
+
+        If nothing this side changed since a pass that found the kernel exactly as
+        wanted, the dumps are only fingerprinted: the same digest means the same
+        kernel entries, so nothing is derived or decoded (the digest comes from the
+        very dumps that pass checked, never from another moment's)."""
+        generation = self._generation
+        skipped = [why for _, why in self._unwanted.values() if isinstance(why, str)]
+        if self._quiet is not None and self._quiet[0] == generation:
+            fingerprints = Digest(decode=False)
+            await self._kernel(digest=fingerprints)
+            if self._quiet is not None and self._quiet == (generation, fingerprints.value):
+                return ReconcileReport(skipped=tuple(skipped), conflicts=self._all_conflicts())
         started = time.monotonic()
         expected: set[Entry] = {
             e for lease in self._wanted.values() for e in self._entries_of(lease)
         }
-        kernel = await self._kernel(skip=expected)
+        digest = Digest()
+        kernel = await self._kernel(skip=expected, digest=digest)
         changes = diff(expected, kernel, self._owns)
         del expected
         async with self._lock:
@@ -540,7 +572,8 @@ class PeerNetwork:
             if touched:
                 changes = [c for c in changes if entry_key(c.entry) not in touched]
             result = await self._nl.apply(changes)
-        skipped = [why for _, why in self._unwanted.values() if isinstance(why, str)]
+            if not changes and not touched and self._generation == generation:
+                self._quiet = (generation, digest.value)
         out = report(result, changes, skipped, self._all_conflicts())
         if changes or out.errors:
             log.info(
@@ -603,6 +636,7 @@ class PeerNetwork:
                     unwanted[key] = self._unwanted[key]
             self._wanted = programmed
             self._unwanted = unwanted
+            self._expect_changed()
             if rebuild:
                 self._by_ident = None  # built again when a notification needs it
         out = report(result, changes, skipped, self._all_conflicts())
@@ -691,6 +725,7 @@ class PeerNetwork:
             if self._touched_keys is not None:
                 self._touched_keys.update(entry_key(c.entry) for c in changes)
                 self._touched_peers.update(latest)
+            self._expect_changed()
             for key, lease in latest.items():
                 self._unindex(old[key], key)
                 self._wanted.pop(key, None)

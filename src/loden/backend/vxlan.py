@@ -94,6 +94,7 @@ from loden.backend.routes import IPV6_METRIC, Conflict, Entry, PeerNetwork, Want
 from loden.errors import BackendError, DataplaneError
 from loden.kernel.netlink import (
     RTPROT_BOOT,
+    Digest,
     FdbEntry,
     IPAddress,
     IPNetwork,
@@ -447,6 +448,8 @@ class VxlanNetwork(PeerNetwork):
         return (self._index, self._mac) if vtep.version == 4 else (self._index6, self._mac6)
 
     def _set_state(self, vtep: Vtep, index: int, mac: str) -> None:
+        if self._state(vtep) != (index, mac):  # the entries derived from them change
+            self._expect_changed()
         if vtep.version == 4:
             self._index, self._mac = index, mac
         else:
@@ -666,14 +669,19 @@ class VxlanNetwork(PeerNetwork):
             Route(subnet, gateway=gateway, oif=index, onlink=True, priority=IPV6_METRIC),
         )
 
-    async def _kernel(self, skip: set[Entry] | None = None) -> list[Entry]:
-        entries: list[Entry] = await super()._kernel(skip)
+    async def _kernel(
+        self, skip: set[Entry] | None = None, digest: Digest | None = None
+    ) -> list[Entry]:
+        entries: list[Entry] = await super()._kernel(skip, digest)
+        nl = self._nl
         if self._index:
-            entries += await self._nl.neighbours(self._index, skip=skip)
-            entries += await self._nl.fdb(self._index, skip=skip)
+            entries += await nl.neighbours(self._index, skip=skip, digest=digest)
+            entries += await nl.fdb(self._index, skip=skip, digest=digest)
         if self._index6:
-            entries += await self._nl.neighbours(self._index6, family=socket.AF_INET6, skip=skip)
-            entries += await self._nl.fdb(self._index6, skip=skip)
+            entries += await nl.neighbours(
+                self._index6, family=socket.AF_INET6, skip=skip, digest=digest
+            )
+            entries += await nl.fdb(self._index6, skip=skip, digest=digest)
         return entries
 
     def _owns(self, entry: Entry) -> bool:

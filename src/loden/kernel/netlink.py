@@ -323,34 +323,42 @@ class Netlink:
         family: int = socket.AF_INET,
         table: int = RT_TABLE_MAIN,
         skip: set[Entry] | None = None,
+        digest: Digest | None = None,
     ) -> list[Route]:
         """Every route of ``table`` for ``family`` (filtered in the kernel); with
         ``skip``, those equal to one of its entries are left out and removed from it
-        (see :func:`_decoded`)."""
+        (see :func:`_decoded`); ``digest`` gets the dump (see :class:`Digest`)."""
 
         def dump() -> list[Route]:
             kind, body = rtnl.route_dump_request(family, table)
-            found = _decoded(self._sock.dump(kind, body), rtnl.decode_route, skip)
+            found = _decoded(self._sock.dump(kind, body), rtnl.decode_route, skip, digest)
             return [r for r in found if isinstance(r, Route) and r.table == table]
 
         return await self._call("dump", f"routes of table {table}", dump)
 
     async def neighbours(
-        self, ifindex: int, *, family: int = socket.AF_INET, skip: set[Entry] | None = None
+        self,
+        ifindex: int,
+        *,
+        family: int = socket.AF_INET,
+        skip: set[Entry] | None = None,
+        digest: Digest | None = None,
     ) -> list[Neighbour]:
         def dump() -> list[Neighbour]:
             kind, body = rtnl.neigh_dump_request(family, ifindex)
-            found = _decoded(self._sock.dump(kind, body), rtnl.decode_neigh, skip)
+            found = _decoded(self._sock.dump(kind, body), rtnl.decode_neigh, skip, digest)
             return [n for n in found if isinstance(n, Neighbour) and n.ifindex == ifindex]
 
         return await self._call("dump", f"neighbours of #{ifindex}", dump)
 
-    async def fdb(self, ifindex: int, *, skip: set[Entry] | None = None) -> list[FdbEntry]:
+    async def fdb(
+        self, ifindex: int, *, skip: set[Entry] | None = None, digest: Digest | None = None
+    ) -> list[FdbEntry]:
         """FDB entries of one (vxlan) device."""
 
         def dump() -> list[FdbEntry]:
             kind, body = rtnl.neigh_dump_request(AF_BRIDGE, ifindex)
-            found = _decoded(self._sock.dump(kind, body), rtnl.decode_neigh, skip)
+            found = _decoded(self._sock.dump(kind, body), rtnl.decode_neigh, skip, digest)
             return [f for f in found if isinstance(f, FdbEntry) and f.ifindex == ifindex]
 
         return await self._call("dump", f"fdb of #{ifindex}", dump)
@@ -490,18 +498,43 @@ class Netlink:
         return await self._call("set", f"tx checksum offload {state} on {name}", run)
 
 
+class Digest:
+    """What a set of dumps held, as one number: the sum (mod 2**64) of the
+    :func:`rtnl.fingerprint` of every message the dump methods it is passed to read,
+    before any filtering. Equal digests of the same dumps: nothing in them changed.
+    ``decode=False``: fingerprint only, and those methods return nothing (a check that
+    nothing changed then decodes nothing)."""
+
+    __slots__ = ("decode", "value")
+
+    def __init__(self, *, decode: bool = True) -> None:
+        self.decode = decode
+        self.value = 0
+
+    def add(self, msg: bytes) -> None:
+        self.value = (self.value + rtnl.fingerprint(msg)) & rtnl.FINGERPRINT_MASK
+
+
 def _decoded(
-    raw: list[bytes], decode: Callable[[bytes], Entry | None], skip: set[Entry] | None
+    raw: list[bytes],
+    decode: Callable[[bytes], Entry | None],
+    skip: set[Entry] | None,
+    digest: Digest | None = None,
 ) -> list[Entry]:
     """Decode dumped messages one at a time, each freed once decoded; an entry equal
     to one in ``skip`` is not kept but removed from ``skip`` (which then holds what
     the kernel lacks). A no-change resync at 5,000 vxlan peers so keeps a few entries
     instead of 15,000 decoded ones (~4 MB for a moment, which the allocator then
-    kept: issue 14)."""
+    kept: issue 14). Every message also goes into ``digest``."""
     raw.reverse()
     out: list[Entry] = []
     while raw:
-        entry = decode(raw.pop())
+        msg = raw.pop()
+        if digest is not None:
+            digest.add(msg)
+            if not digest.decode:
+                continue
+        entry = decode(msg)
         if entry is None:
             continue
         if skip is not None and entry in skip:

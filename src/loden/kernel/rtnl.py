@@ -250,6 +250,42 @@ def decode_neigh(msg: bytes) -> Neighbour | FdbEntry | None:
     return Neighbour(ifindex, dst, mac_text(raw_ll) if raw_ll else None, state)
 
 
+#: Attributes whose values change by themselves (use timestamps and counters, probes,
+#: expiry countdowns): a fingerprint leaves them out.
+RTA_CACHEINFO: Final = 12
+RTA_EXPIRES: Final = 23
+NDA_CACHEINFO: Final = 3
+NDA_PROBES: Final = 4
+_VOLATILE: Final = {
+    RTM_NEWROUTE: frozenset({RTA_CACHEINFO, RTA_EXPIRES}),
+    RTM_NEWNEIGH: frozenset({NDA_CACHEINFO, NDA_PROBES}),
+}
+_BODY_HEAD: Final = 12  # struct rtmsg and struct ndmsg alike
+assert _RTMSG.size == _NDMSG.size == _BODY_HEAD
+FINGERPRINT_MASK: Final = (1 << 64) - 1
+
+
+def fingerprint(msg: bytes) -> int:
+    """A number for what one dumped route or neighbour message says: its type, its
+    rtmsg/ndmsg header and its attributes, without the netlink header (sequence, port)
+    and the volatile attributes. Summed over a dump (mod 2**64), it changes when any
+    entry in the dump does, at ~1 µs a message against ~2-5 µs to decode one into an
+    entry (issue 14: a no-change pass at 5,000 vxlan peers)."""
+    mtype = _HDR.unpack_from(msg, 0)[1]
+    volatile = _VOLATILE.get(mtype, frozenset())
+    head_end = 16 + _BODY_HEAD
+    parts = [msg[4:6], msg[16:head_end]]
+    offset, end = head_end, len(msg)
+    while offset + 4 <= end:
+        length, kind = _ATTR.unpack_from(msg, offset)
+        if length < 4:
+            break
+        if kind & 0x3FFF not in volatile:
+            parts.append(msg[offset : offset + length])
+        offset += (length + 3) & ~3
+    return hash(b"".join(parts)) & FINGERPRINT_MASK
+
+
 def decode_lookup(msg: bytes) -> RouteLookup:
     a = attrs(msg, 16 + _RTMSG.size)
     oif = a.get(RTA_OIF)
