@@ -55,7 +55,7 @@ from loden.lease_watch import LeaseWatcher
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 from loden.settings import AgentSettings
-from loden.subnet.base import SubnetManager, WatchResult
+from loden.subnet.base import SHARED_READ_SECONDS, SubnetManager, WatchResult
 from loden.traffic.base import Networks, TrafficManager
 
 log = logging.getLogger(__name__)
@@ -535,7 +535,8 @@ class AgentLoops:
             # probe's and the rules check's ticks (30 s is a multiple of their 5 s).
             await sleep_to_tick(3 * min(self.settings.resync_seconds, 10))
             try:
-                config = await self.manager.get_network_config()
+                # The probe reads the same key on this tick: one read serves both.
+                config = await self.manager.get_network_config(max_age=SHARED_READ_SECONDS)
             except StoreUnavailable as exc:
                 log.debug("config check skipped: %s", exc)
                 continue

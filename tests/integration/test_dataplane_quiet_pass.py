@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import AsyncIterator, Callable
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from loden.backend.vxlan import VxlanNetwork
 from loden.kernel import netlink, rtnl
-from loden.model.lease import EventKind, LeaseEvent
+from loden.model.lease import EventKind, Lease, LeaseEvent
 from tests.fixtures.topology import TopologyFactory
 from tests.integration.dataplane_support import Cluster, ClusterFactory, clusters, vxlan_lease
 
@@ -162,3 +163,49 @@ def test_fingerprint_ignores_header_and_volatile_attributes_only() -> None:
         digest.value
         == (rtnl.fingerprint(one) + rtnl.fingerprint(_neigh_message(1, b"", other))) % 2**64
     )
+
+
+async def test_a_batch_of_thousands_is_applied_in_chunks_and_whole(
+    make_cluster: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,200 peers in one event batch (3 chunks of 500), then 1,200 replaced by as many
+    new ones in one batch: every entry is written and every old one removed."""
+    cluster = await make_cluster("vxlan")
+    n0 = cluster.nodes[0]
+    writes: list[int] = []
+    apply = n0.network._nl.apply  # type: ignore[attr-defined]
+
+    async def counting(changes: list[object]) -> object:
+        writes.append(len(changes))
+        return await apply(changes)
+
+    monkeypatch.setattr(n0.network._nl, "apply", counting)  # type: ignore[attr-defined]
+
+    def peers(first: int, count: int) -> list[Lease]:
+        """/28 subnets of the cluster's Network from its 5th /24 on (the nodes' are the
+        first ones), public IPs on the underlay, distinct MACs."""
+        net = int(cluster.network.network_address)
+        out = []
+        for k in range(64 + first, 64 + first + count):
+            mac = f"0a:58:00:{k >> 8:02x}:{k & 255:02x}:01"
+            out.append(vxlan_lease(IPv4Network((net + (k << 4), 28)), underlay(k), mac))
+        return out
+
+    def underlay(k: int) -> IPv4Address:
+        return IPv4Address(int(cluster.topo.network.network_address) + 100 + k % 100)
+
+    first = peers(0, 1200)
+    report = await n0.network.apply([LeaseEvent(EventKind.ADDED, lease) for lease in first])
+    assert report.added == 3600 and not report.errors, report
+    assert max(writes) <= 3 * 500 and len(writes) == 3
+    second = peers(1200, 1200)
+    events = [LeaseEvent(EventKind.REMOVED, lease) for lease in first]
+    events += [LeaseEvent(EventKind.ADDED, lease) for lease in second]
+    writes.clear()
+    report = await n0.network.apply(events)
+    assert (report.added, report.removed) == (3600, 3600) and not report.errors, report
+    assert max(writes) <= 3 * 500
+    wanted = {lease.key: lease for lease in second}
+    wanted.update(cluster.peers(0))
+    again = await n0.network.reconcile(wanted)
+    assert again.added == again.removed == 0 and not again.errors, again

@@ -12,29 +12,15 @@ import pytest
 
 from loden.errors import StoreAuthError, StoreUnavailable
 from loden.model.config import NetworkConfig
-from loden.settings import EtcdSettings
 from loden.subnet import open_store
 from loden.subnet.etcd_v2 import EtcdV2Store
 from loden.subnet.etcd_v3 import EtcdV3Store
 from loden.subnet.manager import EtcdSubnetManager
 from loden.subnet.store import LeaseStore
-from tests.fixtures.etcd import EtcdCluster, EtcdServer, FixturePKI
+from tests.fixtures.etcd import EtcdCluster, EtcdServer, FixturePKI, etcd_settings
 
 CONFIG = b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}'
 PROBES = 25
-
-
-def settings(urls: list[str], api: str, **extra: str) -> EtcdSettings:
-    fields = {
-        "keyfile": "",
-        "certfile": "",
-        "cafile": "",
-        "username": "",
-        "password": "",
-        "prefix": "/coreos.com/network",
-    }
-    fields.update(extra)
-    return EtcdSettings(endpoints=tuple(urls), api=api, **fields)
 
 
 @pytest.fixture(params=["v3", "v2"])
@@ -65,7 +51,7 @@ def manager(store: LeaseStore) -> EtcdSubnetManager:
 
 @pytest.fixture
 async def opened(etcd: EtcdServer, api: str) -> AsyncIterator[LeaseStore]:
-    store = await open_store(settings([etcd.client_url], api))
+    store = await open_store(etcd_settings([etcd.client_url], api))
     try:
         yield store
     finally:
@@ -126,7 +112,7 @@ async def test_outage_raises_as_before_and_recovery_is_fast_again(
 async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> None:
     pki = etcd_tls.pki
     assert isinstance(pki, FixturePKI)
-    good = settings(
+    good = etcd_settings(
         [etcd_tls.client_url],
         api,
         cafile=str(pki.ca_cert),
@@ -140,7 +126,7 @@ async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> N
     finally:
         await store.aclose()
     # No client certificate: the fast path fails, the probe says what the full path says.
-    bare = await open_store(settings([etcd_tls.client_url], api, cafile=str(pki.ca_cert)))
+    bare = await open_store(etcd_settings([etcd_tls.client_url], api, cafile=str(pki.ca_cert)))
     try:
         with pytest.raises((StoreAuthError, StoreUnavailable)) as probed:
             await manager(bare).probe()
@@ -157,7 +143,7 @@ async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> N
         await bare.aclose()
     # A CA that did not sign the server: the TLS error, as before.
     rogue = await open_store(
-        settings(
+        etcd_settings(
             [etcd_tls.client_url],
             api,
             cafile=str(pki.rogue_ca_cert),
@@ -175,7 +161,9 @@ async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> N
 async def test_v3_username_password_and_an_expired_token(etcd: EtcdServer) -> None:
     etcd.etcdctl("user", "add", "root:s3cret")
     etcd.etcdctl("auth", "enable")
-    store = await open_store(settings([etcd.client_url], "v3", username="root", password="s3cret"))
+    store = await open_store(
+        etcd_settings([etcd.client_url], "v3", username="root", password="s3cret")
+    )
     try:
         await store.put_config(CONFIG)
         await probes_without_httpx(store)
@@ -190,13 +178,15 @@ async def test_v3_username_password_and_an_expired_token(etcd: EtcdServer) -> No
         await probes_without_httpx(store)
     finally:
         await store.aclose()
-    bad = await open_store(settings([etcd.client_url], "v3", username="root", password="wrong"))
+    bad = await open_store(
+        etcd_settings([etcd.client_url], "v3", username="root", password="wrong")
+    )
     try:
         with pytest.raises(StoreAuthError, match="authentication as 'root' failed"):
             await manager(bad).probe()
     finally:
         await bad.aclose()
-    anonymous = await open_store(settings([etcd.client_url], "v3"))
+    anonymous = await open_store(etcd_settings([etcd.client_url], "v3"))
     try:
         with pytest.raises(StoreAuthError):
             await manager(anonymous).probe()
@@ -205,7 +195,7 @@ async def test_v3_username_password_and_an_expired_token(etcd: EtcdServer) -> No
 
 
 async def test_probe_follows_the_failover(etcd_cluster: EtcdCluster, api: str) -> None:
-    store = await open_store(settings(etcd_cluster.client_urls, api))
+    store = await open_store(etcd_settings(etcd_cluster.client_urls, api))
     try:
         assert isinstance(store, EtcdV3Store | EtcdV2Store)
         await store.put_config(CONFIG)
@@ -232,13 +222,13 @@ async def test_v2_basic_auth(etcd: EtcdServer) -> None:
         assert guest.status_code == 200, guest.text
     finally:
         await admin.aclose()
-    store = await open_store(settings([etcd.client_url], "v2", username="root", password="pw"))
+    store = await open_store(etcd_settings([etcd.client_url], "v2", username="root", password="pw"))
     try:
         await store.put_config(CONFIG)
         await probes_without_httpx(store)
     finally:
         await store.aclose()
-    bad = await open_store(settings([etcd.client_url], "v2", username="root", password="no"))
+    bad = await open_store(etcd_settings([etcd.client_url], "v2", username="root", password="no"))
     try:
         with pytest.raises(StoreAuthError, match="etcd v2 refused get config") as probed:
             await manager(bad).probe()

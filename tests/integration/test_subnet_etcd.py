@@ -19,34 +19,12 @@ from loden.errors import (
 )
 from loden.model.lease import EventKind, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets
-from loden.settings import EtcdSettings
 from loden.subnet import open_store
 from loden.subnet.manager import EtcdSubnetManager
 from loden.subnet.store import LeaseStore
-from tests.fixtures.etcd import EtcdCluster, EtcdServer, FixturePKI
+from tests.fixtures.etcd import EtcdCluster, EtcdServer, FixturePKI, etcd_settings
 
 CONFIG = b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}'
-
-
-def settings(
-    urls: list[str],
-    api: str,
-    *,
-    prefix: str = "/coreos.com/network",
-    ca: str = "",
-    cert: str = "",
-    key: str = "",
-) -> EtcdSettings:
-    return EtcdSettings(
-        endpoints=tuple(urls),
-        prefix=prefix,
-        keyfile=key,
-        certfile=cert,
-        cafile=ca,
-        username="",
-        password="",
-        api=api,
-    )
 
 
 def attrs(n: int) -> LeaseAttrs:
@@ -60,7 +38,7 @@ def api(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def store(etcd: EtcdServer, api: str) -> AsyncIterator[LeaseStore]:
-    opened = await open_store(settings([etcd.client_url], api))
+    opened = await open_store(etcd_settings([etcd.client_url], api))
     await opened.put_config(CONFIG)
     try:
         yield opened
@@ -91,7 +69,7 @@ async def test_32_agents_at_once_distinct(store: LeaseStore, etcd: EtcdServer, a
     await store.put_config(
         b'{"Network": "10.5.0.0/19", "SubnetMin": "10.5.0.0", "SubnetMax": "10.5.31.0"}'
     )
-    stores = [await open_store(settings([etcd.client_url], api)) for _ in range(32)]
+    stores = [await open_store(etcd_settings([etcd.client_url], api)) for _ in range(32)]
     try:
         managers = [manager(s, seed=i) for i, s in enumerate(stores)]
         leases = await asyncio.gather(
@@ -119,7 +97,7 @@ async def test_dual_stack_agents_at_once_never_share_a_subnet(etcd: EtcdServer, 
     for round_ in range(6):
         prefix = f"/loden-race-{round_}-{time.monotonic_ns()}"
         stores = [
-            await open_store(settings([etcd.client_url], api, prefix=prefix)) for _ in range(4)
+            await open_store(etcd_settings([etcd.client_url], api, prefix=prefix)) for _ in range(4)
         ]
         try:
             await stores[0].put_config(config)
@@ -233,12 +211,12 @@ async def test_garbage_is_skipped_and_peers_stay(store: LeaseStore) -> None:
 async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> None:
     pki = etcd_tls.pki
     assert isinstance(pki, FixturePKI)
-    good = settings(
+    good = etcd_settings(
         [etcd_tls.client_url],
         api,
-        ca=str(pki.ca_cert),
-        cert=str(pki.client_cert),
-        key=str(pki.client_key),
+        cafile=str(pki.ca_cert),
+        certfile=str(pki.client_cert),
+        keyfile=str(pki.client_key),
     )
     store = await open_store(good)
     try:
@@ -248,7 +226,7 @@ async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> N
     finally:
         await store.aclose()
     # No client certificate: a clear auth error, never a plaintext retry.
-    bare = await open_store(settings([etcd_tls.client_url], api, ca=str(pki.ca_cert)))
+    bare = await open_store(etcd_settings([etcd_tls.client_url], api, cafile=str(pki.ca_cert)))
     try:
         with pytest.raises((StoreAuthError, StoreUnavailable)) as info:
             await bare.get_config()
@@ -257,12 +235,12 @@ async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> N
         await bare.aclose()
     # A CA that did not sign the server: verification fails with the TLS error named.
     rogue = await open_store(
-        settings(
+        etcd_settings(
             [etcd_tls.client_url],
             api,
-            ca=str(pki.rogue_ca_cert),
-            cert=str(pki.client_cert),
-            key=str(pki.client_key),
+            cafile=str(pki.rogue_ca_cert),
+            certfile=str(pki.client_cert),
+            keyfile=str(pki.client_key),
         )
     )
     try:
@@ -272,12 +250,12 @@ async def test_tls_with_client_certificates(etcd_tls: EtcdServer, api: str) -> N
         await rogue.aclose()
     with pytest.raises(ConfigError, match="not found"):
         await open_store(
-            settings(
+            etcd_settings(
                 [etcd_tls.client_url],
                 api,
-                ca="/nonexistent/ca.pem",
-                cert=str(pki.client_cert),
-                key=str(pki.client_key),
+                cafile="/nonexistent/ca.pem",
+                certfile=str(pki.client_cert),
+                keyfile=str(pki.client_key),
             )
         )
 
@@ -290,12 +268,12 @@ async def test_ca_bundle_variables_do_not_break_tls(
     for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
         monkeypatch.setenv(var, "/nonexistent/bundle.pem")
     store = await open_store(
-        settings(
+        etcd_settings(
             [etcd_tls.client_url],
             "v3",
-            ca=str(pki.ca_cert),
-            cert=str(pki.client_cert),
-            key=str(pki.client_key),
+            cafile=str(pki.ca_cert),
+            certfile=str(pki.client_cert),
+            keyfile=str(pki.client_key),
         )
     )
     try:
@@ -305,7 +283,7 @@ async def test_ca_bundle_variables_do_not_break_tls(
 
 
 async def test_cluster_member_killed(etcd_cluster: EtcdCluster, api: str) -> None:
-    store = await open_store(settings(etcd_cluster.client_urls, api))
+    store = await open_store(etcd_settings(etcd_cluster.client_urls, api))
     try:
         await store.put_config(CONFIG)
         m = manager(store)
@@ -327,18 +305,18 @@ async def test_cluster_member_killed(etcd_cluster: EtcdCluster, api: str) -> Non
 
 
 async def test_auto_detects_the_api_that_has_the_config(etcd: EtcdServer) -> None:
-    v2 = await open_store(settings([etcd.client_url], "v2", prefix="/v2only/network"))
+    v2 = await open_store(etcd_settings([etcd.client_url], "v2", prefix="/v2only/network"))
     await v2.put_config(CONFIG)
     await v2.aclose()
-    auto = await open_store(settings([etcd.client_url], "auto", prefix="/v2only/network"))
+    auto = await open_store(etcd_settings([etcd.client_url], "auto", prefix="/v2only/network"))
     try:
         assert auto.api == "v2"
     finally:
         await auto.aclose()
-    v3 = await open_store(settings([etcd.client_url], "v3", prefix="/v3only/network"))
+    v3 = await open_store(etcd_settings([etcd.client_url], "v3", prefix="/v3only/network"))
     await v3.put_config(CONFIG)
     await v3.aclose()
-    auto = await open_store(settings([etcd.client_url], "auto", prefix="/v3only/network"))
+    auto = await open_store(etcd_settings([etcd.client_url], "auto", prefix="/v3only/network"))
     try:
         assert auto.api == "v3"
     finally:
@@ -348,16 +326,7 @@ async def test_auto_detects_the_api_that_has_the_config(etcd: EtcdServer) -> Non
 async def test_username_password_auth_v3(etcd: EtcdServer) -> None:
     etcd.etcdctl("user", "add", "root:s3cret")
     etcd.etcdctl("auth", "enable")
-    good = EtcdSettings(
-        endpoints=(etcd.client_url,),
-        prefix="/coreos.com/network",
-        keyfile="",
-        certfile="",
-        cafile="",
-        username="root",
-        password="s3cret",
-        api="v3",
-    )
+    good = etcd_settings([etcd.client_url], "v3", username="root", password="s3cret")
     store = await open_store(good)
     try:
         await store.put_config(CONFIG)
@@ -369,23 +338,14 @@ async def test_username_password_auth_v3(etcd: EtcdServer) -> None:
     finally:
         await store.aclose()
     bad = await open_store(
-        EtcdSettings(
-            endpoints=(etcd.client_url,),
-            prefix="/coreos.com/network",
-            keyfile="",
-            certfile="",
-            cafile="",
-            username="root",
-            password="wrong",
-            api="v3",
-        )
+        etcd_settings([etcd.client_url], "v3", username="root", password="wrong")
     )
     try:
         with pytest.raises(StoreAuthError, match="authentication as 'root' failed"):
             await bad.get_config()
     finally:
         await bad.aclose()
-    anonymous = await open_store(settings([etcd.client_url], "v3"))
+    anonymous = await open_store(etcd_settings([etcd.client_url], "v3"))
     try:
         with pytest.raises(StoreAuthError):
             await anonymous.get_config()
@@ -434,7 +394,7 @@ async def test_v3_progress_notifications_are_yielded_as_signs_of_life(
     server = etcd_server(
         enable_v2=False, extra_args=["--experimental-watch-progress-notify-interval=500ms"]
     )
-    opened = await open_store(settings([server.client_url], "v3"))
+    opened = await open_store(etcd_settings([server.client_url], "v3"))
     try:
         await opened.put_config(CONFIG)
         m = manager(opened)

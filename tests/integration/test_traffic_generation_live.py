@@ -94,10 +94,13 @@ async def ensure_both(mgr: IptablesManager | NftablesManager) -> bool:
     return await mgr.ensure_forward_rules(CUR) or changed
 
 
-async def settled_iptables(ns: Namespace) -> tuple[IptablesManager, CountingRunner]:
+Manager = IptablesManager | NftablesManager
+
+
+async def settled(ns: Namespace, kind: type[Manager]) -> tuple[Manager, CountingRunner]:
     """A manager whose two chains are installed and verified (recorded) once."""
     runner = CountingRunner(runner_in(ns))
-    mgr = IptablesManager(runner, generation=NftGeneration(ns.name))
+    mgr = kind(runner, generation=NftGeneration(ns.name))
     assert await ensure_both(mgr) is True  # installs (not recorded: our own write)
     assert await ensure_both(mgr) is False  # dumps, finds both intact, records
     assert len(dumps(runner.take())) >= 2
@@ -177,11 +180,21 @@ def test_a_missing_namespace_is_an_oserror() -> None:
 # --------------------------------------------------------------------------- iptables-nft
 
 
+@pytest.mark.parametrize(
+    ("kind", "logger"),
+    [
+        pytest.param(IptablesManager, "loden.traffic.iptables", id="iptables-nft"),
+        pytest.param(NftablesManager, "loden.traffic.nftables", id="nftables"),
+    ],
+)
 async def test_unchanged_ruleset_starts_no_process(
-    ns: Namespace, caplog: pytest.LogCaptureFixture
+    ns: Namespace,
+    caplog: pytest.LogCaptureFixture,
+    kind: type[Manager],
+    logger: str,
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="loden.traffic.iptables"):
-        mgr, runner = await settled_iptables(ns)
+    with caplog.at_level(logging.INFO, logger=logger):
+        mgr, runner = await settled(ns, kind)
     assert "rules check: nf_tables generation id (dump only after a change)" in caplog.messages
     for _ in range(PASSES):
         assert await ensure_both(mgr) is False
@@ -202,7 +215,7 @@ async def test_unchanged_ruleset_starts_no_process(
 async def test_hand_edit_is_repaired_at_the_next_call(
     ns: Namespace, table: str, damage: list[str], golden: list[str]
 ) -> None:
-    mgr, runner = await settled_iptables(ns)
+    mgr, runner = await settled(ns, IptablesManager)
     ns.run("iptables-nft", "-t", table, *damage)
     assert listed(ns, "iptables-nft", table) != golden
     assert await ensure_both(mgr) is True
@@ -215,7 +228,7 @@ async def test_hand_edit_is_repaired_at_the_next_call(
 
 
 async def test_unrelated_edit_costs_one_dump_and_no_write(ns: Namespace) -> None:
-    mgr, runner = await settled_iptables(ns)
+    mgr, runner = await settled(ns, IptablesManager)
     ns.run("iptables-nft", "-t", "mangle", "-A", "PREROUTING", "-j", "ACCEPT")
     assert await ensure_both(mgr) is False
     argvs = runner.take()
@@ -225,7 +238,7 @@ async def test_unrelated_edit_costs_one_dump_and_no_write(ns: Namespace) -> None
 
 
 async def test_a_different_wanted_spec_dumps(ns: Namespace) -> None:
-    mgr, runner = await settled_iptables(ns)
+    mgr, runner = await settled(ns, IptablesManager)
     # same chain, other wish (--random-fully off): must be checked, and is drift
     assert await mgr.ensure_masq_rules(CUR, Networks(), random_fully=False) is True
     assert listed(ns, "iptables-nft", "nat") == [m.removesuffix(" --random-fully") for m in MASQ]
@@ -280,28 +293,8 @@ async def test_legacy_backend_dumps_every_call(
 # --------------------------------------------------------------------------- nftables mode
 
 
-async def settled_nft(ns: Namespace) -> tuple[NftablesManager, CountingRunner]:
-    runner = CountingRunner(runner_in(ns))
-    mgr = NftablesManager(runner, generation=NftGeneration(ns.name))
-    assert await ensure_both(mgr) is True
-    assert await ensure_both(mgr) is False
-    assert len(dumps(runner.take())) >= 2
-    return mgr, runner
-
-
 def nft_chain(ns: Namespace, chain: str) -> str:
     return ns.out("nft", "list", "chain", "ip", "flannel-ipv4", chain)
-
-
-async def test_nft_unchanged_ruleset_starts_no_process(
-    ns: Namespace, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.INFO, logger="loden.traffic.nftables"):
-        mgr, runner = await settled_nft(ns)
-    assert "rules check: nf_tables generation id (dump only after a change)" in caplog.messages
-    for _ in range(PASSES):
-        assert await ensure_both(mgr) is False
-    assert runner.take() == []
 
 
 @pytest.mark.parametrize(
@@ -315,7 +308,7 @@ async def test_nft_unchanged_ruleset_starts_no_process(
 async def test_nft_hand_edit_is_repaired_at_the_next_call(
     ns: Namespace, damage: list[str], chain: str, golden: str
 ) -> None:
-    mgr, runner = await settled_nft(ns)
+    mgr, runner = await settled(ns, NftablesManager)
     ns.run("nft", *damage)
     assert await ensure_both(mgr) is True
     assert nft_chain(ns, chain) == golden

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from loden import agent_loops
 from loden.agent_loops import EXIT_LEASE_REVOKED, EXIT_STORE_REFUSED, AgentLoops
-from loden.backend.base import ReconcileReport
+from loden.backend.base import KernelDrift, KernelWatcher, ReconcileReport
 from loden.errors import (
     CommandError,
     DataplaneError,
@@ -193,7 +194,12 @@ async def failures(agent: Agent, loop: str, at_least: int) -> None:
 
 
 async def start(
-    *, flags: Sequence[str] = (), ttl: int = 86400, margin_minutes: int = 60, **kwargs: Any
+    *,
+    flags: Sequence[str] = (),
+    ttl: int = 86400,
+    margin_minutes: int = 60,
+    network_type: type[FakeNetwork] | None = None,
+    **kwargs: Any,
 ) -> Agent:
     store = FaultyStore()
     await store.put_config(CONFIG)
@@ -201,7 +207,7 @@ async def start(
     lease = await manager.acquire_lease(attrs(1), PreviousSubnets())
     config = NetworkConfig.parse(CONFIG)
     settings = parse_agent_args(["-iptables-resync=1", "-resync-period=1", *flags], {})
-    network = FakeNetwork(lease)
+    network = (network_type or FakeNetwork)(lease)
     traffic = FakeTraffic()
     health = HealthState(loop_failures_unhealthy=2)
     loops = AgentLoops(
@@ -372,6 +378,57 @@ async def test_failed_writes_bring_the_full_pass_forward() -> None:
         assert len(agent.network.reconciled) == settled
     finally:
         await stop(agent)
+
+
+@dataclass
+class FakeKernelNetwork(FakeNetwork):
+    """A data plane that listens to the kernel (which never reports anything here)."""
+
+    async def watch_kernel(self) -> AsyncIterator[KernelDrift]:
+        await asyncio.Event().wait()
+        yield KernelDrift()  # pragma: no cover - never reached
+
+
+@pytest.mark.parametrize("listens", [False, True], ids=["no-notifications", "notifications"])
+async def test_full_pass_period_without_kernel_notifications_is_capped(
+    monkeypatch: pytest.MonkeyPatch, listens: bool
+) -> None:
+    """-resync-period=300 is a safety net only where the kernel's notifications repair
+    drift in between; without them (udp, wireguard, the cloud routes,
+    -kernel-events=false) the full pass still comes every 10 s (0.1 s here)."""
+    monkeypatch.setattr(agent_loops, "PASS_WITHOUT_EVENTS_SECONDS", 0.1)
+    network_type = FakeKernelNetwork if listens else FakeNetwork
+    agent = await start(flags=["-resync-period=300"], network_type=network_type)
+    try:
+        assert isinstance(agent.network, KernelWatcher) is listens
+        passes = len(agent.network.reconciled)
+        await asyncio.sleep(0.6)
+        more = len(agent.network.reconciled) - passes
+        if listens:
+            assert more == 0
+        else:
+            assert 3 <= more <= 7, more
+    finally:
+        await stop(agent)
+
+
+async def test_loops_wake_on_the_same_ticks_shifted_by_the_process_phase(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe and the rules check (same period) wake together, so an idle agent pays
+    for one wake-up per tick; the phase is this process's own, so agents sharing a
+    machine do not all wake at once."""
+    monkeypatch.setattr(agent_loops, "_TICK_PHASE", 0.0123)
+    loop = asyncio.get_running_loop()
+    woke: list[float] = []
+
+    async def sleeper() -> None:
+        await agent_loops.sleep_to_tick(0.2)
+        woke.append(loop.time())
+
+    await asyncio.gather(sleeper(), sleeper())
+    assert abs(woke[0] - woke[1]) < 0.005
+    assert (woke[0] - 0.0123) % 0.2 < 0.02  # on the process's tick, not the loop's zero
 
 
 async def test_rules_failures_are_retried_and_reported() -> None:

@@ -373,3 +373,23 @@ async def test_vanished_dual_stack_lease_is_not_recreated_over_a_rival() -> None
     with pytest.raises(LeaseRevoked, match="was created just before our"):
         await m.renew_lease(lease)
     assert [kv.name for kv in (await store.list()).kvs] == [rival]
+
+
+async def test_probe_and_config_check_on_one_tick_share_one_read() -> None:
+    """They wake on the same tick and read the same key: one read answers both; a read
+    older than max_age, or a caller without it (acquire, start), asks again."""
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    m = await manager(store)
+    before = store.requests
+    await asyncio.gather(m.probe(), m.get_network_config(max_age=1.0))
+    assert store.requests - before == 1
+    await m.get_network_config(max_age=1.0)  # answered just now: no second read
+    assert store.requests - before == 1
+    await m.get_network_config()
+    assert store.requests - before == 2
+    await asyncio.sleep(0.05)
+    await m.get_network_config(max_age=0.01)
+    assert store.requests - before == 3
+    await store.put_config(b'{"Network": "10.6.0.0/16"}')
+    assert str((await m.get_network_config()).network) == "10.6.0.0/16"

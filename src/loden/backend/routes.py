@@ -704,9 +704,40 @@ class PeerNetwork:
                     fallback[key] = event.lease
         if not latest:
             return ReconcileReport(conflicts=self._all_conflicts())
+        # A chunk of peers at a time: a batch of thousands (a node joining a big cluster
+        # as events, a mass churn) held all their old and new entries and changes at
+        # once, a peak the allocator then kept (issue 14). Each peer's changes stay in
+        # one chunk, in order.
+        keys = list(latest)
+        out = ReconcileReport()
+        for start in range(0, len(keys), FRESH_CHUNK):
+            chunk = {key: latest[key] for key in keys[start : start + FRESH_CHUNK]}
+            done, broken = await self._apply_chunk(chunk, fallback)
+            out += done
+            if broken:
+                async with self._lock:
+                    peers = dict(self._wanted)
+                    peers.update((key, lease) for key, (lease, _) in self._unwanted.items())
+                    for key, lease in latest.items():  # the chunks not applied yet too
+                        if lease is None:
+                            peers.pop(key, None)
+                        else:
+                            peers[key] = lease
+                log.warning(
+                    "%s: writes failed and the device is gone: replaying every peer",
+                    self.backend_type,
+                )
+                return await self.reconcile(peers)
+        return dataclasses.replace(out, conflicts=self._all_conflicts())
+
+    async def _apply_chunk(
+        self, latest: dict[str, Lease | None], fallback: Mapping[str, Lease]
+    ) -> tuple[ReconcileReport, bool]:
+        """:meth:`apply` for some peers: what it did, and whether the base is gone."""
         async with self._lock:
             alive = [(key, lease) for key, lease in latest.items() if lease is not None]
-            lookups = await self._lookups([*(lease for _, lease in alive), *fallback.values()])
+            guessed = [fallback[key] for key in latest if key in fallback]
+            lookups = await self._lookups([*(lease for _, lease in alive), *guessed])
             old = {key: self._programmed(key) for key in latest}
             for key in latest:
                 if key not in self._wanted and key not in self._unwanted and key in fallback:
@@ -737,14 +768,7 @@ class PeerNetwork:
                     self._reindex(new[key], key)
                 else:
                     self._unwanted[key] = unwanted[key]
-            if not broken:
-                return report(result, changes, skipped, self._all_conflicts())
-            peers = dict(self._wanted)
-            peers.update((key, lease) for key, (lease, _) in self._unwanted.items())
-        log.warning(
-            "%s: writes failed and the device is gone: replaying every peer", self.backend_type
-        )
-        return await self.reconcile(peers)
+            return report(result, changes, skipped), broken
 
     # -- kernel notifications -------------------------------------------------------------
 

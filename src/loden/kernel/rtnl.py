@@ -26,7 +26,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -412,18 +412,13 @@ class RtnlSocket:
             acked = 0
             while acked < count:
                 data = self._sock.recv(1 << 20)
-                offset = 0
-                while offset + 16 <= len(data):
-                    length, kind, flags, seq, _pid = _HDR.unpack_from(data, offset)
-                    if length < 16:
-                        break
+                for offset, length, kind, flags, seq, _pid in messages(data):
                     index = (seq - first) & 0xFFFFFFFF
                     if index < count and kind == NLMSG_ERROR:
                         acked += 1
                         err = _error(data[offset : offset + length], flags)
                         if err is not None:
                             failures.append((done + index, err))
-                    offset += (length + 3) & ~3
             done += count
 
     def _collect(self, first: int, acked: list[bool]) -> list[Outcome]:
@@ -432,11 +427,7 @@ class RtnlSocket:
         replies: dict[int, list[bytes]] = {}
         while len(done) < count:
             data = self._sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, flags, seq, _pid = _HDR.unpack_from(data, offset)
-                if length < 16:
-                    break
+            for offset, length, kind, flags, seq, _pid in messages(data):
                 index = (seq - first) & 0xFFFFFFFF
                 if index < count:
                     msg = data[offset : offset + length]
@@ -446,7 +437,6 @@ class RtnlSocket:
                         replies.setdefault(index, []).append(msg)
                         if not acked[index]:
                             done[index] = None
-                offset += (length + 3) & ~3
         return [Outcome(done[i], tuple(replies.get(i, ()))) for i in range(count)]
 
     def dump(self, kind: int, body: bytes) -> list[bytes]:
@@ -464,11 +454,7 @@ class RtnlSocket:
         interrupted = False
         while True:
             data = self._sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, mtype, flags, mseq, _pid = _HDR.unpack_from(data, offset)
-                if length < 16:
-                    break
+            for offset, length, mtype, flags, mseq, _pid in messages(data):
                 if mseq == seq:
                     interrupted |= bool(flags & NLM_F_DUMP_INTR)
                     if mtype == NLMSG_DONE:
@@ -479,7 +465,21 @@ class RtnlSocket:
                             raise err
                     else:
                         out.append(data[offset : offset + length])
-                offset += (length + 3) & ~3
+
+
+def messages(data: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """The netlink messages of one datagram: (offset, length, type, flags, seq, port id)
+    each (any netlink family: route, netfilter).
+
+    :raises OSError: EBADMSG, a message runs past the datagram (never sent by a kernel).
+    """
+    offset, end = 0, len(data)
+    while offset + 16 <= end:
+        length, kind, flags, seq, pid = _HDR.unpack_from(data, offset)
+        if length < 16 or offset + length > end:
+            raise OSError(errno.EBADMSG, f"truncated netlink message ({length} bytes)")
+        yield offset, length, kind, flags, seq, pid
+        offset += (length + 3) & ~3
 
 
 def _error(msg: bytes, flags: int) -> NetlinkFailure | None:
@@ -639,16 +639,11 @@ class RtnlMonitor:
                 data = self._sock.recv(1 << 16)
             except BlockingIOError:
                 return out
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, _seq, pid = _HDR.unpack_from(data, offset)
-                if length < 16:
-                    break
+            for offset, length, kind, _flags, _seq, pid in messages(data):
                 if pid == 0 or pid not in self._own:
                     change = self._decode(data[offset : offset + length], kind)
                     if change is not None:
                         out.append(change)
-                offset += (length + 3) & ~3
 
     def _decode(self, msg: bytes, kind: int) -> KernelChange | None:
         if kind in (RTM_NEWLINK, RTM_DELLINK):

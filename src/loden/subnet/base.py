@@ -19,6 +19,10 @@ from loden.model.config import NetworkConfig
 from loden.model.lease import Lease, LeaseAttrs, LeaseEvent
 from loden.model.subnet_env import PreviousSubnets
 
+#: How old a config read may be for the store probe and the periodic config check, which
+#: wake on the same tick and ask the same question.
+SHARED_READ_SECONDS = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class WatchResult:
@@ -51,8 +55,9 @@ class SubnetManager(Protocol):
         """How often the peer watch had to be re-established (a metric)."""
         ...
 
-    async def get_network_config(self) -> NetworkConfig:
-        """The validated network config.
+    async def get_network_config(self, *, max_age: float = 0.0) -> NetworkConfig:
+        """The validated network config; ``max_age``: an answer the store gave that many
+        seconds ago (or is giving now, to another asker) will do.
 
         :raises ConfigNotFound: there is none yet.
         :raises NetworkConfigError: it does not validate.

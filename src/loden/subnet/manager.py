@@ -40,7 +40,7 @@ from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.model.net import NO_IPV4, parse_subnet_key, subnet_key
 from loden.model.subnet_env import PreviousSubnets
 from loden.subnet import allocator
-from loden.subnet.base import PublicIPOverride, WatchResult
+from loden.subnet.base import SHARED_READ_SECONDS, PublicIPOverride, WatchResult
 from loden.subnet.store import LeaseStore, StoredKV, StoreEvent, StoreEventKind, WatchBatch
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ MAX_CLAIM_ATTEMPTS = 200
 #: The shortest pause between renewals, whatever the margin: a margin as long as the
 #: TTL (possible with the hidden ``--subnet-lease-ttl``) must not renew in a busy loop.
 RENEW_FLOOR_SECONDS = 1.0
-#: How long a listing made at start is reused by acquiring and the first watch.
+#: How long a listing made at start is reused by acquiring (the watch lists afresh).
 RECENT_SECONDS = 10.0
 
 
@@ -134,14 +134,17 @@ class EtcdSubnetManager:
         self.claim_conflicts = 0
         self._watch_restarts = 0
         self._warned: set[str] = set()
-        #: The last full listing (monotonic time, cursor, leases) while it is young: the
-        #: agent's start lists the leases for its identity check, then acquires; each
-        #: listed and parsed all of them (~0.15 s apiece at 5,000 leases). Acquiring now
-        #: plans from that listing (its create/update is a compare-and-swap, so a listing
-        #: a moment old is safe). The watch still lists afresh: its snapshot is acted on
-        #: before the changes since are replayed, and the cloud backends delete every
-        #: route a snapshot lacks (a peer that joined meanwhile lost its route).
+        #: The last full listing while it is young: the agent's start lists the leases
+        #: for its identity check, then acquires; each listed and parsed all of them
+        #: (~0.15 s apiece at 5,000 leases). Acquiring now plans from that listing (its
+        #: create is a compare-and-swap, checked for rivals created since: a listing a
+        #: moment old is safe). The watch still lists afresh: its snapshot is acted on
+        #: before the changes since are replayed, so an old one would make the data plane
+        #: drop, for a moment, a peer that joined in between.
         self._recent: _Planning | None = None
+        #: The last (or current) config read, and when it was answered (monotonic).
+        self._config_read: asyncio.Future[bytes | None] | None = None
+        self._config_read_at = 0.0
 
     @property
     def name(self) -> str:
@@ -154,15 +157,30 @@ class EtcdSubnetManager:
         return self._watch_restarts
 
     async def probe(self) -> None:
-        await self._read_config()
+        await self._read_config(max_age=SHARED_READ_SECONDS)
 
-    async def _read_config(self) -> bytes | None:
-        """The config value: the kept-open connection answers the steady state for a
-        fraction of httpx's CPU; any failure there is asked again the full way, so
-        errors and failover stay the same."""
+    async def _read_config(self, *, max_age: float = 0.0) -> bytes | None:
+        """The config value. With ``max_age``, a read in flight or one answered that
+        recently serves this asker too: the store probe and the 30-s config check wake
+        on the same tick and read the same key, one read and one wake-up less."""
+        task = self._config_read
+        if max_age and task is not None:
+            if not task.done():
+                return await asyncio.shield(task)
+            fresh = time.monotonic() - self._config_read_at <= max_age
+            if fresh and not task.cancelled() and task.exception() is None:
+                return task.result()
+        task = self._config_read = asyncio.ensure_future(self._read_config_now())
+        return await asyncio.shield(task)
+
+    async def _read_config_now(self) -> bytes | None:
+        """The kept-open connection answers the steady state for a fraction of httpx's
+        CPU; any failure there is asked again the full way, so errors and failover
+        stay the same."""
         answered, raw = await self.store.quick_config()
         if not answered:
             raw = await self.store.get_config()
+        self._config_read_at = time.monotonic()
         return raw
 
     async def public_ip_override(self) -> PublicIPOverride:
@@ -172,18 +190,20 @@ class EtcdSubnetManager:
         return None  # renewal is the agent's lease loop; nothing to announce
 
     async def aclose(self) -> None:
+        if self._config_read is not None and not self._config_read.done():
+            self._config_read.cancel()
         await self.store.aclose()
 
     # -- config ---------------------------------------------------------------------------
 
-    async def get_network_config(self) -> NetworkConfig:
+    async def get_network_config(self, *, max_age: float = 0.0) -> NetworkConfig:
         """Read and validate ``<prefix>/config``.
 
         :raises ConfigNotFound: the key is absent.
         :raises NetworkConfigError: it does not parse or validate.
         :raises StoreUnavailable: etcd did not answer.
         """
-        raw = await self._read_config()
+        raw = await self._read_config(max_age=max_age)
         if raw is None:
             raise ConfigNotFound(
                 f"network config not found in etcd ({self.store.api} API) at the config key; "

@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Hashable
 from typing import Final, Literal, Protocol
 
+from loden.kernel import rtnl
 from loden.traffic.commands import Commands, Runner
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ NLM_F_REQUEST: Final = 0x1
 _HDR = struct.Struct("=IHHII")
 #: nfgenmsg: family (AF_UNSPEC), version (NFNETLINK_V0), res_id (big endian, 0).
 _NFGENMSG = struct.Struct("=BBH")
-_ATTR = struct.Struct("=HH")
 _ERR = struct.Struct("=i")
 _BE32 = struct.Struct(">I")
 
@@ -75,33 +75,18 @@ def parse_reply(data: bytes, seq: int) -> int | None:
 
     :raises OSError: the kernel answered ``seq`` with an error, or the reply is malformed.
     """
-    offset = 0
-    while offset + _HDR.size <= len(data):
-        length, kind, _flags, msg_seq, _pid = _HDR.unpack_from(data, offset)
-        if length < _HDR.size or offset + length > len(data):
-            raise OSError(errno.EBADMSG, f"truncated netlink message ({length} bytes)")
-        if msg_seq == seq:
-            if kind == NLMSG_ERROR:
-                code = -_ERR.unpack_from(data, offset + _HDR.size)[0]
-                raise OSError(code, f"NFT_MSG_GETGEN failed: {errno.errorcode.get(code, code)}")
-            if kind == NEWGEN_TYPE:
-                gen = _gen_id(data[offset + _HDR.size + _NFGENMSG.size : offset + length])
-                if gen is None:
-                    raise OSError(errno.EBADMSG, "NFT_MSG_NEWGEN without NFTA_GEN_ID")
-                return gen
-        offset += (length + 3) & ~3
-    return None
-
-
-def _gen_id(attrs: bytes) -> int | None:
-    offset = 0
-    while offset + _ATTR.size <= len(attrs):
-        length, kind = _ATTR.unpack_from(attrs, offset)
-        if length < _ATTR.size:
-            return None
-        if kind & 0x3FFF == NFTA_GEN_ID and length >= _ATTR.size + _BE32.size:
-            return int(_BE32.unpack_from(attrs, offset + _ATTR.size)[0])
-        offset += (length + 3) & ~3
+    for offset, length, kind, _flags, msg_seq, _pid in rtnl.messages(data):
+        if msg_seq != seq:
+            continue
+        if kind == NLMSG_ERROR:
+            code = -_ERR.unpack_from(data, offset + _HDR.size)[0]
+            raise OSError(code, f"NFT_MSG_GETGEN failed: {errno.errorcode.get(code, code)}")
+        if kind == NEWGEN_TYPE:
+            message = data[offset : offset + length]
+            raw = rtnl.attrs(message, _HDR.size + _NFGENMSG.size).get(NFTA_GEN_ID)
+            if raw is None or len(raw) < _BE32.size:
+                raise OSError(errno.EBADMSG, "NFT_MSG_NEWGEN without NFTA_GEN_ID")
+            return int(_BE32.unpack_from(raw)[0])
     return None
 
 

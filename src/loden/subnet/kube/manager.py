@@ -159,7 +159,7 @@ class KubeSubnetManager:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def get_network_config(self) -> NetworkConfig:
+    async def get_network_config(self, *, max_age: float = 0.0) -> NetworkConfig:
         return self.config
 
     async def probe(self) -> None:
