@@ -237,6 +237,21 @@ def test_duplicate_wireguard_key(vxlan: AgentCluster) -> None:
     assert "192.0.2.31" in found["leases/duplicate-key"]["evidence"]
 
 
+def test_overlapping_leases(vxlan: AgentCluster) -> None:
+    """Another key on part of this node's subnet (the same IPv4 subnet under another
+    dual-stack key would do the same): both nodes hand out those addresses."""
+    node = vxlan.nodes[0]
+    half = f"{node.subnet.network_address + 128}-25"
+    lease = {"PublicIP": "192.0.2.41", "BackendType": "vxlan",
+             "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:41"}}  # fmt: skip
+    etcdctl(vxlan, "put", f"/coreos.com/network/subnets/{half}", json.dumps(lease))
+    found = checks(node)["leases/overlap"]
+    assert "(one is this node's)" in found["what"]
+    own = f"{node.subnet.network_address}-{node.subnet.prefixlen}"
+    assert own in found["evidence"] and half in found["evidence"]
+    assert "loden leases -delete" in found["fix"]
+
+
 def test_unreadable_subnet_env(vxlan: AgentCluster) -> None:
     node = vxlan.nodes[0]
     stop(node)

@@ -57,6 +57,7 @@ from loden.kernel.netlink import (
     Route,
     RouteLookup,
 )
+from loden.kernel.types import NUD_FAILED
 from loden.lease_watch import overlaps_own
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
@@ -301,6 +302,9 @@ class PeerNetwork:
         self._lookup_basis: frozenset[tuple[object, ...]] | None = None
         #: Admin state (up) of the links watched by :meth:`watch_kernel`.
         self._links_up: dict[int, bool] = {}
+        #: Neighbour and FDB entries this object deleted whose notification has not come
+        #: back yet (see :meth:`_echo_of_own_write`).
+        self._own_deletions: set[Key] = set()
         #: Bumped whenever what the kernel should hold may change (see
         #: :meth:`_expect_changed`).
         self._generation = 0
@@ -571,7 +575,7 @@ class PeerNetwork:
             touched = self._touched_keys or set()
             if touched:
                 changes = [c for c in changes if entry_key(c.entry) not in touched]
-            result = await self._nl.apply(changes)
+            result = await self._write(changes)
             if not changes and not touched and self._generation == generation:
                 self._quiet = (generation, digest.value)
         out = report(result, changes, skipped, self._all_conflicts())
@@ -624,7 +628,7 @@ class PeerNetwork:
                 touched = self._touched_keys or set()
                 if touched:
                     changes = [c for c in changes if entry_key(c.entry) not in touched]
-                result = await self._nl.apply(changes)
+                result = await self._write(changes)
             # Peers an ``apply`` wrote while this pass read and diffed: its record wins.
             for key in self._touched_peers:
                 rebuild = True
@@ -684,7 +688,7 @@ class PeerNetwork:
                 touched = self._touched_keys or set()
                 if touched:
                     changes = [c for c in changes if entry_key(c.entry) not in touched]
-                result = await self._nl.apply(changes)
+                result = await self._write(changes)
             applied += result.applied
             failed += result.failed
         return unwanted, skipped, BatchResult(applied, tuple(failed))
@@ -749,7 +753,7 @@ class PeerNetwork:
             for key in latest:
                 changes += transition(old[key], new.get(key, ()))
             changes = ordered(changes)
-            result = await self._nl.apply(changes)
+            result = await self._write(changes)
             # The base (vxlan device) is only checked when a write failed: a check per
             # event would cost a round trip on the busy lane. Gone -> replay everything.
             broken = bool(result.failed) and not await self._base_intact()
@@ -843,9 +847,11 @@ class PeerNetwork:
         async with self._lock:
             todo: dict[object, Entry] = {}
             for change in changes:
-                if not isinstance(change, EntryChange):
+                if not isinstance(change, EntryChange) or not self._may_hold(change.entry):
                     continue
                 have = change.entry
+                if self._echo_of_own_write(change):
+                    continue
                 want = self._wanted_entry(have)
                 if want is None:
                     continue  # not ours: left alone
@@ -856,7 +862,7 @@ class PeerNetwork:
             if not todo:
                 return None
             repairs = ordered(Change(e) for e in todo.values())
-            result = await self._nl.apply(repairs)
+            result = await self._write(repairs)
             if self._touched_keys is not None:
                 self._touched_keys.update(entry_key(c.entry) for c in repairs)
         out = report(result, repairs, ())
@@ -867,6 +873,55 @@ class PeerNetwork:
             len(out.errors),
         )
         return out
+
+    def _may_hold(self, entry: Entry) -> bool:
+        """Could ``entry`` be (in the place of) one of ours? Cheap, and before the index
+        is looked at: the neighbour group reports every ARP/ND change on every device,
+        and answering those from the index would build it (~0.7 MB at 5,000 peers) at
+        the first one."""
+        if isinstance(entry, Route):
+            dst = entry.dst
+            if isinstance(dst, IPv4Network):
+                return self._config.network is None or dst.subnet_of(self._config.network)
+            net6 = self._config.ipv6_network
+            return net6 is None or dst.subnet_of(net6)
+        return entry.ifindex in self._entry_devices()
+
+    def _entry_devices(self) -> set[int]:
+        """The devices this backend's neighbour and FDB entries live on."""
+        return set()
+
+    def _echo_of_own_write(self, change: EntryChange) -> bool:
+        """Notifications of our own writes that the socket filter cannot drop, since the
+        kernel sends them without our port id: every FDB change (the vxlan driver sends
+        them), and the "failed" state a neighbour passes through when deleted. A
+        permanent FDB entry written needs no repair (one whose remote somebody changed
+        is left to the periodic pass, see :func:`ident`); a deletion we made is
+        recognised from :meth:`_write`'s record, so none of them builds the index."""
+        entry = change.entry
+        if isinstance(entry, FdbEntry):
+            if not change.deleted:
+                return entry.permanent
+        elif not isinstance(entry, Neighbour) or not (change.deleted or entry.state & NUD_FAILED):
+            return False
+        key = entry_key(entry)
+        if key in self._own_deletions:
+            self._own_deletions.discard(key)
+            return True
+        return False
+
+    async def _write(self, changes: list[Change]) -> BatchResult:
+        """Every kernel write of the peers' entries (see :meth:`_echo_of_own_write`)."""
+        for change in changes:
+            if change.delete and isinstance(change.entry, FdbEntry | Neighbour):
+                if len(self._own_deletions) >= 20000:  # echoes lost (ENOBUFS): bounded
+                    self._own_deletions.clear()
+                self._own_deletions.add(entry_key(change.entry))
+        result = await self._nl.apply(changes)
+        for change, _ in result.failed:  # nothing deleted: no notification will come
+            if change.delete:
+                self._own_deletions.discard(entry_key(change.entry))
+        return result
 
     async def aclose(self) -> None:
         await self._nl.aclose()

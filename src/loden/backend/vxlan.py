@@ -571,6 +571,9 @@ class VxlanNetwork(PeerNetwork):
     def _watched_links(self) -> set[int]:
         return {i for i in (self._ext.index, self._index, self._index6) if i}
 
+    def _entry_devices(self) -> set[int]:
+        return {i for i in (self._index, self._index6) if i}
+
     def _identity_of(self, lease: Lease) -> str | None:
         return peer_mac(lease)
 

@@ -1,16 +1,18 @@
-"""Leases in etcd: one public IP, VTEP MAC or WireGuard key on two leases; our lease
-close to expiry (pain points 2, 7, 11, 19)."""
+"""Leases in etcd: one public IP, VTEP MAC or WireGuard key on two leases; two leases
+on overlapping subnets; our lease close to expiry (pain points 2, 7, 11, 19)."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from ipaddress import IPv4Network, IPv6Network
 
 from loden.backend import identity
 from loden.backend.vxlan import peer_mac
 from loden.backend.wireguard_peers import lease_keys
 from loden.doctor.base import Context, Finding
 from loden.model.lease import Lease
+from loden.model.net import NO_IPV4
 
 
 def _values(lease: Lease) -> dict[str, str]:
@@ -69,6 +71,56 @@ async def check_duplicates(ctx: Context) -> list[Finding]:
             )
         )
     return findings
+
+
+def overlapping(leases: list[Lease]) -> list[tuple[Lease, Lease]]:
+    """Pairs of leases whose subnets of one family share addresses (a dual-stack key
+    holds both subnets, so two nodes on one IPv4 subnet with different IPv6 ones have
+    two keys: a Go flanneld node, or an allocation race before Loden checked for it)."""
+    pairs: list[tuple[Lease, Lease]] = []
+    for family in (4, 6):
+        spans: list[tuple[int, int, Lease]] = []
+        for lease in leases:
+            net: IPv4Network | IPv6Network | None = (
+                (lease.subnet if lease.subnet != NO_IPV4 else None)
+                if family == 4
+                else lease.ipv6_subnet
+            )
+            if net is not None:
+                spans.append((int(net.network_address), int(net.broadcast_address), lease))
+        spans.sort(key=lambda span: (span[0], -span[1]))
+        widest: tuple[int, int, Lease] | None = None  # the span reaching furthest so far
+        for span in spans:
+            if widest is not None and span[0] <= widest[1]:
+                pairs.append((widest[2], span[2]))
+            if widest is None or span[1] > widest[1]:
+                widest = span
+    return pairs
+
+
+async def check_overlaps(ctx: Context) -> list[Finding]:
+    pairs = overlapping(ctx.store.leases)
+    if not pairs:
+        return []
+    own = ctx.own
+    mine = any(own in pair for pair in pairs) if own is not None else False
+    shown = "; ".join(
+        f"{a.key} ({a.attrs.public_ip}) and {b.key} ({b.attrs.public_ip})" for a, b in pairs[:10]
+    )
+    return [
+        Finding(
+            "leases/overlap",
+            f"{len(pairs)} pair(s) of leases hold overlapping subnets"
+            + (" (one is this node's)" if mine else "")
+            + ": both nodes hand out the same pod addresses, and every node routes "
+            "them to one of the two",
+            shown,
+            "restart the agent of the newer lease (a Loden agent picks another subnet by "
+            "itself at start when its lease came second; Go flanneld does not check) or "
+            "delete that lease with `loden leases -delete KEY` and restart its agent; then "
+            "restart the pods it started on the shared subnet",
+        )
+    ]
 
 
 async def check_expiry(ctx: Context) -> list[Finding]:

@@ -45,6 +45,7 @@ CHECKS: tuple[Check, ...] = (
     mtu.check_mtu,
     checksum.check_vxlan_checksum,
     leases.check_duplicates,
+    leases.check_overlaps,
     leases.check_expiry,
     devices.check_vxlan_device,
     devices.check_hostgw_onlink,

@@ -31,6 +31,7 @@ RTPROT_BOOT: Final = 3  # what Go flanneld (vishvananda/netlink) and `ip route a
 RTPROT_STATIC: Final = 4
 RT_TABLE_MAIN: Final = 254
 
+NUD_FAILED: Final = 0x20
 NUD_NOARP: Final = 0x40
 NUD_PERMANENT: Final = 0x80
 NTF_SELF: Final = 0x02
