@@ -117,12 +117,13 @@ async def test_filtered_dump_leaves_out_what_is_expected(netns: tuple[str, int])
         await nl.apply([Change(e) for e in entries])
         gone = entries[3]  # a neighbour we expect but the kernel lacks
         await nl.delete(gone)
-        expected = set(entries) | {Route(IPv4Network("10.9.200.0/24"), oif=index)}
+        absent = Route(IPv4Network("10.9.200.0/24"), oif=index)
+        expected = {hash(e) for e in [*entries, absent]}
         found: list[Entry] = list(await nl.routes(skip=expected))
         found += await nl.neighbours(index, skip=expected)
         found += await nl.fdb(index, skip=expected)
         # What is left of ``expected`` is what the kernel lacks ...
-        assert expected == {gone, Route(IPv4Network("10.9.200.0/24"), oif=index)}
+        assert expected == {hash(gone), hash(absent)}
         # ... and nothing that matched was returned (only the kernel's own routes).
         assert not set(found) & set(entries)
         assert any(isinstance(e, Route) and e.dst == IPv4Network("172.20.0.0/16") for e in found)

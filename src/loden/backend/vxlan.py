@@ -673,7 +673,7 @@ class VxlanNetwork(PeerNetwork):
         )
 
     async def _kernel(
-        self, skip: set[Entry] | None = None, digest: Digest | None = None
+        self, skip: set[int] | None = None, digest: Digest | None = None
     ) -> list[Entry]:
         entries: list[Entry] = await super()._kernel(skip, digest)
         nl = self._nl

@@ -322,11 +322,11 @@ class Netlink:
         *,
         family: int = socket.AF_INET,
         table: int = RT_TABLE_MAIN,
-        skip: set[Entry] | None = None,
+        skip: set[int] | None = None,
         digest: Digest | None = None,
     ) -> list[Route]:
         """Every route of ``table`` for ``family`` (filtered in the kernel); with
-        ``skip``, those equal to one of its entries are left out and removed from it
+        ``skip`` (entry hashes), those whose hash is in it are left out and removed from it
         (see :func:`_decoded`); ``digest`` gets the dump (see :class:`Digest`)."""
 
         def dump() -> list[Route]:
@@ -341,7 +341,7 @@ class Netlink:
         ifindex: int,
         *,
         family: int = socket.AF_INET,
-        skip: set[Entry] | None = None,
+        skip: set[int] | None = None,
         digest: Digest | None = None,
     ) -> list[Neighbour]:
         def dump() -> list[Neighbour]:
@@ -352,7 +352,7 @@ class Netlink:
         return await self._call("dump", f"neighbours of #{ifindex}", dump)
 
     async def fdb(
-        self, ifindex: int, *, skip: set[Entry] | None = None, digest: Digest | None = None
+        self, ifindex: int, *, skip: set[int] | None = None, digest: Digest | None = None
     ) -> list[FdbEntry]:
         """FDB entries of one (vxlan) device."""
 
@@ -518,14 +518,14 @@ class Digest:
 def _decoded(
     raw: list[bytes],
     decode: Callable[[bytes], Entry | None],
-    skip: set[Entry] | None,
+    skip: set[int] | None,
     digest: Digest | None = None,
 ) -> list[Entry]:
-    """Decode dumped messages one at a time, each freed once decoded; an entry equal
-    to one in ``skip`` is not kept but removed from ``skip`` (which then holds what
-    the kernel lacks). A no-change resync at 5,000 vxlan peers so keeps a few entries
-    instead of 15,000 decoded ones (~4 MB for a moment, which the allocator then
-    kept: issue 14). Every message also goes into ``digest``."""
+    """Decode dumped messages one at a time, each freed once decoded; an entry whose
+    hash is in ``skip`` is not kept, and its hash is removed from ``skip`` (which then
+    holds what the kernel lacks). A no-change resync at 5,000 vxlan peers so keeps a
+    few entries instead of 15,000 decoded ones (~4 MB for a moment, which the allocator
+    then kept: issue 14). Every message also goes into ``digest``."""
     raw.reverse()
     out: list[Entry] = []
     while raw:
@@ -537,9 +537,11 @@ def _decoded(
         entry = decode(msg)
         if entry is None:
             continue
-        if skip is not None and entry in skip:
-            skip.discard(entry)
-            continue
+        if skip is not None:
+            key = hash(entry)
+            if key in skip:
+                skip.discard(key)
+                continue
         out.append(entry)
     return out
 
