@@ -1101,7 +1101,12 @@ def main() -> int:
         default=list(MODES),
         help="old: 10 s dump-and-diff loop; new: kernel notifications (default: both)",
     )
-    parser.add_argument("--idle", type=float, default=300.0, help="idle phase length, s")
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=300.0,
+        help="idle phase length, s (600 or more also reports its last 300 s: the steady state)",
+    )
     parser.add_argument("--drift", type=int, default=30, help="owned entries deleted by hand")
     parser.add_argument("--churn", type=int, default=1000, help="leases replaced in (h)")
     parser.add_argument(
