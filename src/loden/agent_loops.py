@@ -67,6 +67,8 @@ EXIT_STORE_REFUSED = 4
 PASS_WITHOUT_EVENTS_SECONDS = 10.0
 #: How often a store that stopped answering is probed until it answers again.
 PROBE_RETRY_SECONDS = 2.0
+#: Peer changes in one batch after which freed memory is handed back, as after a pass.
+BIG_BATCH = 500
 
 
 class AgentStop(Exception):
@@ -324,6 +326,8 @@ class AgentLoops:
             report = await self.network.apply(changes)
         except Exception as exc:  # the next reconcile repairs it: level-triggered
             report = _failed_pass("apply", exc)
+        if len(changes) >= BIG_BATCH:
+            memory.release()  # as after a full pass: the batch's watch replies and writes
         self._record(report, "apply")
 
     async def _reconcile(self, why: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from loden import agent_loops
+from loden import agent_loops, memory
 from loden.agent_loops import EXIT_LEASE_REVOKED, EXIT_STORE_REFUSED, AgentLoops
 from loden.backend.base import KernelDrift, KernelWatcher, ReconcileReport
 from loden.errors import (
@@ -34,7 +34,7 @@ from loden.kernel.netlink import Netlink
 from loden.kernel.types import RTN_BLACKHOLE, Route
 from loden.lease_watch import LeaseWatcher
 from loden.model.config import NetworkConfig
-from loden.model.lease import Lease, LeaseAttrs, LeaseEvent
+from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.model.subnet_env import PreviousSubnets
 from loden.settings import parse_agent_args
 from loden.subnet.manager import EtcdSubnetManager
@@ -429,6 +429,29 @@ async def test_loops_wake_on_the_same_ticks_shifted_by_the_process_phase(
     await asyncio.gather(sleeper(), sleeper())
     assert abs(woke[0] - woke[1]) < 0.005
     assert (woke[0] - 0.0123) % 0.2 < 0.02  # on the process's tick, not the loop's zero
+
+
+async def test_a_big_batch_of_peer_changes_hands_memory_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As after a full pass: a batch of hundreds of peers (a mass churn) allocated its
+    watch replies and writes for a moment; glibc keeps freed heap unless told."""
+    released: list[int] = []
+    monkeypatch.setattr(memory, "release", lambda: released.append(1))
+    agent = await start(flags=["-resync-period=300"])  # no periodic pass meanwhile
+    try:
+        released.clear()  # the first snapshot's pass
+        small = [LeaseEvent(EventKind.ADDED, Lease(IPv4Network("10.5.200.0/24"), attrs(2)))]
+        await agent.loops._apply(small)
+        assert released == []
+        big = [
+            LeaseEvent(EventKind.ADDED, Lease(IPv4Network(f"10.6.{n >> 8}.{n & 255}/32"), attrs(3)))
+            for n in range(agent_loops.BIG_BATCH)
+        ]
+        await agent.loops._apply(big)
+        assert released == [1]
+    finally:
+        await stop(agent)
 
 
 async def test_rules_failures_are_retried_and_reported() -> None:
