@@ -902,9 +902,10 @@ class PeerNetwork:
         return set()
 
     def _echo_of_own_write(self, change: EntryChange) -> bool:
-        """Notifications of our own writes that the socket filter cannot drop, since the
-        kernel sends them without our port id: every FDB change (the vxlan driver sends
-        them), and the "failed" state a neighbour passes through when deleted. A
+        """Notifications of our own writes that carry no port id to filter on: FDB
+        changes (the vxlan driver sends them; the socket filter drops permanent ones
+        written, this check is for a kernel that refused the filter and for
+        deletions), and the "failed" state a neighbour passes through when deleted. A
         permanent FDB entry written needs no repair (one whose remote somebody changed
         is left to the periodic pass, see :func:`ident`); a deletion we made is
         recognised from :meth:`_write`'s record, so none of them builds the index."""
