@@ -36,7 +36,12 @@ g. drift repair: ``--drift`` owned entries (routes, neighbours, FDB entries) del
    random by hand in one batch; time until all are back (kernel polled), and the agent's
    ``loden_kernel_repairs_total`` / ``loden_reconcile_changes_total``;
 h. RSS growth (a second agent on a fresh etcd): VmRSS at 0 peers, then 1,000, then
-   ``--peers``, then after ``--churn`` leases deleted and as many new ones written.
+   ``--peers``, then after ``--churn`` leases deleted and as many new ones written;
+i. churn (``--churn-seconds``, etcd store, same agent as h.): for that long, rounds of
+   ``--churn`` leases deleted (the oldest) and as many new ones written (new subnets and
+   MACs, cycling through the underlay's /16), each awaited in the kernel, then
+   ``--churn-pause`` s without changes; VmRSS after each round's pause, printed as it
+   runs, so growth over time is visible (the first and last quarters' medians, the max).
 
 Targets (issue 14): cold start <= 1.6 s, RSS <= 40 MB, new-lease latency p50 <= 10 ms and
 p99 <= 50 ms, idle CPU <= 0.1 % of a core, drift repaired in <= 1 s. ``--py-spy DIR``
@@ -77,7 +82,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -585,6 +590,11 @@ class Result:
     drift_changes: float = 0.0
     #: VmRSS (MB) per step of the growth run: "0", "1000", ..., "churn".
     growth: dict[str, float] = field(default_factory=dict)
+    #: (i) (seconds since the churn began, VmRSS MB) after each round's pause.
+    churn_rss: list[tuple[float, float]] = field(default_factory=list)
+    churn_leases: int = 0
+    churn_cpu_pct: float = 0.0
+    churn_hwm: float = 0.0
     reconcile_errors: float = 0.0
     kernel_resyncs: float = 0.0
     profiles: list[Path] = field(default_factory=list)
@@ -907,11 +917,12 @@ def growth(kind: str, store_name: str, mode: str, args: argparse.Namespace, res:
         pid = agent_pid(proc)
         own = subnet_file.read_text()
         pool = (peer_lease(i, underlay, kind, args.ipv6) for i in range(65000))
-        leases = [
+        everyone = [
             lease
             for lease in pool
             if f"FLANNEL_SUBNET={lease.subnet.network_address + 1}/" not in own
-        ][: args.peers + args.churn]
+        ]
+        leases = everyone[: args.peers + args.churn]
         live: list[Lease] = []
         time.sleep(2.0)
         res.growth["0"] = memory_mib(pid)["VmRSS"]
@@ -928,7 +939,71 @@ def growth(kind: str, store_name: str, mode: str, args: argparse.Namespace, res:
             wait_entries(host, kind, args.peers, proc, args.ipv6, args.timeout)
             time.sleep(2.0)
             res.growth["churn"] = memory_mib(pid)["VmRSS"]
+            live = live[args.churn :] + fresh
         res.growth["hwm"] = memory_mib(pid)["VmHWM"]
+        if args.churn_seconds > 0 and store.delete_many is not None:
+            churn(host, kind, store, proc, pid, live, everyone, args, res)
+
+
+def churn(
+    host: Host,
+    kind: str,
+    store: Store,
+    proc: Process,
+    pid: int,
+    live: list[Lease],
+    everyone: list[Lease],
+    args: argparse.Namespace,
+    res: Result,
+) -> None:
+    """(i) Rounds of lease replacement for ``--churn-seconds``; VmRSS after each."""
+    assert store.delete_many is not None
+    queue = deque(live)
+    cursor = args.peers + args.churn  # the next lease never yet written
+    cpu_before = sum(cpu_seconds(pid))
+    began = time.monotonic()
+    while time.monotonic() - began < args.churn_seconds:
+        gone = [queue.popleft() for _ in range(args.churn)]
+        fresh = [everyone[(cursor + k) % len(everyone)] for k in range(args.churn)]
+        cursor += args.churn
+        store.delete_many(gone)
+        store.put_many(fresh)
+        queue.extend(fresh)
+        wait_replaced(host, gone, fresh, proc, args.timeout)
+        res.churn_leases += 2 * args.churn
+        time.sleep(args.churn_pause)
+        at = time.monotonic() - began
+        rss = memory_mib(pid)["VmRSS"]
+        res.churn_rss.append((at, rss))
+        print(
+            f"    churn round {len(res.churn_rss)}, {at:.0f} s, "
+            f"{res.churn_leases} lease changes: VmRSS {rss:.1f} MB",
+            flush=True,
+        )
+    res.churn_cpu_pct = 100 * (sum(cpu_seconds(pid)) - cpu_before) / (time.monotonic() - began)
+    res.churn_hwm = memory_mib(pid)["VmHWM"]
+    wait_entries(host, kind, args.peers, proc, args.ipv6, args.timeout)
+
+
+def wait_replaced(
+    host: Host, gone: Sequence[Lease], fresh: Sequence[Lease], proc: Process, timeout: float
+) -> None:
+    """Poll the kernel's routes until every fresh lease has one and no gone lease has."""
+    want = {str(lease.subnet) for lease in fresh}
+    unwanted = {str(lease.subnet) for lease in gone} - want
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = host.ns.ip("-4", "route", "show", "proto", "76").stdout.splitlines()
+        routes = {line.split()[0] for line in shown if line}
+        if want <= routes and not unwanted & routes:
+            return
+        if time.monotonic() > deadline or not proc.running():
+            missing, left = len(want - routes), len(unwanted & routes)
+            raise TopologyError(
+                f"churn: {missing} new routes missing, {left} deleted ones left:\n"
+                f"{proc.output()[-3000:]}"
+            )
+        time.sleep(0.05)
 
 
 def _log_tail_on_failure(proc: Process) -> Callable[..., None]:
@@ -1065,12 +1140,51 @@ def table(results: Sequence[Result], gap_ms: float) -> list[str]:
             label = "    VmHWM (peak)"
         target = "<= 40" if step != "hwm" else ""
         row(label, target, _growth_cell(step))
+    if any(r.churn_rss for r in results):
+        churn_rows(results, row)
     row(
         "reconcile errors / kernel resyncs (metrics)",
         "",
         lambda r: f"{r.reconcile_errors:.0f}/{r.kernel_resyncs:.0f}",
     )
     return lines
+
+
+def churn_rows(
+    results: Sequence[Result], row: Callable[[str, str, Callable[[Result], str]], None]
+) -> None:
+    """(i): VmRSS over the churn, its first and last quarters side by side."""
+
+    def quarter(r: Result, last: bool) -> str:
+        if not r.churn_rss:
+            return "-"
+        span = r.churn_rss[-1][0]
+        picked = [
+            rss for at, rss in r.churn_rss if (at >= 0.75 * span if last else at <= 0.25 * span)
+        ]
+        return f"{statistics.median(picked):.1f}"
+
+    def cell(fn: Callable[[Result], str]) -> Callable[[Result], str]:
+        return lambda r: fn(r) if r.churn_rss else "-"
+
+    row(
+        "(i) churn: rounds / lease changes / s",
+        "",
+        cell(lambda r: f"{len(r.churn_rss)}/{r.churn_leases}/{r.churn_rss[-1][0]:.0f}"),
+    )
+    row("    VmRSS after round 1, MB", "<= 40", cell(lambda r: f"{r.churn_rss[0][1]:.1f}"))
+    row(
+        "    VmRSS median, first / last quarter, MB",
+        "no growth",
+        cell(lambda r: f"{quarter(r, False)}/{quarter(r, True)}"),
+    )
+    row(
+        "    VmRSS max after a round / at the end, MB",
+        "<= 40",
+        cell(lambda r: f"{max(v for _, v in r.churn_rss):.1f}/{r.churn_rss[-1][1]:.1f}"),
+    )
+    row("    VmHWM (peak), MB", "", cell(lambda r: f"{r.churn_hwm:.1f}"))
+    row("    agent CPU while churning, % of a core", "", cell(lambda r: f"{r.churn_cpu_pct:.1f}"))
 
 
 def _growth_cell(step: str) -> Callable[[Result], str]:
@@ -1108,7 +1222,16 @@ def main() -> int:
         help="idle phase length, s (600 or more also reports its last 300 s: the steady state)",
     )
     parser.add_argument("--drift", type=int, default=30, help="owned entries deleted by hand")
-    parser.add_argument("--churn", type=int, default=1000, help="leases replaced in (h)")
+    parser.add_argument("--churn", type=int, default=1000, help="leases replaced in (h), (i)")
+    parser.add_argument(
+        "--churn-seconds",
+        type=float,
+        default=0.0,
+        help="run (i) for this long after (h): rounds of --churn leases replaced (etcd store)",
+    )
+    parser.add_argument(
+        "--churn-pause", type=float, default=10.0, help="(i): quiet time after each round, s"
+    )
     parser.add_argument(
         "--growth",
         action=argparse.BooleanOptionalAction,
@@ -1154,6 +1277,8 @@ def main() -> int:
         parser.error("--ipv6 runs the etcd store only: add --stores etcd")
     if args.peers < 1 or args.new < 1 or args.resyncs < 1 or args.burst < 0 or args.gap <= 0:
         parser.error("--peers, --new, --resyncs and --gap must be positive, --burst >= 0")
+    if args.churn_seconds > 0 and not (args.growth and 0 < args.churn <= args.peers):
+        parser.error("--churn-seconds needs --growth and 0 < --churn <= --peers")
     if args.peers + 3 * args.new + 2 * args.burst > 65000:
         parser.error("--peers + 3 x --new + 2 x --burst must stay <= 65000 (one /16 of peer IPs)")
     for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: it may start out ignored
