@@ -271,7 +271,8 @@ async def test_own_writes_and_other_devices_build_no_index(make_cluster: Cluster
     """The index from kernel entries to leases (~0.7 MB at 5,000 peers) is built only
     when a notification may concern an entry of ours: not for ARP changes on other
     devices, nor for the FDB notifications of our own writes and deletions (the vxlan
-    driver sends them without our port id). A real deletion still gets repaired."""
+    driver sends them without our port id), nor for routes outside the family's Network
+    (an IPv4-only node's IPv6 routes). A real deletion still gets repaired."""
     cluster = await make_cluster("vxlan")
     n0, n1 = cluster.nodes
     assert isinstance(n0.network, VxlanNetwork)
@@ -287,6 +288,14 @@ async def test_own_writes_and_other_devices_build_no_index(make_cluster: Cluster
         )
         assert (await network.apply([LeaseEvent(EventKind.ADDED, extra)])).added == 3
         assert (await network.apply([LeaseEvent(EventKind.REMOVED, extra)])).removed == 3
+        # Routes that are nobody's business of ours: the IPv6 link-local routes of a new
+        # device (this cluster has no IPv6 Network) and an IPv4 route outside Network.
+        ns = n0.host.ns
+        await ns.arun("ip", "link", "add", "lspare0", "type", "veth", "peer", "name", "lspare1")
+        for end in ("lspare0", "lspare1"):
+            await ns.arun("ip", "link", "set", end, "up")
+        await ns.arun("ip", "-6", "route", "add", "fd7e:1::/64", "dev", "lspare0")
+        await ns.arun("ip", "route", "add", "192.0.2.0/24", "dev", "lspare0")
         await asyncio.sleep(0.5)  # the notifications are read meanwhile
         assert network._by_ident is None
         assert network._own_deletions == set()

@@ -888,13 +888,17 @@ class PeerNetwork:
         """Could ``entry`` be (in the place of) one of ours? Cheap, and before the index
         is looked at: the neighbour group reports every ARP/ND change on every device,
         and answering those from the index would build it (~0.7 MB at 5,000 peers) at
-        the first one."""
+        the first one. A route outside the family's Network (any route of a family with
+        none, such as the link-local routes of an IPv4-only node) is ours only if it
+        carries our protocol."""
         if isinstance(entry, Route):
+            if entry.protocol == RTPROT_LODEN:
+                return True
             dst = entry.dst
-            if isinstance(dst, IPv4Network):
-                return self._config.network is None or dst.subnet_of(self._config.network)
-            net6 = self._config.ipv6_network
-            return net6 is None or dst.subnet_of(net6)
+            net = (
+                self._config.network if isinstance(dst, IPv4Network) else self._config.ipv6_network
+            )
+            return net is not None and dst.subnet_of(net)  # type: ignore[arg-type]
         return entry.ifindex in self._entry_devices()
 
     def _entry_devices(self) -> set[int]:
