@@ -19,15 +19,6 @@ from loden.model.net import NO_IPV4
 log = logging.getLogger(__name__)
 
 
-def overlaps_own(lease: Lease, own: Lease) -> bool:
-    """Is ``lease`` (also) on one of our own subnets? Compared per family, and only for
-    a family the lease has: every IPv6-only lease shares the empty IPv4 part
-    ``0.0.0.0/0``, which must not make all of them look like ours."""
-    if lease.subnet != NO_IPV4 and lease.subnet == own.subnet:
-        return True
-    return lease.ipv6_subnet is not None and lease.ipv6_subnet == own.ipv6_subnet
-
-
 class LeaseWatcher:
     def __init__(
         self, own: Lease, network: IPv4Network | None, network6: IPv6Network | None = None
@@ -57,7 +48,7 @@ class LeaseWatcher:
             self._forget_ip(dropped)
 
     def _acceptable(self, lease: Lease) -> bool:
-        if lease.key == self._own_key or overlaps_own(lease, self._own):
+        if lease.key == self._own_key:
             return False
         if (
             self._network is not None
@@ -84,7 +75,10 @@ class LeaseWatcher:
                 lease.key,
             )
             return False
-        return True
+        # On one of our own subnets (the doctor's [leases/overlap] names such pairs). The
+        # IPv6 side only counts when IPv6 is on: otherwise it is never programmed.
+        own = self._own
+        return not lease.overlaps(own.subnet, own.ipv6_subnet if self._network6 else None)
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key in self._warned:

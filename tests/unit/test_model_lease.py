@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loden.errors import LeaseFormatError, ParseError, SubnetKeyError
-from loden.model.lease import LeaseAttrs
+from loden.model.lease import Lease, LeaseAttrs
 from loden.model.net import parse_subnet_key, subnet_key
 
 
@@ -135,3 +135,37 @@ def test_lease_parser_raises_only_its_own_error(raw: bytes) -> None:
         LeaseAttrs.parse(raw)
     except ParseError:
         pass
+
+
+def _lease(v4: str, v6: str | None = None) -> Lease:
+    attrs = LeaseAttrs(IPv4Address("192.0.2.1"), "vxlan")
+    return Lease(IPv4Network(v4), attrs, None if v6 is None else IPv6Network(v6))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        (("10.1.2.0/24",), ("10.1.2.0/24",), True),
+        (("10.1.0.0/16",), ("10.1.2.0/24",), True),  # different lengths still collide
+        (("10.1.2.0/24",), ("10.1.3.0/24",), False),
+        # One IPv4 subnet, different IPv6 ones: two keys, one collision.
+        (("10.1.2.0/24", "fd00:0:0:1::/64"), ("10.1.2.0/24", "fd00:0:0:2::/64"), True),
+        (("10.1.2.0/24", "fd00:0:0:1::/64"), ("10.1.3.0/24", "fd00:0:0:1::/64"), True),
+        # IPv6-only leases share the empty IPv4 part 0.0.0.0/0, which holds nothing.
+        (("0.0.0.0/0", "fd00:0:0:1::/64"), ("0.0.0.0/0", "fd00:0:0:2::/64"), False),
+        (("0.0.0.0/0", "fd00:0:0:1::/64"), ("10.1.2.0/24",), False),
+        (("10.1.2.0/24", "fd00:0:0:1::/64"), ("10.1.3.0/24",), False),
+    ],
+)
+def test_leases_overlap_family_by_family(
+    a: tuple[str, ...], b: tuple[str, ...], overlap: bool
+) -> None:
+    first, second = _lease(*a), _lease(*b)
+    assert first.overlaps_lease(second) is overlap
+    assert second.overlaps_lease(first) is overlap
+    assert first.overlaps(second.subnet, second.ipv6_subnet) is overlap
+
+
+def test_ipv4_subnet_of_an_ipv6_only_lease_is_none() -> None:
+    assert _lease("0.0.0.0/0", "fd00::/64").ipv4_subnet is None
+    assert _lease("10.1.2.0/24").ipv4_subnet == IPv4Network("10.1.2.0/24")

@@ -58,7 +58,6 @@ from loden.kernel.netlink import (
     RouteLookup,
 )
 from loden.kernel.types import NUD_FAILED
-from loden.lease_watch import overlaps_own
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
 
@@ -435,8 +434,8 @@ class PeerNetwork:
     # -- the Network API ---------------------------------------------------------------
 
     def accepts(self, lease: Lease) -> bool:
-        return lease.attrs.backend_type == self.backend_type and not overlaps_own(
-            lease, self._lease
+        return lease.attrs.backend_type == self.backend_type and not lease.overlaps_lease(
+            self._lease
         )
 
     async def _lookups(self, leases: Iterable[Lease]) -> Mapping[IPAddress, RouteLookup | None]:
@@ -708,7 +707,7 @@ class PeerNetwork:
         fallback: dict[str, Lease] = {}
         for event in events:
             key = event.lease.key
-            if overlaps_own(event.lease, self._lease):
+            if event.lease.overlaps_lease(self._lease):
                 continue
             if event.kind is EventKind.ADDED and self.accepts(event.lease):
                 latest[key] = event.lease

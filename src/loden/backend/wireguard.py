@@ -89,7 +89,6 @@ from loden.kernel.wireguard.keys import (
 )
 from loden.kernel.wireguard.process import WireguardGo
 from loden.kernel.wireguard.uapi import PeerConfig, SetRequest
-from loden.lease_watch import overlaps_own
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 log = logging.getLogger(__name__)
@@ -462,7 +461,7 @@ class WireguardNetwork:
     # -- peers -------------------------------------------------------------------------
 
     def accepts(self, lease: Lease) -> bool:
-        if overlaps_own(lease, self._lease):
+        if lease.overlaps_lease(self._lease):
             return False
         if lease.attrs.backend_type != "wireguard":
             self._warn(
@@ -567,7 +566,7 @@ class WireguardNetwork:
             relevant = False
             for event in events:
                 lease = event.lease
-                if overlaps_own(lease, self._lease):
+                if lease.overlaps_lease(self._lease):
                     continue
                 if event.kind is EventKind.ADDED and self.accepts(lease):
                     self._peers[lease.key] = lease

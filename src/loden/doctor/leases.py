@@ -12,7 +12,6 @@ from loden.backend.vxlan import peer_mac
 from loden.backend.wireguard_peers import lease_keys
 from loden.doctor.base import Context, Finding
 from loden.model.lease import Lease
-from loden.model.net import NO_IPV4
 
 
 def _values(lease: Lease) -> dict[str, str]:
@@ -82,9 +81,7 @@ def overlapping(leases: list[Lease]) -> list[tuple[Lease, Lease]]:
         spans: list[tuple[int, int, Lease]] = []
         for lease in leases:
             net: IPv4Network | IPv6Network | None = (
-                (lease.subnet if lease.subnet != NO_IPV4 else None)
-                if family == 4
-                else lease.ipv6_subnet
+                lease.ipv4_subnet if family == 4 else lease.ipv6_subnet
             )
             if net is not None:
                 spans.append((int(net.network_address), int(net.broadcast_address), lease))

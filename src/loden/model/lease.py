@@ -19,7 +19,7 @@ from typing import Any
 
 from loden.errors import LeaseFormatError
 from loden.model.gojson import GoJSONError, GoObject, as_any, as_str, compact
-from loden.model.net import subnet_key
+from loden.model.net import NO_IPV4, subnet_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +125,29 @@ class Lease:
 
     def same_subnets(self, other: Lease) -> bool:
         return self.subnet == other.subnet and self.ipv6_subnet == other.ipv6_subnet
+
+    @property
+    def ipv4_subnet(self) -> IPv4Network | None:
+        """The IPv4 subnet; ``None`` for an IPv6-only lease, whose key's IPv4 part
+        ``0.0.0.0/0`` holds no addresses."""
+        return None if self.subnet == NO_IPV4 else self.subnet
+
+    def overlaps(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> bool:
+        """Do this lease's subnets share addresses with ``subnet`` / ``ipv6_subnet``,
+        family by family? A dual-stack key holds both subnets, so two leases on one IPv4
+        subnet with different IPv6 ones are two keys that overlap (see
+        :meth:`overlaps_lease`); an IPv6-only side's ``0.0.0.0/0`` overlaps nothing."""
+        mine = self.ipv4_subnet
+        if mine is not None and subnet != NO_IPV4 and mine.overlaps(subnet):
+            return True
+        return (
+            self.ipv6_subnet is not None
+            and ipv6_subnet is not None
+            and self.ipv6_subnet.overlaps(ipv6_subnet)
+        )
+
+    def overlaps_lease(self, other: Lease) -> bool:
+        return self.overlaps(other.subnet, other.ipv6_subnet)
 
 
 class EventKind(enum.Enum):

@@ -395,7 +395,7 @@ class EtcdSubnetManager:
                 subnet, ipv6_subnet = parse_lease_name(kv.name)
             except ParseError:
                 continue
-            if _overlap(lease, subnet, ipv6_subnet):
+            if lease.overlaps(subnet, ipv6_subnet):
                 rivals.append((kv.created, kv.name))
         if not mine:
             raise LeaseConflict(f"{lease.key} vanished right after we created it")
@@ -573,18 +573,6 @@ class EtcdSubnetManager:
             closer = getattr(stream, "aclose", None)
             if closer is not None:
                 await closer()
-
-
-def _overlap(lease: Lease, subnet: IPv4Network, ipv6_subnet: IPv6Network | None) -> bool:
-    """Do the subnets of a lease key share addresses with ``lease``'s, family by family
-    (an IPv6-only key's IPv4 part ``0.0.0.0/0`` holds nothing)?"""
-    if lease.subnet != NO_IPV4 and subnet != NO_IPV4 and lease.subnet.overlaps(subnet):
-        return True
-    return (
-        lease.ipv6_subnet is not None
-        and ipv6_subnet is not None
-        and lease.ipv6_subnet.overlaps(ipv6_subnet)
-    )
 
 
 def _with_expiry(lease: Lease, ttl: int | None, ref: int) -> Lease:
