@@ -268,11 +268,13 @@ async def test_peers_applied_later_are_repaired_and_removed_ones_are_not(
 
 
 async def test_own_writes_and_other_devices_build_no_index(make_cluster: ClusterFactory) -> None:
-    """The index from kernel entries to leases (~0.7 MB at 5,000 peers) is built only
+    """The index from kernel entries to leases (~1.3 MB at 5,000 vxlan peers) is built only
     when a notification may concern an entry of ours: not for ARP changes on other
     devices, nor for the FDB notifications of our own writes and deletions (the vxlan
-    driver sends them without our port id), nor for routes outside the family's Network
-    (an IPv4-only node's IPv6 routes). A real deletion still gets repaired."""
+    driver sends them without our port id), nor for routes that cannot be ours: outside
+    the family's Network (an IPv4-only node's IPv6 routes), in the local table, inside
+    our own subnet. A real deletion still gets repaired, and the index it needed lives
+    until the next periodic pass."""
     cluster = await make_cluster("vxlan")
     n0, n1 = cluster.nodes
     assert isinstance(n0.network, VxlanNetwork)
@@ -296,6 +298,12 @@ async def test_own_writes_and_other_devices_build_no_index(make_cluster: Cluster
             await ns.arun("ip", "link", "set", end, "up")
         await ns.arun("ip", "-6", "route", "add", "fd7e:1::/64", "dev", "lspare0")
         await ns.arun("ip", "route", "add", "192.0.2.0/24", "dev", "lspare0")
+        # Inside Network, still not ours: a device address (its route is in the local
+        # table) and a route inside our own subnet (as the bridge's is).
+        inside = cluster.subnet(20).network_address + 5
+        await ns.arun("ip", "addr", "add", f"{inside}/32", "dev", "lspare0")
+        upper_half = list(n0.subnet.subnets(1))[1]
+        await ns.arun("ip", "route", "add", str(upper_half), "dev", "lspare0")
         await asyncio.sleep(0.5)  # the notifications are read meanwhile
         assert network._by_ident is None
         assert network._own_deletions == set()
@@ -305,4 +313,8 @@ async def test_own_writes_and_other_devices_build_no_index(make_cluster: Cluster
             "bridge", "fdb", "del", mac, "dev", "flannel.1", "dst", str(n1.host.ip)
         )
         assert await until(lambda: present()[2]) is not None
+        assert network._by_ident is not None  # the repair needed it
+        # It lives until the next periodic pass.
+        assert not (await cluster.reconcile(0)).errors
+        assert network._by_ident is None
     assert watch.repaired >= 1 and watch.resyncs == []

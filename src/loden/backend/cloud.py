@@ -35,6 +35,34 @@ Stale = Callable[[IPv4Network], bool]
 Pass = Callable[[Stale], Awaitable[ReconcileReport]]
 
 
+class _StaleAfterGrace:
+    """The full pass's :data:`Stale`: a route no lease holds is stale once it was found
+    so in this pass and in one at least :data:`STALE_GRACE_SECONDS` before. The live
+    subnets are read when the first route is looked at, after the pass listed the
+    routes, so a lease that arrived meanwhile still counts."""
+
+    def __init__(
+        self,
+        live: Callable[[], set[IPv4Network]],
+        earlier: Mapping[IPv4Network, float],
+        found: dict[IPv4Network, float],
+    ) -> None:
+        self._read_live = live
+        self._live: set[IPv4Network] | None = None
+        self._earlier = earlier
+        #: Filled for the next pass: each leaseless route, and when it was first seen.
+        self._found = found
+
+    def __call__(self, net: IPv4Network) -> bool:
+        if self._live is None:
+            self._live = self._read_live()
+        if net in self._live:
+            return False
+        now = time.monotonic()
+        first = self._found[net] = self._earlier.get(net, now)
+        return now - first >= STALE_GRACE_SECONDS
+
+
 class CloudRouteNetwork:
     """A :class:`~loden.backend.base.Network` whose data plane is a cloud route table.
 
@@ -83,20 +111,8 @@ class CloudRouteNetwork:
 
     async def reconcile(self, peers: Mapping[str, Lease]) -> ReconcileReport:
         self._peers = dict(peers)
-        suspects, self._suspects = self._suspects, {}
-        live: set[IPv4Network] | None = None
-
-        def stale(net: IPv4Network) -> bool:
-            nonlocal live
-            if live is None:  # once the pass has listed the routes: the newest peers
-                live = self._live()
-            if net in live:
-                return False
-            now = time.monotonic()
-            first = self._suspects[net] = suspects.get(net, now)
-            return now - first >= STALE_GRACE_SECONDS
-
-        return await self._guarded(stale)
+        earlier, self._suspects = self._suspects, {}
+        return await self._guarded(_StaleAfterGrace(self._live, earlier, self._suspects))
 
     def _live(self) -> set[IPv4Network]:
         """The subnets of the peers known now (``apply`` keeps them current)."""
