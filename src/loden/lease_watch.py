@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from loden.model.lease import EventKind, Lease, LeaseEvent
-from loden.model.net import NO_IPV4
+from loden.model.net import NO_IPV4, within
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class LeaseWatcher:
         if (
             self._network is not None
             and lease.subnet != NO_IPV4
-            and not _inside(lease.subnet, self._network)
+            and not within(lease.subnet, self._network)
         ):
             self._warn_once(
                 lease.key,
@@ -65,7 +65,7 @@ class LeaseWatcher:
             )
             return False
         v6 = lease.ipv6_subnet
-        if self._network6 is not None and v6 is not None and not v6.subnet_of(self._network6):
+        if self._network6 is not None and v6 is not None and not within(v6, self._network6):
             self._warn_once(
                 lease.key,
                 "lease %s is outside IPv6Network %s: ignored (remove it with "
@@ -174,11 +174,3 @@ class LeaseWatcher:
                     ", ".join(sorted(keys)),
                     ip,
                 )
-
-
-def _inside(subnet: IPv4Network, network: IPv4Network) -> bool:
-    """``subnet.subnet_of(network)`` without its cached per-object broadcast address
-    (kept on every lease's subnet, that cost ~400 bytes per peer)."""
-    return subnet.prefixlen >= network.prefixlen and int(subnet.network_address) & int(
-        network.netmask
-    ) == int(network.network_address)

@@ -19,7 +19,7 @@ from typing import Any
 
 from loden.errors import LeaseFormatError
 from loden.model.gojson import GoJSONError, GoObject, as_any, as_str, compact
-from loden.model.net import NO_IPV4, subnet_key
+from loden.model.net import NO_IPV4, overlap, subnet_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +138,12 @@ class Lease:
         subnet with different IPv6 ones are two keys that overlap (see
         :meth:`overlaps_lease`); an IPv6-only side's ``0.0.0.0/0`` overlaps nothing."""
         mine = self.ipv4_subnet
-        if mine is not None and subnet != NO_IPV4 and mine.overlaps(subnet):
+        if mine is not None and subnet != NO_IPV4 and overlap(mine, subnet):
             return True
         return (
             self.ipv6_subnet is not None
             and ipv6_subnet is not None
-            and self.ipv6_subnet.overlaps(ipv6_subnet)
+            and overlap(self.ipv6_subnet, ipv6_subnet)
         )
 
     def overlaps_lease(self, other: Lease) -> bool:

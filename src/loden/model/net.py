@@ -17,8 +17,24 @@ from loden.errors import SubnetKeyError
 
 #: The IPv4 part of an IPv6-only node's lease: flannel keys it ``0.0.0.0-0&<v6>-<len>``.
 NO_IPV4 = IPv4Network("0.0.0.0/0")
+Network = IPv4Network | IPv6Network
 
 _KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?")
+
+
+def within(subnet: Network, network: Network) -> bool:
+    """``subnet.subnet_of(network)`` (same family) without the broadcast address that
+    ``ipaddress`` caches on both objects: kept on every lease's subnet, that cost ~400
+    bytes per peer (issue 14)."""
+    return subnet.prefixlen >= network.prefixlen and int(subnet.network_address) & int(
+        network.netmask
+    ) == int(network.network_address)
+
+
+def overlap(a: Network, b: Network) -> bool:
+    """``a.overlaps(b)`` (same family), without the cached broadcast addresses (see
+    :func:`within`): two prefixes share addresses only if one holds the other."""
+    return within(a, b) if a.prefixlen >= b.prefixlen else within(b, a)
 
 
 def subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
