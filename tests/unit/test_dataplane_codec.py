@@ -112,3 +112,21 @@ def test_transition_and_order() -> None:
     ]
     ranks = [(isinstance(c.entry, Route), c.delete) for c in ordered(mixed)]
     assert ranks == [(True, True), (False, False), (True, False), (False, True)]
+
+
+def _msg(kind: int, seq: int, body: bytes = b"\0" * 4) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), kind, 0, seq, 0) + body
+
+
+def test_a_dump_makes_each_message_only_when_reached() -> None:
+    """Replies of our dump (seq 7), in datagram order; another request's message, an
+    ack and what follows DONE are not replies."""
+    first = _msg(24, 7, b"a" * 4) + _msg(24, 9, b"x" * 4) + _msg(24, 7, b"b" * 8)
+    second = _msg(rtnl.NLMSG_ERROR, 7, b"\0" * 20) + _msg(24, 7, b"c" * 4)
+    second += _msg(rtnl.NLMSG_DONE, 7) + _msg(24, 7, b"z" * 4)
+    dump = rtnl.Dump([first, second], 7)
+    bodies = [msg[16:] for msg in dump]
+    assert bodies == [b"a" * 4, b"b" * 8, b"c" * 4]
+    assert [msg[16:] for msg in dump] == bodies  # it can be walked again
+    it = iter(dump)
+    assert isinstance(next(it), bytes)  # lazy: one message made per step

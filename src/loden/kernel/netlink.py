@@ -516,20 +516,19 @@ class Digest:
 
 
 def _decoded(
-    raw: list[bytes],
+    raw: Iterable[bytes],
     decode: Callable[[bytes], Entry | None],
     skip: set[int] | None,
     digest: Digest | None = None,
 ) -> list[Entry]:
-    """Decode dumped messages one at a time, each freed once decoded; an entry whose
-    hash is in ``skip`` is not kept, and its hash is removed from ``skip`` (which then
-    holds what the kernel lacks). A no-change resync at 5,000 vxlan peers so keeps a
-    few entries instead of 15,000 decoded ones (~4 MB for a moment, which the allocator
-    then kept: issue 14). Every message also goes into ``digest``."""
-    raw.reverse()
+    """Decode dumped messages one at a time (:class:`rtnl.Dump` makes each only when
+    it is reached); an entry whose hash is in ``skip`` is not kept, and its hash is
+    removed from ``skip`` (which then holds what the kernel lacks). A no-change resync
+    at 5,000 vxlan peers so keeps a few entries instead of 15,000 decoded ones (~4 MB
+    for a moment, which the allocator then kept: issue 14). Every message also goes
+    into ``digest``."""
     out: list[Entry] = []
-    while raw:
-        msg = raw.pop()
+    for msg in raw:
         if digest is not None:
             digest.add(msg)
             if not digest.decode:
