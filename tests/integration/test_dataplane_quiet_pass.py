@@ -129,6 +129,37 @@ async def test_a_changed_peer_set_is_never_taken_for_quiet(
     assert await quiet_with(cluster, decodes, {extra.key: extra}) == 0
 
 
+async def test_a_full_check_compares_sums_and_goes_entry_by_entry_only_on_drift(
+    make_cluster: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a change on our side the pass checks every entry, first as two sums (no
+    set of 15,000 hashes held); only when they differ is the dump walked again entry
+    by entry, and the drift repaired."""
+    cluster = await make_cluster("vxlan")
+    n0, n1 = cluster.nodes[0], cluster.nodes[1]
+    network = n0.network
+    assert isinstance(network, VxlanNetwork)
+    real = network._drift
+    calls: list[int] = []
+
+    async def counting() -> tuple[list[netlink.Change], netlink.Digest]:
+        calls.append(1)
+        return await real()
+
+    monkeypatch.setattr(network, "_drift", counting)
+    extra = vxlan_lease(
+        cluster.subnet(9), cluster.topo.network.network_address + 99, "0a:58:0a:00:09:01"
+    )
+    assert (await network.apply([LeaseEvent(EventKind.ADDED, extra)])).added == 3
+    report = await cluster.reconcile(0, {extra.key: extra})
+    assert not report.errors and report.added == report.removed == 0 and calls == []
+    assert (await network.apply([LeaseEvent(EventKind.REMOVED, extra)])).removed == 3
+    await n0.host.ns.arun("ip", "route", "del", str(n1.subnet))
+    report = await cluster.reconcile(0)
+    assert report.added == 1 and not report.errors and calls == [1]
+    assert "flannel.1" in n0.host.ns.ip("route", "show", "exact", str(n1.subnet)).stdout
+
+
 async def quiet_with(cluster: Cluster, decodes: Decodes, extra: dict[str, object]) -> int:
     before = decodes.count
     report = await cluster.reconcile(0, extra)  # type: ignore[arg-type]

@@ -56,6 +56,8 @@ from loden.kernel.netlink import (
     Netlink,
     Route,
     RouteLookup,
+    Skip,
+    Tally,
 )
 from loden.kernel.types import NUD_FAILED, RT_TABLE_MAIN
 from loden.model.config import NetworkConfig
@@ -374,12 +376,11 @@ class PeerNetwork:
     def _all_conflicts(self) -> tuple[str, ...]:
         return (*self._conflicts.values(), *self._shared.values())
 
-    async def _kernel(
-        self, skip: set[int] | None = None, digest: Digest | None = None
-    ) -> list[Entry]:
+    async def _kernel(self, skip: Skip | None = None, digest: Digest | None = None) -> list[Entry]:
         """Every kernel entry this backend might own (dumped once per reconcile); with
         ``skip`` (entry hashes), those whose hash is in it are left out and their hash
-        removed from it; ``digest`` gets every dumped message (see :class:`Digest`)."""
+        removed from it (a :class:`Tally` takes them all); ``digest`` gets every dumped
+        message (see :class:`Digest`)."""
         entries: list[Entry] = list(await self._nl.routes(skip=skip, digest=digest))
         if self._config.enable_ipv6:
             entries += await self._nl.routes(family=socket.AF_INET6, skip=skip, digest=digest)
@@ -545,11 +546,11 @@ class PeerNetwork:
         return True
 
     async def _verify(self) -> ReconcileReport:
-        """A no-change pass: the entries of the programmed leases, checked against one
-        filtered dump. Matching kernel entries are dropped as they are decoded, so the
-        pass holds the missing entries and the kernel's others, not 15,000 of each;
-        that short-lived peak is what the allocator kept (~3 MB after each resync at
-        5,000 peers, issue 14).
+        """A no-change pass: the entries of the programmed leases against one dump,
+        first as two sums (:class:`Tally`), entry by entry only if they differ
+        (:meth:`_drift`). Nothing per entry is held while the sums are made; 15,000
+        entries, or their hashes, held for a moment were what the allocator kept
+        (~3 MB, then ~1 MB, after each such pass at 5,000 peers, issue 14).
 
         If nothing this side changed since a pass that found the kernel exactly as
         wanted, the dumps are only fingerprinted: the same digest means the same
@@ -567,23 +568,20 @@ class PeerNetwork:
             if self._quiet is not None and self._quiet == (generation, fingerprints.value):
                 return ReconcileReport(skipped=tuple(skipped), conflicts=self._all_conflicts())
         started = time.monotonic()
-        # The hashes of the wanted entries, not the entries: each is derived, hashed and
-        # dropped at once (half the peak, ~1 MB instead of ~2.7 MB at 5,000 peers). A
-        # kernel entry with one of these hashes is taken for that wanted entry (as likely
-        # to be wrong as 15,000 random 64-bit numbers colliding).
-        expected = {hash(e) for lease in self._wanted.values() for e in self._entries_of(lease)}
+        # First the sums: the wanted entries' hashes against the kernel's owned ones,
+        # each derived or decoded, added and dropped at once. Equal: nothing drifted, and
+        # no 15,000 hashes were held (their ints pinned ~1 MB of the allocator's arenas
+        # after each such pass under churn, issue 14).
+        wanted = Tally(self._owns)
+        for lease in self._wanted.values():
+            for entry in self._entries_of(lease):
+                wanted.add(entry)
+        found = Tally(self._owns)
         digest = Digest()
-        kernel = await self._kernel(skip=expected, digest=digest)
-        missing: set[Entry] = set()
-        if expected:  # drift: what is missing, derived again (rare)
-            missing = {
-                e
-                for lease in self._wanted.values()
-                for e in self._entries_of(lease)
-                if hash(e) in expected
-            }
-        del expected
-        changes = diff(missing, kernel, self._owns)
+        await self._kernel(skip=found, digest=digest)
+        changes: list[Change] = []
+        if not found.same(wanted):
+            changes, digest = await self._drift()
         async with self._lock:
             touched = self._touched_keys or set()
             if touched:
@@ -604,6 +602,26 @@ class PeerNetwork:
                 time.monotonic() - started,
             )
         return out
+
+    async def _drift(self) -> tuple[list[Change], Digest]:
+        """The sums differ: the changes, from one more dump checked entry by entry,
+        and that dump's digest. It holds the hashes of the wanted entries, not the
+        entries (each is derived, hashed and dropped at once); a kernel entry with one
+        of these hashes is taken for that wanted entry. What is missing is derived
+        again from the hashes left over."""
+        expected = {hash(e) for lease in self._wanted.values() for e in self._entries_of(lease)}
+        digest = Digest()
+        kernel = await self._kernel(skip=expected, digest=digest)
+        missing: set[Entry] = set()
+        if expected:
+            missing = {
+                e
+                for lease in self._wanted.values()
+                for e in self._entries_of(lease)
+                if hash(e) in expected
+            }
+        del expected
+        return diff(missing, kernel, self._owns), digest
 
     async def _reconcile(self, wanted: dict[str, Lease]) -> ReconcileReport:
         if self._unchanged(wanted):

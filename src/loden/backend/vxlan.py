@@ -103,6 +103,7 @@ from loden.kernel.netlink import (
     Netlink,
     Route,
     RouteLookup,
+    Skip,
     VxlanSpec,
 )
 from loden.model.backend_options import VXLAN_DEFAULT_PORT, VxlanOptions
@@ -672,9 +673,7 @@ class VxlanNetwork(PeerNetwork):
             Route(subnet, gateway=gateway, oif=index, onlink=True, priority=IPV6_METRIC),
         )
 
-    async def _kernel(
-        self, skip: set[int] | None = None, digest: Digest | None = None
-    ) -> list[Entry]:
+    async def _kernel(self, skip: Skip | None = None, digest: Digest | None = None) -> list[Entry]:
         entries: list[Entry] = await super()._kernel(skip, digest)
         nl = self._nl
         if self._index:
