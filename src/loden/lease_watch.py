@@ -89,8 +89,15 @@ class LeaseWatcher:
         log.warning(msg, *args)
 
     def reset(self, snapshot: Iterable[Lease]) -> list[LeaseEvent]:
-        """Replace the peer set with ``snapshot``; return the differences as events."""
-        fresh = {lease.key: lease for lease in snapshot if self._acceptable(lease)}
+        """Replace the peer set with ``snapshot``; return the differences as events.
+        An unchanged lease stays the object we hold: the data plane holds that same
+        one, and taking the snapshot's copies kept a second set of 5,000 leases after
+        every relist (+2.6 MiB at the hourly relist, issue 14)."""
+        fresh: dict[str, Lease] = {}
+        for lease in snapshot:
+            if self._acceptable(lease):
+                known = self._peers.get(lease.key)
+                fresh[lease.key] = known if known is not None and known == lease else lease
         events = [
             LeaseEvent(EventKind.REMOVED, old)
             for key, old in self._peers.items()

@@ -66,3 +66,15 @@ def test_duplicate_public_ip_warned_once(caplog: pytest.LogCaptureFixture) -> No
     w.update([LeaseEvent(EventKind.REMOVED, lease(3))])
     w.update([LeaseEvent(EventKind.ADDED, lease(5, ip="192.168.9.9"))])
     assert len([r for r in caplog.records if "all claim public IP" in r.message]) == 2
+
+
+def test_a_relist_keeps_the_lease_objects_already_held() -> None:
+    """The data plane holds the objects the watcher handed out: a relist's equal
+    copies must not become a second set of every lease (issue 14)."""
+    w = LeaseWatcher(lease(1), NET)
+    w.reset([lease(2), lease(3)])
+    held = dict(w.peers)
+    changed = lease(3, ip="192.168.9.3")
+    assert w.reset([lease(2), changed]) == [LeaseEvent(EventKind.ADDED, changed)]
+    assert w.peers["10.5.2.0-24"] is held["10.5.2.0-24"]
+    assert w.peers["10.5.3.0-24"] is changed
