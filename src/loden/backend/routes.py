@@ -62,6 +62,7 @@ from loden.kernel.netlink import (
 from loden.kernel.types import NUD_FAILED, RT_TABLE_MAIN
 from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseEvent
+from loden.model.net import overlap, within
 
 log = logging.getLogger(__name__)
 
@@ -941,18 +942,11 @@ class PeerNetwork:
             if entry.protocol == RTPROT_LODEN:
                 return True
             dst = entry.dst
-            if isinstance(dst, IPv4Network):
-                net, own = self._config.network, self._lease.ipv4_subnet
-                return (
-                    net is not None
-                    and dst.subnet_of(net)
-                    and not (own is not None and dst.overlaps(own))
-                )
-            net6, own6 = self._config.ipv6_network, self._lease.ipv6_subnet
+            v4 = isinstance(dst, IPv4Network)
+            net = self._config.network if v4 else self._config.ipv6_network
+            own = self._lease.ipv4_subnet if v4 else self._lease.ipv6_subnet
             return (
-                net6 is not None
-                and dst.subnet_of(net6)
-                and not (own6 is not None and dst.overlaps(own6))
+                net is not None and within(dst, net) and not (own is not None and overlap(dst, own))
             )
         return entry.ifindex in self._entry_devices()
 
