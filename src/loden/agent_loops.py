@@ -276,13 +276,16 @@ class AgentLoops:
         # flap between "failed" and "works" without backing off).
         stable = asyncio.get_running_loop().call_later(self.retry_max, self._ok, "watch")
         try:
-            async for result in self.manager.watch_leases():
+            async for result in self.manager.watch_leases(self.watcher.peers):
                 self.health.store_last_ok = self.health.clock()  # the store just answered
                 if result.snapshot is None and not result.events:
                     continue  # a progress notification: only a sign of life
                 if result.events:
                     self._ok("watch")
                 await self._results.put(result)
+                # Not held while the next one is awaited (minutes, when idle): a relist's
+                # snapshot is 5,000 leases the watcher replaces by those it already holds.
+                del result
         finally:
             stable.cancel()
         raise StoreError(f"the {self.manager.name} lease watch ended; restarting it")
@@ -293,23 +296,31 @@ class AgentLoops:
         ``network.apply``, not one each per result, which cost time proportional to the
         peer count (~10-20 ms at 5,000 peers) and let a burst of new leases queue up."""
         while True:
-            results = [await self._results.get()]
-            while not self._results.empty():
-                results.append(self._results.get_nowait())
-            for result in results:
-                self._own_lease_changed(result)
-            last = max((i for i, r in enumerate(results) if r.snapshot is not None), default=-1)
-            if last >= 0:  # the latest snapshot supersedes everything before it
-                snapshot = results[last].snapshot
-                assert snapshot is not None
-                self.watcher.reset(snapshot)
-                self._synced.set()
-                await self._reconcile("snapshot")
-            events = [event for result in results[last + 1 :] for event in result.events]
-            changes = self.watcher.update(events) if events else []
-            if changes:
-                await self._apply(changes)
+            # A call per batch: its locals (a relist's snapshot) go when it returns, not
+            # when the next result arrives (minutes later, when idle).
+            await self._handle(await self._next_results())
             self._ok("peers")
+
+    async def _next_results(self) -> list[WatchResult]:
+        results = [await self._results.get()]
+        while not self._results.empty():
+            results.append(self._results.get_nowait())
+        return results
+
+    async def _handle(self, results: list[WatchResult]) -> None:
+        for result in results:
+            self._own_lease_changed(result)
+        last = max((i for i, r in enumerate(results) if r.snapshot is not None), default=-1)
+        if last >= 0:  # the latest snapshot supersedes everything before it
+            snapshot = results[last].snapshot
+            assert snapshot is not None
+            self.watcher.reset(snapshot)
+            self._synced.set()
+            await self._reconcile("snapshot")
+        events = [event for result in results[last + 1 :] for event in result.events]
+        changes = self.watcher.update(events) if events else []
+        if changes:
+            await self._apply(changes)
 
     async def _apply(self, changes: list[LeaseEvent]) -> None:
         # Not behind _reconcile_lock: a periodic resync must not delay a new peer's

@@ -97,7 +97,9 @@ class LeaseWatcher:
         for lease in snapshot:
             if self._acceptable(lease):
                 known = self._peers.get(lease.key)
-                fresh[lease.key] = known if known is not None and known == lease else lease
+                if known is not None and known == lease:
+                    lease = known  # and its key: the snapshot's copy would pin its arenas
+                fresh[lease.key] = lease
         events = [
             LeaseEvent(EventKind.REMOVED, old)
             for key, old in self._peers.items()

@@ -16,6 +16,7 @@ from loden.errors import (
     StoreAuthError,
     StoreUnavailable,
     SubnetsExhausted,
+    WatchCompacted,
 )
 from loden.model.lease import EventKind, LeaseAttrs
 from loden.model.subnet_env import PreviousSubnets
@@ -384,6 +385,36 @@ async def test_listing_reads_in_pages_at_one_revision(
     assert calls >= 3
     assert sorted(kv.name for kv in paged.kvs) == sorted(names)
     assert paged.cursor == listing.cursor
+    # The agent's relist reads page by page (issue 14): pages of LIST_PAGE, one cursor.
+    monkeypatch.setattr(store, "_post", original)
+    pages = [page async for page in store.pages()]
+    assert [len(page.kvs) for page in pages] == [4, 4, 4]
+    assert {page.cursor for page in pages} == {pages[0].cursor}
+    # Compacted between two pages: list() reads again from the start; pages() cannot
+    # take back what it gave, so it says so (the agent relists).
+    compactions = 0
+    made: list[str] = []
+
+    async def post_then_compact(path: str, body: dict[str, object]) -> object:
+        nonlocal compactions
+        reply = await original(path, body)
+        if path == "kv/range" and compactions == 0:
+            compactions += 1
+            name = f"10.5.{200 + compactions + len(made)}.0-24"
+            made.append(name)
+            await store.create(name, attrs(98).to_json().encode(), None)
+            latest = await original("kv/range", {"key": body["key"], "limit": 1})
+            await original("kv/compaction", {"revision": latest["header"]["revision"]})
+        return reply
+
+    monkeypatch.setattr(store, "_post", post_then_compact)
+    relisted = await store.list()
+    assert made[0] in {kv.name for kv in relisted.kvs}
+    assert relisted.cursor > paged.cursor
+    compactions = 0
+    with pytest.raises(WatchCompacted, match="compacted"):
+        async for _ in store.pages():
+            pass
 
 
 async def test_v3_progress_notifications_are_yielded_as_signs_of_life(

@@ -10,6 +10,7 @@ reaction to their failures, not the kernel.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from loden.model.config import NetworkConfig
 from loden.model.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 from loden.model.subnet_env import PreviousSubnets
 from loden.settings import parse_agent_args
+from loden.subnet.base import WatchResult
 from loden.subnet.manager import EtcdSubnetManager
 from loden.subnet.memory import MemoryStore
 from loden.subnet.store import Listing, StoredKV, WatchBatch
@@ -450,6 +452,34 @@ async def test_a_big_batch_of_peer_changes_hands_memory_back(
         ]
         await agent.loops._apply(big)
         assert released == [1]
+    finally:
+        await stop(agent)
+
+
+async def test_a_handled_relist_leaves_one_object_per_peer() -> None:
+    """Once a relist's snapshot is handled nothing holds it (the loops' locals held it
+    until the next watch result: minutes, when idle), and the peers are the objects held
+    before it: each peer is one Lease in the agent, not two (issue 14)."""
+    agent = await start(flags=["-resync-period=300"])  # no periodic pass meanwhile
+    try:
+        keys = [await add_peer(agent, n) for n in range(2, 8)]
+        await eventually("peers arrive", lambda: set(keys) <= set(agent.loops.watcher.peers))
+        before = {key: agent.loops.watcher.peers[key] for key in keys}
+        passes = len(agent.network.reconciled)
+        # A change the watch has not delivered yet, compacted away, then the watch
+        # drops: it cannot resume from its revision, so the manager relists.
+        late = await add_peer(agent, 9)
+        agent.store.compact()
+        agent.store.break_watches()
+        await eventually("relisted", lambda: len(agent.network.reconciled) > passes)
+        assert late in agent.network.reconciled[-1]
+        assert all(agent.loops.watcher.peers[key] is before[key] for key in keys)
+        await asyncio.sleep(0.05)  # the loops are back waiting for the next result
+        gc.collect()
+        objects = gc.get_objects()
+        assert [o for o in objects if isinstance(o, WatchResult) and o.snapshot] == []
+        copies = sorted(o.key for o in objects if type(o) is Lease and o.key in before)
+        assert copies == sorted(keys)
     finally:
         await stop(agent)
 

@@ -78,3 +78,6 @@ def test_a_relist_keeps_the_lease_objects_already_held() -> None:
     assert w.reset([lease(2), changed]) == [LeaseEvent(EventKind.ADDED, changed)]
     assert w.peers["10.5.2.0-24"] is held["10.5.2.0-24"]
     assert w.peers["10.5.3.0-24"] is changed
+    # The map's keys too: the snapshot's key strings would outlive the snapshot.
+    kept = next(key for key in w.peers if key == "10.5.2.0-24")
+    assert kept is held["10.5.2.0-24"].key

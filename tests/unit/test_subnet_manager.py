@@ -139,6 +139,31 @@ async def test_watch_skips_garbage_and_keeps_peers() -> None:
     await stream.aclose()  # type: ignore[attr-defined]
 
 
+async def test_a_snapshot_gives_the_held_object_of_an_unchanged_lease() -> None:
+    """A relist makes new objects only for what changed (issue 14): an equal lease the
+    caller holds is given as that object, a changed or new one as a new object."""
+    store = MemoryStore()
+    await store.put_config(CONFIG)
+    m = await manager(store)
+    peers = [
+        await (await manager(store, n)).acquire_lease(attrs(n), PreviousSubnets()) for n in (2, 3)
+    ]
+    first = await anext(m.watch_leases())
+    assert first.snapshot is not None
+    held = {lease.key: lease for lease in first.snapshot}
+    await store.update(
+        peers[1].key, attrs(9).to_json().encode(), 100, expect_value=attrs(3).to_json().encode()
+    )
+    stream = m.watch_leases(held)
+    again = await anext(stream)
+    assert again.snapshot is not None
+    by_key = {lease.key: lease for lease in again.snapshot}
+    assert by_key[peers[0].key] is held[peers[0].key]
+    assert by_key[peers[1].key] is not held[peers[1].key]
+    assert by_key[peers[1].key].attrs == attrs(9)
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
 class FlakyStore(MemoryStore):
     """Answers ``list`` only after ``failures`` calls have failed (a quorum loss)."""
 

@@ -10,7 +10,7 @@ needs to know about the store's health comes from :meth:`SubnetManager.probe` an
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
@@ -104,10 +104,11 @@ class SubnetManager(Protocol):
         """Seconds until ``lease`` should be renewed next."""
         ...
 
-    def watch_leases(self) -> AsyncIterator[WatchResult]:
+    def watch_leases(self, held: Mapping[str, Lease] | None = None) -> AsyncIterator[WatchResult]:
         """Peer leases: a snapshot first, then events (a snapshot again after a relist).
         A result with neither only says that the store is alive (an etcd progress
-        notification).
+        notification). ``held``: the leases the caller holds now (a live view); a
+        snapshot may give an equal lease as that object, so that it costs no memory.
 
         Store outages are retried inside (counted in :attr:`watch_restarts`); anything
         that escapes the iterator is fatal for the agent.

@@ -128,6 +128,9 @@ class EtcdV2Store:
         if response.status_code not in (200, 201):
             self._raise("put config", response)
 
+    async def pages(self) -> AsyncIterator[Listing]:
+        yield await self.list()  # one reply holds them all: there are no pages to read
+
     async def list(self, *, with_ttl: bool = False) -> Listing:
         response = await self.http.request(
             "GET", self._path(self.subnets), params={"recursive": "true", "quorum": "true"}

@@ -194,23 +194,37 @@ class EtcdV3Store:
         two pages: listed again from the start."""
         for attempt in range(3):
             try:
-                return await self._list_pages(with_ttl)
-            except StoreError as exc:
-                if "compacted" not in str(exc) or attempt == 2:
+                kvs: list[StoredKV] = []
+                revision = 0
+                async for page in self._pages(with_ttl):
+                    kvs += page.kvs
+                    revision = page.cursor
+                return Listing(tuple(kvs), revision)
+            except WatchCompacted:
+                if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    async def _list_pages(self, with_ttl: bool) -> Listing:
+    async def pages(self) -> AsyncIterator[Listing]:
+        async for page in self._pages(with_ttl=False):
+            yield page
+
+    async def _pages(self, with_ttl: bool) -> AsyncIterator[Listing]:
         start = self.subnets.encode()
         end = _b64(prefix_end(start))
         key = start
         revision = 0
-        kvs = []
         while True:
             body: dict[str, Any] = {"key": _b64(key), "range_end": end, "limit": LIST_PAGE}
             if revision:
                 body["revision"] = revision
-            reply = await self._post("kv/range", body)
+            try:
+                reply = await self._post("kv/range", body)
+            except StoreError as exc:
+                if revision and "compacted" in str(exc):
+                    raise WatchCompacted(f"listing at revision {revision}: {exc}") from exc
+                raise
+            kvs = []
             with reading_reply("kv/range"):
                 revision = revision or int(reply["header"]["revision"])
                 page = reply.get("kvs") or []
@@ -223,9 +237,14 @@ class EtcdV3Store:
                     else:
                         ttl = float("nan")  # has a TTL; its length was not looked up
                     kvs.append(self._kv(raw, ttl))
-                if not reply.get("more") or not page:
-                    return Listing(tuple(kvs), revision)
-                key = _unb64(page[-1].get("key")) + b"\0"
+                more = bool(reply.get("more")) and bool(page)
+                if more:
+                    key = _unb64(page[-1].get("key")) + b"\0"
+            # The reply's decoded JSON goes before the consumer takes the page.
+            del reply, page
+            yield Listing(tuple(kvs), revision)
+            if not more:
+                return
 
     async def get(self, name: str) -> StoredKV | None:
         reply = await self._post("kv/range", {"key": _b64(self._key(name))})

@@ -95,6 +95,9 @@ class MemoryStore:
         self.requests += 1
         self._config = value
 
+    async def pages(self) -> AsyncIterator[Listing]:
+        yield await self.list()  # one reply holds them all: there are no pages to read
+
     async def list(self, *, with_ttl: bool = False) -> Listing:
         self.requests += 1
         await self._expire()

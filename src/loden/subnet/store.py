@@ -90,6 +90,15 @@ class LeaseStore(Protocol):
         """All lease keys. ``with_ttl`` also looks up remaining TTLs (costly on v3)."""
         ...
 
+    def pages(self) -> AsyncIterator[Listing]:
+        """The keys :meth:`list` gives, a page at a time, every page at one cursor: a
+        reader that keeps only what it needs of each page never holds all raw values.
+
+        :raises WatchCompacted: the listing's revision was compacted between two pages:
+            list again.
+        """
+        ...
+
     async def get(self, name: str) -> StoredKV | None: ...
 
     async def created_since(self, cursor: int) -> tuple[StoredKV, ...]:

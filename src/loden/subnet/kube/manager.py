@@ -513,9 +513,12 @@ class KubeSubnetManager:
                 if self._synced:
                     await queue.put(self._snapshot())
 
-    async def watch_leases(self) -> AsyncIterator[WatchResult]:
+    async def watch_leases(
+        self, held: Mapping[str, Lease] | None = None
+    ) -> AsyncIterator[WatchResult]:
         """A snapshot from the node cache first, then events; several results waiting
-        are merged (a snapshot supersedes everything queued before it)."""
+        are merged (a snapshot supersedes everything queued before it). ``held`` is not
+        needed: a snapshot is made of the cache's leases, never of new copies."""
         queue: asyncio.Queue[WatchResult] = asyncio.Queue(self.queue_depth)
         if self._synced:
             queue.put_nowait(self._snapshot())
