@@ -96,9 +96,7 @@ class LeaseWatcher:
         fresh: dict[str, Lease] = {}
         for lease in snapshot:
             if self._acceptable(lease):
-                known = self._peers.get(lease.key)
-                if known is not None and known == lease:
-                    lease = known  # and its key: the snapshot's copy would pin its arenas
+                lease = lease.reused_from(self._peers)
                 fresh[lease.key] = lease
         events = [
             LeaseEvent(EventKind.REMOVED, old)

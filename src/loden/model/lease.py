@@ -13,6 +13,7 @@ import enum
 import json
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
@@ -148,6 +149,13 @@ class Lease:
 
     def overlaps_lease(self, other: Lease) -> bool:
         return self.overlaps(other.subnet, other.ipv6_subnet)
+
+    def reused_from(self, held: Mapping[str, Lease]) -> Lease:
+        """The equal lease ``held`` under this key if there is one (that object, key
+        string included), else this one: a relist's copies of unchanged leases would be
+        a second set of every lease, and pinned the allocator's arenas (issue 14)."""
+        known = held.get(self.key)
+        return known if known is not None and known == self else self
 
 
 class EventKind(enum.Enum):

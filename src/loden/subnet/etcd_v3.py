@@ -196,7 +196,7 @@ class EtcdV3Store:
             try:
                 kvs: list[StoredKV] = []
                 revision = 0
-                async for page in self._pages(with_ttl):
+                async for page in self.pages(with_ttl=with_ttl):
                     kvs += page.kvs
                     revision = page.cursor
                 return Listing(tuple(kvs), revision)
@@ -205,11 +205,7 @@ class EtcdV3Store:
                     raise
         raise AssertionError("unreachable")
 
-    async def pages(self) -> AsyncIterator[Listing]:
-        async for page in self._pages(with_ttl=False):
-            yield page
-
-    async def _pages(self, with_ttl: bool) -> AsyncIterator[Listing]:
+    async def pages(self, *, with_ttl: bool = False) -> AsyncIterator[Listing]:
         start = self.subnets.encode()
         end = _b64(prefix_end(start))
         key = start

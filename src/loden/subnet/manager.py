@@ -564,9 +564,7 @@ class EtcdSubnetManager:
         leases: list[Lease] = []
         async for page in self.store.pages():
             cursor = page.cursor
-            for lease in self._parse_listing(page.kvs):
-                known = held.get(lease.key)
-                leases.append(known if known is not None and known == lease else lease)
+            leases += (lease.reused_from(held) for lease in self._parse_listing(page.kvs))
             del page
         return cursor, tuple(leases)
 
